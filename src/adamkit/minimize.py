@@ -1,0 +1,180 @@
+"""SciPy-style minimization with any member of the Adam family.
+
+Example:
+    >>> import numpy as np, adamkit
+    >>> rosen = lambda x: (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+    >>> rosen_grad = lambda x: np.array([-2 * (1 - x[0]) - 400 * x[0] * (x[1] - x[0] ** 2),
+    ...                                  200 * (x[1] - x[0] ** 2)])
+    >>> res = adamkit.minimize(rosen, [-1.0, 1.0], method="adam", jac=rosen_grad,
+    ...                        options={"lr": 0.02, "maxiter": 20000, "gtol": 1e-6})
+    >>> res.success, np.round(res.x, 3).tolist()
+    (True, [1.0, 1.0])
+
+    The same through SciPy itself:
+
+    >>> from scipy.optimize import minimize
+    >>> res2 = minimize(lambda x: (rosen(x), rosen_grad(x)), [-1.0, 1.0], jac=True,
+    ...                 method=adamkit.scipy_method("adam"), options={"lr": 0.02, "maxiter": 20000, "gtol": 1e-6})
+    >>> bool(np.allclose(res.x, res2.x, rtol=0, atol=1e-12))
+    True
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from scipy.optimize import Bounds, OptimizeResult, approx_fprime
+
+from .numpy import OPTIMIZERS
+
+__all__ = ["minimize", "scipy_method", "METHODS"]
+
+METHODS = tuple(OPTIMIZERS)
+"""Method names accepted by :func:`minimize` (lower-case torch.optim class names)."""
+
+_STOP = ("maxiter", "gtol", "ftol", "disp")
+
+
+def minimize(fun: Callable[..., Any], x0: Sequence[float] | np.ndarray, args: tuple = (), method: str = "adam",
+             jac: Callable[..., np.ndarray] | bool | None = None, bounds: Bounds | Sequence[tuple] | None = None,
+             callback: Callable[..., Any] | None = None, options: Mapping[str, Any] | None = None) -> OptimizeResult:
+    """Minimize ``fun(x, *args)`` from ``x0`` with an adamkit optimizer, returning a SciPy ``OptimizeResult``.
+
+    Args:
+        fun: the objective; with ``jac=True`` it returns ``(f, gradient)``.
+        x0: the starting point (converted to a float64 array; not modified).
+        method: one of :data:`METHODS` (``"adam"``, ``"adamw"``, ``"nadam"``, ``"sgd"``, ...).
+        jac: the gradient function, ``True`` (``fun`` returns it), or ``None`` for 2-point finite differences.
+        bounds: ``scipy.optimize.Bounds`` or ``(low, high)`` pairs; each iterate is projected onto them.
+        callback: ``callback(xk)``, or ``callback(intermediate_result)`` when its parameter has that name;
+            raising ``StopIteration`` ends the run.
+        options: stopping rules ``maxiter`` (1000), ``gtol`` (1e-6, sup-norm of the gradient), ``ftol`` (0:
+            off; stop when ``|f_k − f_{k−1}| ≤ ftol·max(|f_k|, |f_{k−1}|, 1)``) and the optimizer's
+            hyperparameters (``lr``, ``betas``, ``eps``, ``weight_decay``, ...).
+
+    Returns:
+        ``OptimizeResult`` with ``x, fun, jac, nit, nfev, njev, success, status, message``.
+        ``status`` is 0 for gtol, 1 for maxiter, 2 for ftol and 3 for a callback's ``StopIteration``.
+    """
+    name = method.lower()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    options = dict(options or {})
+    unknown_stop = {k for k in options if k not in _STOP and k not in _hyper_names(name)}
+    if unknown_stop:
+        raise ValueError(f"unknown option(s) for {method}: {', '.join(sorted(unknown_stop))}")
+    maxiter = int(options.pop("maxiter", 1000))
+    gtol = float(options.pop("gtol", 1e-6))
+    ftol = float(options.pop("ftol", 0.0))
+    options.pop("disp", None)
+    if maxiter < 0 or gtol < 0 or ftol < 0:
+        raise ValueError("maxiter, gtol and ftol must be >= 0")
+
+    x = np.array(x0, dtype=np.float64, copy=True).reshape(-1) if np.ndim(x0) else np.array([x0], dtype=np.float64)
+    shape = np.shape(x0)
+    low, high = _bounds(bounds, x.size)
+    np.clip(x, low, high, out=x)
+    counts = {"nfev": 0, "njev": 0}
+
+    def evaluate(z: np.ndarray) -> tuple[float, np.ndarray]:
+        zz = z.reshape(shape)
+        if jac is True:
+            f, g = fun(zz, *args)
+            counts["nfev"] += 1
+            counts["njev"] += 1
+        elif callable(jac):
+            f = fun(zz, *args)
+            g = jac(zz, *args)
+            counts["nfev"] += 1
+            counts["njev"] += 1
+        else:
+            f = fun(zz, *args)
+            g = approx_fprime(z, lambda y: float(fun(y.reshape(shape), *args)))
+            counts["nfev"] += 1 + z.size
+        g = np.asarray(g, dtype=np.float64).reshape(-1)
+        if g.size != z.size:
+            raise ValueError(f"gradient has {g.size} elements, x has {z.size}")
+        return float(f), g
+
+    optimizer = OPTIMIZERS[name]([x], **options)
+    wants_result = callback is not None and "intermediate_result" in inspect.signature(callback).parameters
+    f, g = evaluate(x)
+    nit, status, f_prev = 0, 1, None
+    while True:
+        if not (np.isfinite(f) and np.all(np.isfinite(g))):
+            status = 4
+            break
+        if np.max(np.abs(g), initial=0.0) <= gtol:
+            status = 0
+            break
+        if f_prev is not None and ftol > 0 and abs(f - f_prev) <= ftol * max(abs(f), abs(f_prev), 1.0):
+            status = 2
+            break
+        if nit >= maxiter:
+            status = 1
+            break
+        optimizer.step([g])
+        np.clip(x, low, high, out=x)
+        nit += 1
+        f_prev = f
+        f, g = evaluate(x)
+        if callback is not None:
+            try:
+                if wants_result:
+                    callback(intermediate_result=OptimizeResult(x=x.reshape(shape).copy(), fun=f))
+                else:
+                    callback(x.reshape(shape).copy())
+            except StopIteration:
+                status = 3
+                break
+    messages = {0: "Optimization terminated: gradient below gtol.",
+                1: "Maximum number of iterations reached.",
+                2: "Optimization terminated: relative change of f below ftol.",
+                3: "Stopped by the callback.",
+                4: "Stopped: the objective or its gradient is not finite."}
+    return OptimizeResult(x=x.reshape(shape), fun=f, jac=g.reshape(shape), nit=nit, nfev=counts["nfev"],
+                          njev=counts["njev"], success=status in (0, 2), status=status, message=messages[status])
+
+
+def scipy_method(name: str) -> Callable[..., OptimizeResult]:
+    """A custom ``method`` for ``scipy.optimize.minimize`` running the adamkit optimizer ``name``.
+
+    ``scipy.optimize.minimize(fun, x0, jac=True, method=adamkit.scipy_method("adam"), options={...})`` gives the
+    same result as :func:`minimize` with the same arguments.
+    """
+    if name.lower() not in OPTIMIZERS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+
+    def method(fun: Callable, x0: np.ndarray, args: tuple = (), jac: Any = None, bounds: Any = None,
+               callback: Callable | None = None, **options: Any) -> OptimizeResult:
+        for ignored in ("hess", "hessp", "constraints"):
+            value = options.pop(ignored, None)
+            if value and ignored == "constraints":
+                raise ValueError("adamkit methods do not support constraints (bounds are supported)")
+        return minimize(fun, x0, args=args, method=name, jac=jac, bounds=bounds, callback=callback,
+                        options=options)
+
+    method.__name__ = f"adamkit_{name.lower()}"
+    return method
+
+
+def _hyper_names(name: str) -> set[str]:
+    return {h.name for h in OPTIMIZERS[name].rule.hypers} | {"check_finite"}
+
+
+def _bounds(bounds: Bounds | Sequence[tuple] | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+    if bounds is None:
+        return np.full(n, -np.inf), np.full(n, np.inf)
+    if isinstance(bounds, Bounds):
+        low, high = np.broadcast_to(bounds.lb, n).astype(float), np.broadcast_to(bounds.ub, n).astype(float)
+    else:
+        pairs = list(bounds)
+        if len(pairs) != n:
+            raise ValueError(f"bounds has {len(pairs)} pairs for {n} variables")
+        low = np.array([-np.inf if lo is None else lo for lo, _ in pairs], dtype=float)
+        high = np.array([np.inf if hi is None else hi for _, hi in pairs], dtype=float)
+    if np.any(low > high):
+        raise ValueError("bounds: some lower bound exceeds its upper bound")
+    return low, high

@@ -1,0 +1,267 @@
+"""The Adam family on NumPy arrays.
+
+Each class runs the rule of the same name in :mod:`adamkit.rules` on whole arrays, with the hyperparameters,
+defaults and state names of ``torch.optim``. Parameters are updated in place.
+
+Example:
+    >>> import numpy as np
+    >>> import adamkit.numpy as ak
+    >>> w = np.zeros(3)
+    >>> opt = ak.Adam([w], lr=0.1)
+    >>> for _ in range(200):
+    ...     opt.step([2 * (w - np.array([1.0, -2.0, 3.0]))])   # gradient of |w - target|^2
+    >>> np.round(w, 2).tolist()
+    [1.0, -2.0, 3.0]
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from . import rules as _rules
+from ._signature import bind as _bind, rule_signature
+
+__all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam"]
+
+ParamsT = Iterable[np.ndarray] | Iterable[dict[str, Any]]
+
+
+class Optimizer:
+    """Base class: param groups, state, ``step(grads)``, ``state_dict()`` and ``load_state_dict()``.
+
+    State layout is torch.optim's: ``{"state": {index: {"step": float, "exp_avg": ndarray, ...}},
+    "param_groups": [{...hyperparameters, "params": [indices]}]}``, with indices counted across groups.
+    """
+
+    rule: _rules.Rule
+    _signature: inspect.Signature
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        values = _bind(self._signature, self, args, kwargs)
+        params = values.pop("params")
+        self.check_finite: bool = bool(values.pop("check_finite"))
+        self.defaults: dict[str, Any] = self.rule.hyperparameters(**values)
+        self._update = _rules.bind(self.rule.update, _rules.NUMPY_OPS)
+        self.param_groups: list[dict[str, Any]] = []
+        self.state: dict[int, dict[str, Any]] = {}
+        if isinstance(params, np.ndarray):
+            raise TypeError("params must be a list of arrays or of dicts, not a single array: wrap it in a list")
+        groups = list(params)
+        if not groups:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        for group in groups:
+            self.add_param_group(group)
+
+    # -- groups and state ------------------------------------------------------------------------------------
+    def add_param_group(self, group: Mapping[str, Any]) -> None:
+        """Add a group of arrays with its own hyperparameters (others default to the constructor's)."""
+        params = group["params"]
+        params = [params] if isinstance(params, np.ndarray) else list(params)
+        for p in params:
+            if not isinstance(p, np.ndarray):
+                raise TypeError(f"parameters must be NumPy arrays, got {type(p).__name__}")
+            if p.dtype.kind not in "fc":
+                raise TypeError(f"parameters must have a floating or complex dtype, got {p.dtype}")
+            if not p.flags.writeable:
+                raise ValueError("parameters are updated in place and must be writeable")
+        seen = {id(q) for g in self.param_groups for q in g["params"]}
+        if any(id(p) in seen for p in params):
+            raise ValueError("some parameters appear in more than one parameter group")
+        hypers = {k: v for k, v in group.items() if k != "params"}
+        h = {**self.defaults, **hypers}
+        self.rule.validate(h)
+        first = sum(len(g["params"]) for g in self.param_groups)
+        self.param_groups.append({"params": params, **h})
+        for i, p in enumerate(params):
+            self.state[first + i] = self._initial_state(p, h)
+
+    def _params(self) -> list[np.ndarray]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _group_of(self, index: int) -> int:
+        for gi, g in enumerate(self.param_groups):
+            if index < len(g["params"]):
+                return gi
+            index -= len(g["params"])
+        raise IndexError(index)
+
+    def _initial_state(self, p: np.ndarray, h: Mapping[str, Any]) -> dict[str, Any]:
+        state: dict[str, Any] = dict(self.rule.scalar_states)
+        # Adagrad creates its sum at construction, as torch.optim does; other states appear at the first step
+        if self.rule.name == "Adagrad":
+            state.update({k: np.full_like(p, v) for k, v in self.rule.states(h).items()})
+        return state
+
+    def _hyper(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in group.items() if k != "params"}
+
+    # -- the step ------------------------------------------------------------------------------------------
+    def step(self, grads: Sequence[np.ndarray | None]) -> None:
+        """Update every parameter in place from its gradient (``None`` skips a parameter and its step count).
+
+        ``grads`` follows the order of the parameters across groups. All gradients are checked (shape, dtype,
+        finiteness when ``check_finite``) before anything changes.
+        """
+        params = self._params()
+        grads = list(grads)
+        if len(grads) != len(params):
+            raise ValueError(f"step() got {len(grads)} gradients for {len(params)} parameters")
+        for index, (p, g) in enumerate(zip(params, grads)):
+            if g is None:
+                continue
+            g = np.asarray(g)
+            if g.shape != p.shape:
+                raise ValueError(f"gradient {index} has shape {g.shape}, parameter has shape {p.shape}")
+            if g.dtype != p.dtype:
+                raise TypeError(f"gradient {index} has dtype {g.dtype}, parameter has dtype {p.dtype}")
+            if self.check_finite and not np.all(np.isfinite(g)):
+                raise FloatingPointError(f"gradient {index} has non-finite values (inf or nan); nothing was updated")
+            grads[index] = g
+        for gi, group in enumerate(self.param_groups):
+            h = self._hyper(group)
+            self.rule.validate(h)
+        for index, (p, g) in enumerate(zip(params, grads)):
+            if g is None:
+                continue
+            h = self._hyper(self.param_groups[self._group_of(index)])
+            state = self.state[index]
+            missing = {k: v for k, v in self.rule.states(h).items() if k not in state}
+            for k, v in missing.items():
+                state[k] = np.full_like(p, v)
+            real = _real_view if np.iscomplexobj(p) else (lambda a: a)
+            arrays = {k: real(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
+            theta, new_arrays, scalars = _rules.step_tensor(self.rule, h, real(p), real(g), arrays, self._update,
+                                                           fresh=bool(missing))
+            real(p)[...] = theta
+            for k, v in new_arrays.items():
+                arrays[k][...] = v
+            state.update(scalars)
+
+    def zero_grad(self) -> None:
+        """Nothing to clear: gradients are passed to :meth:`step`. Present for symmetry with torch."""
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """A deep copy of the state in torch.optim's layout."""
+        groups, start = [], 0
+        for g in self.param_groups:
+            n = len(g["params"])
+            groups.append({**copy.deepcopy(self._hyper(g)), "params": list(range(start, start + n))})
+            start += n
+        state = {i: {k: np.array(v, copy=True) if isinstance(v, np.ndarray) else v for k, v in s.items()}
+                 for i, s in self.state.items() if s}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict` or from a torch.optim optimizer of the same class.
+
+        Everything is checked first (group count and sizes, hyperparameters, state keys and shapes); on a
+        mismatch a ``ValueError`` says what does not match and the optimizer is left unchanged.
+        """
+        groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        states = state_dict.get("state") if isinstance(state_dict, Mapping) else None
+        if groups is None or states is None:
+            raise ValueError("state dict must have 'state' and 'param_groups' entries")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state dict has {len(groups)} parameter groups, optimizer has {len(self.param_groups)}")
+        new_groups, new_state, index = [], {}, 0
+        for gi, (saved, mine) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(mine["params"]):
+                raise ValueError(f"group {gi} has {len(saved['params'])} parameters in the state dict, "
+                                 f"{len(mine['params'])} in the optimizer")
+            h = {k: _to_python(v) for k, v in saved.items() if k != "params" and k in self.defaults}
+            h = {**self.defaults, **h}
+            try:
+                self.rule.validate(h)
+            except ValueError as e:
+                raise ValueError(f"group {gi} of the state dict: {e}") from None
+            for saved_id, p in zip(saved["params"], mine["params"]):
+                entry = states.get(saved_id, {})
+                new_state[index] = self._check_entry(index, entry, p, h)
+                index += 1
+            new_groups.append({"params": mine["params"], **h})
+        self.param_groups = new_groups
+        self.state = new_state
+
+    def _check_entry(self, index: int, entry: Mapping[str, Any], p: np.ndarray, h: Mapping[str, Any]) -> dict:
+        if not entry:
+            return self._initial_state(p, h)
+        out: dict[str, Any] = {}
+        array_keys = set(self.rule.update_states)
+        needed = set(self.rule.states(h)) | set(self.rule.scalar_states)
+        missing = needed - set(entry)
+        # SGD's momentum buffer and the AMSGrad maximum may legitimately be created later
+        missing -= {"momentum_buffer"} if self.rule.name == "SGD" else set()
+        if missing:
+            raise ValueError(f"state of parameter {index} is missing {sorted(missing)}")
+        for k, v in entry.items():
+            if k in array_keys:
+                a = np.array(_to_numpy(v), dtype=p.dtype, copy=True)
+                if a.shape != p.shape:
+                    raise ValueError(f"state '{k}' of parameter {index} has shape {a.shape}, parameter {p.shape}")
+                out[k] = a
+            elif k in self.rule.scalar_states:
+                out[k] = float(_to_numpy(v))
+            else:
+                raise ValueError(f"state of parameter {index} has unknown key '{k}' for {self.rule.name}")
+        return out
+
+    def __repr__(self) -> str:
+        lines = [f"adamkit.numpy.{type(self).__name__} ("]
+        for i, g in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines.extend(f"    {k}: {v}" for k, v in sorted(self._hyper(g).items()))
+        return "\n".join(lines + [")"])
+
+
+def _real_view(a: np.ndarray) -> np.ndarray:
+    return a.view(a.real.dtype)
+
+
+def _to_numpy(v: Any) -> Any:
+    if hasattr(v, "detach"):  # a torch tensor
+        return v.detach().cpu().numpy()
+    return v
+
+
+def _to_python(v: Any) -> Any:
+    if hasattr(v, "detach") and v.numel() == 1:
+        return float(v)
+    if isinstance(v, list):
+        return tuple(v)
+    return v
+
+
+def _make(rule: _rules.Rule) -> type[Optimizer]:
+    extra = [inspect.Parameter("check_finite", inspect.Parameter.KEYWORD_ONLY, default=True)]
+    cls = type(rule.name, (Optimizer,), {
+        "rule": rule,
+        "_signature": rule_signature(rule, extra),
+        "__doc__": f"{rule.name} on NumPy arrays: the rule :func:`adamkit.rules.{rule.update.__name__}`.\n\n"
+                   f"{inspect.cleandoc(rule.update.__doc__ or '')}\n\n"
+                   f"Hyperparameters (torch.optim's names and defaults): "
+                   + ", ".join(f"``{h.name}={h.default!r}``" for h in rule.hypers)
+                   + ". ``check_finite`` (default True) rejects non-finite gradients before any update.",
+        "__module__": __name__,
+    })
+    cls.__signature__ = inspect.Signature(list(cls._signature.parameters.values())[1:])
+    return cls
+
+
+SGD = _make(_rules.RULES["SGD"])
+Adagrad = _make(_rules.RULES["Adagrad"])
+RMSprop = _make(_rules.RULES["RMSprop"])
+Adam = _make(_rules.RULES["Adam"])
+AdamW = _make(_rules.RULES["AdamW"])
+Adamax = _make(_rules.RULES["Adamax"])
+NAdam = _make(_rules.RULES["NAdam"])
+RAdam = _make(_rules.RULES["RAdam"])
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {c.__name__.lower(): c for c in
+                                          (SGD, Adagrad, RMSprop, Adam, AdamW, Adamax, NAdam, RAdam)}

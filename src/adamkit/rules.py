@@ -1,0 +1,600 @@
+"""The update rules of the Adam family, each written once.
+
+Every rule here is a pure element-wise function: it takes one parameter ``theta``, its gradient ``g`` and its
+state (``m``, ``v``, ...) plus per-step scalar coefficients, and returns the new parameter and state. The same
+function runs
+
+* on whole NumPy arrays (:mod:`adamkit.numpy`),
+* on whole torch tensors (the reference path of :mod:`adamkit.torch`),
+* on single scalars inside a compiled, multi-threaded loop (:mod:`adamkit.kernels`).
+
+The few non-arithmetic primitives a rule uses (``sqrt``, ``maximum``, ``abs``) are free names that each engine
+binds to its own namespace (``numpy.sqrt``, ``torch.sqrt``, ``math.sqrt``); see :func:`bind`.
+
+Rules contain no numeric literals: a literal such as ``1 - beta1`` would silently promote float32 math to
+float64 in compiled code. Every coefficient is computed once per step, in float64, by the rule's ``coefficients``
+function (the scalars that depend only on the hyperparameters and the step count), and handed to the element
+function already in its final form. Conventions follow ``torch.optim`` 2.13 exactly (see ``shared/design.md``).
+
+Example:
+    >>> import numpy as np
+    >>> from adamkit import rules
+    >>> c = rules.ADAM.coefficients(rules.ADAM.hyperparameters(lr=0.1), step=1, scalar_state={})[0]
+    >>> f = rules.bind(rules.adam, rules.NUMPY_OPS)
+    >>> theta, m, v, v_max = f(np.array([1.0]), np.array([0.5]), np.zeros(1), np.zeros(1), None, **c)
+    >>> round(float(theta[0]), 6)   # first Adam step moves by ~lr against the gradient's sign
+    0.9
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+__all__ = [
+    "Hyper",
+    "Rule",
+    "RULES",
+    "bind",
+    "NUMPY_OPS",
+    "SCALAR_OPS",
+    "sgd",
+    "adagrad",
+    "rmsprop",
+    "adam",
+    "adamax",
+    "nadam",
+    "radam",
+]
+
+# --------------------------------------------------------------------------------------------------------------
+# Element-wise update functions (the math, once)
+# --------------------------------------------------------------------------------------------------------------
+# Free names bound by each engine: sqrt, maximum. ``abs`` and arithmetic work on every backend as they are.
+sqrt: Callable[[Any], Any] = np.sqrt
+maximum: Callable[[Any, Any], Any] = np.maximum
+
+
+def gradient(theta, g, weight_decay, l2, maximize):
+    """The gradient a rule sees: ``g ← −g`` if maximizing, then the L2 term ``g ← g + λ·θ`` if ``l2``."""
+    if maximize:
+        g = -g
+    if l2:
+        g = g + weight_decay * theta
+    return g
+
+
+def sgd(theta, g, b, lr, momentum, one_minus_dampening, weight_decay, l2, use_momentum, nesterov, first_step,
+        maximize):
+    """Stochastic gradient descent with (Nesterov) momentum.
+
+    .. math::
+        g_t &= ∇f(θ_{t-1}) + λθ_{t-1} \\\\
+        b_t &= μ b_{t-1} + (1-τ) g_t \\quad (b_1 = g_1) \\\\
+        θ_t &= θ_{t-1} - γ \\,(g_t + μ b_t \\text{ if nesterov else } b_t)
+
+    ``lr`` = γ, ``momentum`` = μ, ``one_minus_dampening`` = 1−τ, ``weight_decay`` = λ. Without momentum the
+    buffer ``b`` is absent and the step is θ ← θ − γ g.
+    """
+    g = gradient(theta, g, weight_decay, l2, maximize)
+    if use_momentum:
+        if first_step:
+            b = g
+        else:
+            b = momentum * b + one_minus_dampening * g
+        if nesterov:
+            g = g + momentum * b
+        else:
+            g = b
+    theta = theta - lr * g
+    return theta, b
+
+
+def adagrad(theta, g, s, clr, eps, weight_decay, l2, maximize):
+    """AdaGrad (Duchi et al., 2011).
+
+    .. math::
+        s_t &= s_{t-1} + g_t^2 \\\\
+        θ_t &= θ_{t-1} - \\tilde γ_t \\, g_t / (\\sqrt{s_t} + ε), \\qquad \\tilde γ_t = γ / (1 + (t-1) η)
+
+    ``s`` is the running sum of squared gradients (torch's ``sum``), ``clr`` = γ̃_t with η = ``lr_decay``.
+    """
+    g = gradient(theta, g, weight_decay, l2, maximize)
+    s = s + g * g
+    theta = theta - clr * g / (sqrt(s) + eps)
+    return theta, s
+
+
+def rmsprop(theta, g, v, g_avg, b, lr, alpha, one_minus_alpha, eps, momentum, weight_decay, l2, centered,
+            use_momentum, maximize):
+    """RMSprop (Hinton, 2012), optionally centered and with momentum.
+
+    .. math::
+        v_t &= α v_{t-1} + (1-α) g_t^2 \\\\
+        \\bar g_t &= α \\bar g_{t-1} + (1-α) g_t \\quad (\\text{centered}) \\\\
+        d_t &= \\sqrt{v_t - \\bar g_t^2} + ε \\quad (\\text{centered; else } \\sqrt{v_t} + ε) \\\\
+        b_t &= μ b_{t-1} + g_t / d_t, \\quad θ_t = θ_{t-1} - γ b_t \\quad (\\text{momentum; else } θ_t = θ_{t-1} - γ g_t/d_t)
+
+    ``v`` is torch's ``square_avg``, ``g_avg`` its ``grad_avg``, ``b`` its ``momentum_buffer``.
+    """
+    g = gradient(theta, g, weight_decay, l2, maximize)
+    v = alpha * v + one_minus_alpha * g * g
+    if centered:
+        g_avg = g_avg + one_minus_alpha * (g - g_avg)
+        d = sqrt(v - g_avg * g_avg) + eps
+    else:
+        d = sqrt(v) + eps
+    if use_momentum:
+        b = momentum * b + g / d
+        theta = theta - lr * b
+    else:
+        theta = theta - lr * g / d
+    return theta, v, g_avg, b
+
+
+def adam(theta, g, m, v, v_max, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
+         weight_decay, l2, decay, decoupled, amsgrad, maximize):
+    """Adam (Kingma & Ba, 2014); AMSGrad (Reddi et al., 2018) and AdamW (Loshchilov & Hutter, 2019) as options.
+
+    .. math::
+        θ &← θ (1 - γλ) \\quad (\\text{decoupled weight decay, AdamW}) \\\\
+        m_t &= β_1 m_{t-1} + (1-β_1) g_t \\qquad \\text{(first moment)} \\\\
+        v_t &= β_2 v_{t-1} + (1-β_2) g_t^2 \\qquad \\text{(uncentered second moment)} \\\\
+        \\hat v_t &= \\max(\\hat v_{t-1}, v_t) \\quad (\\text{AMSGrad, raw } v) \\\\
+        θ_t &= θ_{t-1} - \\frac{γ}{1-β_1^t} \\, \\frac{m_t}{\\sqrt{v_t}/\\sqrt{1-β_2^t} + ε}
+
+    ``step_size`` = γ/(1−β1^t) and ``bc2_sqrt`` = √(1−β2^t) are the bias corrections; ``decay`` = 1 − γλ.
+    """
+    if decoupled:
+        theta = theta * decay
+    g = gradient(theta, g, weight_decay, l2, maximize)
+    m = m + one_minus_beta1 * (g - m)
+    v = beta2 * v + one_minus_beta2 * g * g
+    if amsgrad:
+        v_max = maximum(v_max, v)
+        denom = sqrt(v_max) / bc2_sqrt + eps
+    else:
+        denom = sqrt(v) / bc2_sqrt + eps
+    theta = theta - step_size * m / denom
+    return theta, m, v, v_max
+
+
+def adamax(theta, g, m, u, beta1, one_minus_beta1, beta2, eps, step_size, weight_decay, l2, maximize):
+    """AdaMax, Adam with the infinity norm (Kingma & Ba, 2014, §7.1).
+
+    .. math::
+        m_t &= β_1 m_{t-1} + (1-β_1) g_t \\\\
+        u_t &= \\max(β_2 u_{t-1}, |g_t| + ε) \\\\
+        θ_t &= θ_{t-1} - \\frac{γ}{1-β_1^t} \\, m_t / u_t
+
+    ``u`` is torch's ``exp_inf``; ``step_size`` = γ/(1−β1^t).
+    """
+    g = gradient(theta, g, weight_decay, l2, maximize)
+    m = m + one_minus_beta1 * (g - m)
+    u = maximum(beta2 * u, abs(g) + eps)
+    theta = theta - step_size * m / u
+    return theta, m, u
+
+
+def nadam(theta, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bc2, grad_step, momentum_step,
+          weight_decay, l2, decay, decoupled, maximize):
+    """NAdam, Adam with Nesterov momentum (Dozat, 2016), with torch's momentum schedule.
+
+    .. math::
+        μ_t &= β_1 (1 - ½ · 0.96^{tψ}) \\\\
+        m_t &= β_1 m_{t-1} + (1-β_1) g_t, \\quad v_t = β_2 v_{t-1} + (1-β_2) g_t^2 \\\\
+        θ_t &= θ_{t-1} - γ\\frac{1-μ_t}{1-\\prod_{i≤t} μ_i}\\frac{g_t}{\\sqrt{\\hat v_t}+ε}
+                        - γ\\frac{μ_{t+1}}{1-\\prod_{i≤t+1} μ_i}\\frac{m_t}{\\sqrt{\\hat v_t}+ε},
+                        \\qquad \\hat v_t = v_t / (1-β_2^t)
+
+    ``grad_step`` and ``momentum_step`` are the two fractions times γ; ``bc2`` = 1−β2^t.
+    """
+    if decoupled:
+        theta = theta * decay
+    g = gradient(theta, g, weight_decay, l2, maximize)
+    m = m + one_minus_beta1 * (g - m)
+    v = beta2 * v + one_minus_beta2 * g * g
+    denom = sqrt(v / bc2) + eps
+    theta = theta - grad_step * g / denom
+    theta = theta - momentum_step * m / denom
+    return theta, m, v
+
+
+def radam(theta, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, lr, bc1, bc2_sqrt, rect, rectified,
+          weight_decay, l2, decay, decoupled, maximize):
+    """RAdam, rectified Adam (Liu et al., 2020).
+
+    .. math::
+        ρ_∞ &= 2/(1-β_2) - 1, \\quad ρ_t = ρ_∞ - 2tβ_2^t/(1-β_2^t) \\\\
+        r_t &= \\sqrt{\\frac{(ρ_t-4)(ρ_t-2)ρ_∞}{(ρ_∞-4)(ρ_∞-2)ρ_t}} \\\\
+        θ_t &= θ_{t-1} - γ \\hat m_t \\, r_t \\frac{\\sqrt{1-β_2^t}}{\\sqrt{v_t}+ε} \\quad \\text{if } ρ_t > 5,
+              \\text{ else } θ_{t-1} - γ \\hat m_t, \\qquad \\hat m_t = m_t/(1-β_1^t)
+
+    ``rectified`` is ρ_t > 5 and ``rect`` is r_t, both computed per step.
+    """
+    if decoupled:
+        theta = theta * decay
+    g = gradient(theta, g, weight_decay, l2, maximize)
+    m = m + one_minus_beta1 * (g - m)
+    v = beta2 * v + one_minus_beta2 * g * g
+    m_hat = m / bc1
+    if rectified:
+        theta = theta - m_hat * lr * (bc2_sqrt / (sqrt(v) + eps)) * rect
+    else:
+        theta = theta - m_hat * lr
+    return theta, m, v
+
+
+# Functions a rule may call; engines bind them along with the rule.
+HELPERS: dict[str, Callable] = {"gradient": gradient}
+
+NUMPY_OPS: dict[str, Any] = {"sqrt": np.sqrt, "maximum": np.maximum}
+SCALAR_OPS: dict[str, Any] = {"sqrt": math.sqrt, "maximum": max}
+
+
+def bind(fn: Callable, ops: Mapping[str, Any], wrap: Callable[[Callable], Callable] = lambda f: f) -> Callable:
+    """Return ``fn`` with its primitives (``sqrt``, ``maximum``) and helpers bound to an engine's namespace.
+
+    The code object is shared, so the math is the one written above; only the names it looks up change.
+    ``wrap`` is applied to the result and to every helper (the compiled engine passes ``numba.njit``).
+    """
+    namespace = dict(fn.__globals__)
+    namespace.update(ops)
+    for name, helper in HELPERS.items():
+        if helper is not fn:
+            namespace[name] = bind(helper, ops, wrap)
+    bound = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+    bound.__doc__ = fn.__doc__
+    return wrap(bound)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hyperparameters and per-step coefficients (float64 scalars, once per step and tensor)
+# --------------------------------------------------------------------------------------------------------------
+
+def _nonneg(name: str) -> Callable[[Any], None]:
+    def check(x: Any) -> None:
+        if not _is_number(x) or not 0.0 <= float(x) or math.isnan(float(x)) or math.isinf(float(x)):
+            raise ValueError(f"Invalid {name}: {x!r} (must be a finite number >= 0)")
+    return check
+
+
+def _is_number(x: Any) -> bool:
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, (int, float, np.floating, np.integer)):
+        return True
+    # 0-dim / 1-element tensors (torch) are numbers for validation purposes
+    numel = getattr(x, "numel", None)
+    return callable(numel) and numel() == 1 and getattr(x, "dtype", None) is not None and x.dtype.is_floating_point
+
+
+def _flag(name: str) -> Callable[[Any], None]:
+    def check(x: Any) -> None:
+        if not isinstance(x, (bool, np.bool_)):
+            raise ValueError(f"Invalid {name}: {x!r} (must be True or False)")
+    return check
+
+
+def _betas(x: Any) -> None:
+    try:
+        b1, b2 = x
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid betas: {x!r} (must be a pair (beta1, beta2))") from None
+    for i, b in enumerate((b1, b2)):
+        if not _is_number(b) or not 0.0 <= float(b) < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b!r} (betas must lie in [0, 1))")
+
+
+def _unit(name: str) -> Callable[[Any], None]:
+    def check(x: Any) -> None:
+        if not _is_number(x) or not 0.0 <= float(x) <= 1.0:
+            raise ValueError(f"Invalid {name}: {x!r} (must lie in [0, 1])")
+    return check
+
+
+def _any_number(name: str) -> Callable[[Any], None]:
+    def check(x: Any) -> None:
+        if not _is_number(x) or not math.isfinite(float(x)):
+            raise ValueError(f"Invalid {name}: {x!r} (must be a finite number)")
+    return check
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """One hyperparameter: its torch.optim name and default, and a validator raising ``ValueError``."""
+
+    name: str
+    default: Any
+    check: Callable[[Any], None]
+    keyword_only: bool = False
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A family member: the element function plus everything an engine needs to run it.
+
+    Attributes:
+        name: torch.optim class name (``"Adam"``).
+        update: the element-wise function (``theta, g, *states, **coefficients``).
+        hypers: hyperparameters in torch.optim's positional order, with torch's defaults.
+        states: ``states(h)`` → ``{name: initial value}`` of the array states present under hyperparameters ``h``
+            (names are torch.optim's state keys). Absent states are passed to ``update`` as ``None``.
+        update_states: names of ``update``'s state arguments, in order.
+        scalar_states: names and initial values of per-tensor scalar states (``step``, ``mu_product``).
+        coefficients: ``coefficients(h, step, scalar_state)`` → (coefficient dict for ``update``, new scalar
+            state); computed in float64 once per tensor and step.
+        check_group: cross-parameter validation (e.g. Nesterov needs momentum).
+    """
+
+    name: str
+    update: Callable
+    hypers: tuple[Hyper, ...]
+    update_states: tuple[str, ...]
+    states: Callable[[Mapping[str, Any]], dict[str, float]]
+    coefficients: Callable[[Mapping[str, Any], float, Mapping[str, float]], tuple[dict, dict]]
+    scalar_states: dict[str, float] = field(default_factory=lambda: {"step": 0.0})
+    check_group: Callable[[Mapping[str, Any]], None] = lambda h: None
+    defaults_override: dict[str, Any] = field(default_factory=dict)
+
+    def hyperparameters(self, **given: Any) -> dict[str, Any]:
+        """Defaults overlaid with ``given``, validated. Raises ``ValueError`` naming a bad value or name."""
+        names = {h.name for h in self.hypers}
+        unknown = set(given) - names
+        if unknown:
+            raise TypeError(f"{self.name} got unexpected hyperparameter(s): {', '.join(sorted(unknown))}")
+        h = {x.name: x.default for x in self.hypers}
+        h.update(self.defaults_override)
+        h.update(given)
+        self.validate(h)
+        return h
+
+    def validate(self, h: Mapping[str, Any]) -> None:
+        for x in self.hypers:
+            if x.name in h:
+                x.check(h[x.name])
+        self.check_group(h)
+
+
+def _lr(h: Mapping[str, Any]) -> float:
+    return float(h["lr"])
+
+
+def _weight_decay_terms(h: Mapping[str, Any], lr: float) -> dict[str, Any]:
+    wd = float(h["weight_decay"])
+    decoupled = bool(h.get("decoupled_weight_decay", False)) and wd != 0
+    return dict(weight_decay=wd, l2=wd != 0 and not decoupled, decay=1.0 - lr * wd, decoupled=decoupled)
+
+
+def _moments(h: Mapping[str, Any]) -> dict[str, float]:
+    beta1, beta2 = (float(b) for b in h["betas"])
+    return dict(beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2)
+
+
+LR = Hyper("lr", 1e-3, _nonneg("learning rate (lr)"), doc="learning rate γ")
+EPS = Hyper("eps", 1e-8, _nonneg("epsilon value (eps)"), doc="ε added to the denominator")
+BETAS = Hyper("betas", (0.9, 0.999), _betas, doc="(β1, β2), decay rates of the first and second moments")
+WD = Hyper("weight_decay", 0, _nonneg("weight_decay value"), doc="weight decay λ")
+MAXIMIZE = Hyper("maximize", False, _flag("maximize"), keyword_only=True, doc="maximize the objective")
+
+
+def _sgd_states(h):
+    return {"momentum_buffer": 0.0} if float(h["momentum"]) != 0 else {}
+
+
+def _sgd_coefficients(h, step, scalar_state):
+    momentum = float(h["momentum"])
+    c = dict(lr=_lr(h), momentum=momentum, one_minus_dampening=1.0 - float(h["dampening"]),
+             weight_decay=float(h["weight_decay"]), l2=float(h["weight_decay"]) != 0, use_momentum=momentum != 0,
+             nesterov=bool(h["nesterov"]), first_step=bool(scalar_state.get("fresh", False)),
+             maximize=bool(h["maximize"]))
+    return c, {}
+
+
+def _sgd_check(h):
+    if h["nesterov"] and (float(h["momentum"]) <= 0 or float(h["dampening"]) != 0):
+        raise ValueError("Invalid nesterov: Nesterov momentum requires a momentum > 0 and zero dampening")
+
+
+SGD_RULE = Rule(
+    name="SGD",
+    update=sgd,
+    hypers=(Hyper("lr", 1e-3, _nonneg("learning rate (lr)")), Hyper("momentum", 0, _nonneg("momentum value")),
+            Hyper("dampening", 0, _unit("dampening")), WD, Hyper("nesterov", False, _flag("nesterov")), MAXIMIZE),
+    update_states=("momentum_buffer",),
+    states=_sgd_states,
+    coefficients=_sgd_coefficients,
+    scalar_states={},  # torch's SGD keeps no step count; the engine counts steps to know the first one
+    check_group=_sgd_check,
+)
+
+
+def _adagrad_coefficients(h, step, scalar_state):
+    clr = _lr(h) / (1 + (step - 1) * float(h["lr_decay"]))
+    wd = float(h["weight_decay"])
+    return dict(clr=clr, eps=float(h["eps"]), weight_decay=wd, l2=wd != 0, maximize=bool(h["maximize"])), {}
+
+
+ADAGRAD = Rule(
+    name="Adagrad",
+    update=adagrad,
+    hypers=(Hyper("lr", 1e-2, _nonneg("learning rate (lr)")), Hyper("lr_decay", 0, _nonneg("lr_decay value")), WD,
+            Hyper("initial_accumulator_value", 0, _nonneg("initial_accumulator_value")),
+            Hyper("eps", 1e-10, _nonneg("epsilon value (eps)")), MAXIMIZE),
+    update_states=("sum",),
+    states=lambda h: {"sum": float(h["initial_accumulator_value"])},
+    coefficients=_adagrad_coefficients,
+)
+
+
+def _rmsprop_states(h):
+    s = {"square_avg": 0.0}
+    if float(h["momentum"]) > 0:
+        s["momentum_buffer"] = 0.0
+    if h["centered"]:
+        s["grad_avg"] = 0.0
+    return s
+
+
+def _rmsprop_coefficients(h, step, scalar_state):
+    alpha, wd, momentum = float(h["alpha"]), float(h["weight_decay"]), float(h["momentum"])
+    return dict(lr=_lr(h), alpha=alpha, one_minus_alpha=1.0 - alpha, eps=float(h["eps"]), momentum=momentum,
+                weight_decay=wd, l2=wd != 0, centered=bool(h["centered"]), use_momentum=momentum > 0,
+                maximize=bool(h["maximize"])), {}
+
+
+RMSPROP = Rule(
+    name="RMSprop",
+    update=rmsprop,
+    hypers=(Hyper("lr", 1e-2, _nonneg("learning rate (lr)")), Hyper("alpha", 0.99, _unit("alpha value")), EPS, WD,
+            Hyper("momentum", 0, _nonneg("momentum value")), Hyper("centered", False, _flag("centered")),
+            Hyper("maximize", False, _flag("maximize"))),
+    update_states=("square_avg", "grad_avg", "momentum_buffer"),
+    states=_rmsprop_states,
+    coefficients=_rmsprop_coefficients,
+)
+
+
+def _adam_states(h):
+    s = {"exp_avg": 0.0, "exp_avg_sq": 0.0}
+    if h["amsgrad"]:
+        s["max_exp_avg_sq"] = 0.0
+    return s
+
+
+def _adam_coefficients(h, step, scalar_state):
+    lr = _lr(h)
+    moments = _moments(h)
+    bc1 = 1 - moments["beta1"] ** step
+    bc2 = 1 - moments["beta2"] ** step
+    return dict(**moments, eps=float(h["eps"]), step_size=lr / bc1, bc2_sqrt=bc2 ** 0.5,
+                **_weight_decay_terms(h, lr), amsgrad=bool(h["amsgrad"]), maximize=bool(h["maximize"])), {}
+
+
+ADAM = Rule(
+    name="Adam",
+    update=adam,
+    hypers=(LR, BETAS, EPS, WD, Hyper("amsgrad", False, _flag("amsgrad")), MAXIMIZE,
+            Hyper("decoupled_weight_decay", False, _flag("decoupled_weight_decay"), keyword_only=True)),
+    update_states=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    states=_adam_states,
+    coefficients=_adam_coefficients,
+)
+
+# AdamW is Adam with decoupled weight decay (and torch's default λ = 1e-2).
+ADAMW = Rule(
+    name="AdamW",
+    update=adam,
+    hypers=(LR, BETAS, EPS, Hyper("weight_decay", 1e-2, _nonneg("weight_decay value")),
+            Hyper("amsgrad", False, _flag("amsgrad")), MAXIMIZE),
+    update_states=ADAM.update_states,
+    states=_adam_states,
+    coefficients=_adam_coefficients,
+    defaults_override={"decoupled_weight_decay": True},
+)
+
+
+def _adamax_coefficients(h, step, scalar_state):
+    moments = _moments(h)
+    wd = float(h["weight_decay"])
+    return dict(beta1=moments["beta1"], one_minus_beta1=moments["one_minus_beta1"], beta2=moments["beta2"],
+                eps=float(h["eps"]), step_size=_lr(h) / (1 - moments["beta1"] ** step), weight_decay=wd,
+                l2=wd != 0, maximize=bool(h["maximize"])), {}
+
+
+ADAMAX = Rule(
+    name="Adamax",
+    update=adamax,
+    hypers=(Hyper("lr", 2e-3, _nonneg("learning rate (lr)")), BETAS, EPS, WD, MAXIMIZE),
+    update_states=("exp_avg", "exp_inf"),
+    states=lambda h: {"exp_avg": 0.0, "exp_inf": 0.0},
+    coefficients=_adamax_coefficients,
+)
+
+
+def _nadam_coefficients(h, step, scalar_state):
+    lr = _lr(h)
+    moments = _moments(h)
+    beta1, psi = moments["beta1"], float(h["momentum_decay"])
+    mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * psi)))
+    mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * psi)))
+    # torch keeps the running product of μ in a float32 scalar tensor (float64 if that is torch's default dtype)
+    dtype = scalar_state.get("dtype", np.float32)
+    mu_product = float(dtype(scalar_state["mu_product"]) * dtype(mu))
+    mu_product_next = mu_product * mu_next
+    c = dict(**moments, eps=float(h["eps"]), bc2=1 - moments["beta2"] ** step,
+             grad_step=lr * (1.0 - mu) / (1.0 - mu_product), momentum_step=(lr * mu_next) / (1.0 - mu_product_next),
+             **_weight_decay_terms(h, lr), maximize=bool(h["maximize"]))
+    return c, {"mu_product": mu_product}
+
+
+NADAM = Rule(
+    name="NAdam",
+    update=nadam,
+    hypers=(Hyper("lr", 2e-3, _nonneg("learning rate (lr)")), BETAS, EPS, WD,
+            Hyper("momentum_decay", 4e-3, _nonneg("momentum_decay value")),
+            Hyper("decoupled_weight_decay", False, _flag("decoupled_weight_decay")), MAXIMIZE),
+    update_states=("exp_avg", "exp_avg_sq"),
+    states=lambda h: {"exp_avg": 0.0, "exp_avg_sq": 0.0},
+    coefficients=_nadam_coefficients,
+    scalar_states={"step": 0.0, "mu_product": 1.0},
+)
+
+
+def _radam_coefficients(h, step, scalar_state):
+    lr = _lr(h)
+    moments = _moments(h)
+    beta1, beta2 = moments["beta1"], moments["beta2"]
+    bc1 = 1 - beta1 ** step
+    bc2 = 1 - beta2 ** step
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2 ** step) / bc2
+    rectified = rho_t > 5.0
+    rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5 if rectified else 1.0
+    return dict(**moments, eps=float(h["eps"]), lr=lr, bc1=bc1, bc2_sqrt=bc2 ** 0.5, rect=rect, rectified=rectified,
+                **_weight_decay_terms(h, lr), maximize=bool(h["maximize"])), {}
+
+
+RADAM = Rule(
+    name="RAdam",
+    update=radam,
+    hypers=(LR, BETAS, EPS, WD, Hyper("decoupled_weight_decay", False, _flag("decoupled_weight_decay")), MAXIMIZE),
+    update_states=("exp_avg", "exp_avg_sq"),
+    states=lambda h: {"exp_avg": 0.0, "exp_avg_sq": 0.0},
+    coefficients=_radam_coefficients,
+)
+
+RULES: dict[str, Rule] = {r.name: r for r in (SGD_RULE, ADAGRAD, RMSPROP, ADAM, ADAMW, ADAMAX, NADAM, RADAM)}
+"""Every family member by torch.optim class name."""
+
+
+def step_tensor(rule: Rule, h: Mapping[str, Any], theta: Any, g: Any, state: Mapping[str, Any], update: Callable,
+                fresh: bool = False, scalar_dtype: Any = np.float32) -> tuple[Any, dict[str, Any], dict[str, float]]:
+    """One step of ``rule`` for one tensor, on any array backend (the engines' shared core).
+
+    ``state`` holds the array states under torch's names and the scalar states as Python floats; ``fresh``
+    says the array states were just created (SGD's first momentum step copies the gradient). ``update`` is the
+    rule bound to the backend; ``scalar_dtype`` is the precision torch keeps scalar states in. Returns the new
+    parameter, the new array states and the new scalar states.
+    """
+    coefficients, new_scalars = step_coefficients(rule, h, state, fresh, scalar_dtype)
+    args = [state.get(name) for name in rule.update_states]
+    theta, *new_states = update(theta, g, *args, **coefficients)
+    arrays = {name: new for name, new in zip(rule.update_states, new_states) if name in state}
+    return theta, arrays, new_scalars
+
+
+def step_coefficients(rule: Rule, h: Mapping[str, Any], state: Mapping[str, Any], fresh: bool = False,
+                      scalar_dtype: Any = np.float32) -> tuple[dict[str, Any], dict[str, float]]:
+    """The coefficients of the next step of one tensor and its new scalar states (``step`` advanced by one)."""
+    step = float(state.get("step", 0.0)) + 1
+    scalars = {k: float(state[k]) for k in rule.scalar_states if k != "step"}
+    coefficients, new_scalars = rule.coefficients(h, step, {**scalars, "fresh": fresh, "dtype": scalar_dtype})
+    if "step" in rule.scalar_states:
+        new_scalars = {"step": step, **new_scalars}
+    return coefficients, new_scalars

@@ -1,0 +1,271 @@
+"""Drop-in ``torch.optim`` replacements: same keywords, defaults, math and ``state_dict``.
+
+``adamkit.torch.AdamW(model.parameters(), lr=1e-3)`` behaves as ``torch.optim.AdamW``: param groups, closures,
+``zero_grad``, step and state-dict hooks, LR schedulers, deepcopy and printing come from
+:class:`torch.optim.Optimizer`. A ``torch.optim`` checkpoint loads into the adamkit class of the same name and
+training continues exactly as it would have; an adamkit checkpoint loads into ``torch.optim``.
+
+The math is the rule of the same name in :mod:`adamkit.rules`. On CPU, float32/float64/bfloat16 tensors step
+through compiled, multi-threaded kernels generated from that rule (:mod:`adamkit.kernels`); ``fused=False``
+selects the reference path, which runs the rule on whole tensors with torch ops and works on any device.
+
+Differences from torch.optim, all deliberate:
+
+* ``check_finite=True`` (keyword, default): a step whose gradients hold inf or nan raises
+  ``FloatingPointError`` naming the parameter, before any parameter or state changes. AMP's ``GradScaler``
+  skips such steps itself, so it is unaffected.
+* ``capturable=True`` and ``differentiable=True`` are refused with ``ValueError``; ``foreach`` is accepted
+  and has no effect (adamkit picks its own multi-tensor path).
+
+Example:
+    >>> import torch, adamkit.torch
+    >>> model = torch.nn.Linear(3, 1)
+    >>> opt = adamkit.torch.AdamW(model.parameters(), lr=1e-2)
+    >>> loss = model(torch.ones(2, 3)).pow(2).mean()
+    >>> loss.backward()
+    >>> opt.step()
+    >>> sorted(opt.state_dict()["state"][0])
+    ['exp_avg', 'exp_avg_sq', 'step']
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.optim as _optim
+
+from . import rules as _rules
+from ._signature import bind as _bind
+
+__all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam"]
+
+TORCH_OPS: dict[str, Any] = {"sqrt": torch.sqrt, "maximum": torch.maximum}
+
+# torch.optim group keys that are not part of the math: kept in every group so checkpoints move both ways.
+_ENGINE_KEYS = ("foreach", "capturable", "differentiable", "fused")
+
+
+def _scalar_dtype() -> torch.dtype:
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class Optimizer(_optim.Optimizer):
+    """Base of the adamkit.torch optimizers: one rule, run by the compiled kernels or the reference path."""
+
+    rule: _rules.Rule
+    _signature: inspect.Signature
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        values = _bind(self._signature, self, args, kwargs)
+        params = values.pop("params")
+        self.check_finite: bool = bool(values.pop("check_finite"))
+        engine = {k: values.pop(k) for k in _ENGINE_KEYS if k in values}
+        if engine.get("capturable"):
+            raise ValueError("capturable=True is not supported by adamkit (CUDA-graph capture of the step)")
+        if engine.get("differentiable"):
+            raise ValueError("differentiable=True is not supported by adamkit")
+        if engine.get("fused") not in (None, True, False):
+            raise ValueError(f"Invalid fused: {engine['fused']!r} (must be None, True or False)")
+        defaults = self.rule.hyperparameters(**values)
+        defaults.update(engine)
+        self._reference_update = _rules.bind(self.rule.update, TORCH_OPS)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch.optim's, with the group's hyperparameters validated before it is added."""
+        h = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self.rule.validate(self._math(h))
+        super().add_param_group(param_group)
+        if self.rule.name == "Adagrad":  # torch.optim.Adagrad creates its state at construction
+            group = self.param_groups[-1]
+            for p in group["params"]:
+                self._init_state(p, group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
+            if self.rule.defaults_override:
+                group.update(self.rule.defaults_override)
+
+    def _math(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: group[k] for k in self.defaults if k not in _ENGINE_KEYS and k in group}
+
+    def _init_state(self, p: torch.Tensor, group: Mapping[str, Any]) -> bool:
+        """Create the state ``group`` needs that ``p`` lacks; return whether the array states were new."""
+        state = self.state[p]
+        for k, v in self.rule.scalar_states.items():
+            if k not in state:
+                state[k] = torch.tensor(v, dtype=_scalar_dtype())
+        missing = {k: v for k, v in self.rule.states(self._math(group)).items() if k not in state}
+        for k, v in missing.items():
+            state[k] = torch.full_like(p, v, memory_format=torch.preserve_format)
+        return bool(missing)
+
+    # -- the step ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step (re-evaluating the model first if ``closure`` is given)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work: list[tuple[dict, torch.Tensor]] = []
+        for gi, group in enumerate(self.param_groups):
+            self.rule.validate(self._math(group))
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self._check_grad(gi, p)
+                work.append((group, p))
+        if self.check_finite:
+            self._check_finite(work)
+        compiled = self._compiled_batches(work)
+        for group, p in work:
+            if p not in compiled:
+                self._reference_step(group, p)
+        return loss
+
+    def _check_grad(self, gi: int, p: torch.Tensor) -> None:
+        g = p.grad
+        where = f"{self.rule.name}: parameter of shape {tuple(p.shape)} in group {gi}"
+        if g.is_sparse:
+            raise RuntimeError(f"{where} has a sparse gradient; adamkit.torch.{self.rule.name} supports dense "
+                               f"gradients only (torch.optim.SparseAdam handles sparse ones)")
+        if g.shape != p.shape:
+            raise ValueError(f"{where} has a gradient of shape {tuple(g.shape)}")
+        if g.dtype != p.dtype:
+            raise TypeError(f"{where} has dtype {p.dtype} but its gradient has dtype {g.dtype}")
+        if g.device != p.device:
+            raise ValueError(f"{where} is on {p.device} but its gradient is on {g.device}")
+        if not (p.is_floating_point() or p.is_complex()):
+            raise TypeError(f"{where} has dtype {p.dtype}; optimizers need floating or complex parameters")
+
+    def _check_finite(self, work: list[tuple[dict, torch.Tensor]]) -> None:
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for _, p in work:
+            by_device.setdefault(p.device, []).append(p)
+        for params in by_device.values():
+            ok = _all_finite([p.grad for p in params])
+            if not ok:
+                bad = next(i for i, (_, p) in enumerate(work) if not bool(torch.isfinite(p.grad).all()))
+                shape = tuple(work[bad][1].shape)
+                raise FloatingPointError(
+                    f"{self.rule.name}: the gradient of parameter {bad} among those with gradients (shape {shape}) "
+                    f"has non-finite values (inf or nan); no parameter or state was changed")
+
+    def _compiled_batches(self, work: list[tuple[dict, torch.Tensor]]) -> set[torch.Tensor]:
+        """Step what the compiled kernels can take; return the parameters they stepped."""
+        from . import kernels  # imported on first step: importing adamkit compiles nothing
+        return kernels.step_torch(self, work)
+
+    def _reference_step(self, group: dict[str, Any], p: torch.Tensor) -> None:
+        h = self._math(group)
+        fresh = self._init_state(p, group)
+        state = self.state[p]
+        real = torch.view_as_real if p.is_complex() else (lambda t: t)
+        arrays = {k: real(v) if k in self.rule.update_states else v.item() for k, v in state.items()}
+        scalar_dtype = np.float64 if state.get("step", torch.tensor(0.0)).dtype == torch.float64 else np.float32
+        theta, new_arrays, scalars = _rules.step_tensor(self.rule, h, real(p), real(p.grad), arrays,
+                                                       self._reference_update, fresh, scalar_dtype)
+        real(p).copy_(theta)
+        for k, v in new_arrays.items():
+            arrays[k].copy_(v)
+        for k, v in scalars.items():
+            state[k].fill_(v)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """As torch.optim's, after checking that the state dict fits this optimizer.
+
+        Raises ``ValueError`` naming the mismatch (group count or sizes, invalid hyperparameters, missing or
+        unknown state keys, state shapes) and leaves the optimizer unchanged.
+        """
+        self._validate_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _validate_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("state dict must be a mapping with 'state' and 'param_groups' entries")
+        groups, states = state_dict["param_groups"], state_dict["state"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state dict has {len(groups)} parameter groups, optimizer has {len(self.param_groups)}")
+        index = 0
+        for gi, (saved, mine) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(mine["params"]):
+                raise ValueError(f"group {gi} has {len(saved['params'])} parameters in the state dict, "
+                                 f"{len(mine['params'])} in the optimizer")
+            h = {**self.defaults, **{k: v for k, v in saved.items() if k != "params"}}
+            try:
+                self.rule.validate(self._math(h))
+            except ValueError as e:
+                raise ValueError(f"group {gi} of the state dict: {e}") from None
+            needed = set(self.rule.states(self._math(h))) | set(self.rule.scalar_states)
+            if self.rule.name == "SGD":
+                needed = set()  # the momentum buffer appears at the first step
+            known = set(self.rule.update_states) | set(self.rule.scalar_states)
+            for saved_id, p in zip(saved["params"], mine["params"]):
+                entry = states.get(saved_id)
+                if entry:
+                    missing = needed - set(entry)
+                    if missing:
+                        raise ValueError(f"state of parameter {index} (group {gi}) is missing {sorted(missing)}")
+                    unknown = set(entry) - known
+                    if unknown:
+                        raise ValueError(f"state of parameter {index} (group {gi}) has unknown keys {sorted(unknown)} "
+                                         f"for {self.rule.name}")
+                    for k, v in entry.items():
+                        if k in self.rule.update_states:
+                            if not torch.is_tensor(v) or v.shape != p.shape:
+                                shape = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+                                raise ValueError(f"state '{k}' of parameter {index} (group {gi}) has shape {shape}, "
+                                                 f"the parameter has shape {tuple(p.shape)}")
+                        elif torch.is_tensor(v) and v.numel() != 1:
+                            raise ValueError(f"state '{k}' of parameter {index} must be a scalar")
+                index += 1
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite (one reduction per tensor, one sync at the end)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _make(rule: _rules.Rule) -> type[Optimizer]:
+    """The adamkit class for ``rule``, with torch.optim's constructor signature for the class of that name."""
+    torch_cls = getattr(_optim, rule.name)
+    sig = inspect.signature(torch_cls.__init__)
+    params = list(sig.parameters.values())
+    if "fused" not in sig.parameters:  # torch has no fused kernel for this class; adamkit does
+        params.append(inspect.Parameter("fused", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=bool | None))
+    params.append(inspect.Parameter("check_finite", inspect.Parameter.KEYWORD_ONLY, default=True,
+                                    annotation=bool))
+    signature = sig.replace(parameters=params)
+    cls = type(rule.name, (Optimizer,), {
+        "rule": rule,
+        "_signature": signature,
+        "__doc__": f"Drop-in for ``torch.optim.{rule.name}``; the math is :func:`adamkit.rules."
+                   f"{rule.update.__name__}`.\n\n{inspect.cleandoc(rule.update.__doc__ or '')}\n\n"
+                   f"Keywords and defaults are torch.optim's: ``{signature}``.",
+        "__module__": __name__,
+    })
+    cls.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
+    return cls
+
+
+SGD = _make(_rules.RULES["SGD"])
+Adagrad = _make(_rules.RULES["Adagrad"])
+RMSprop = _make(_rules.RULES["RMSprop"])
+Adam = _make(_rules.RULES["Adam"])
+AdamW = _make(_rules.RULES["AdamW"])
+Adamax = _make(_rules.RULES["Adamax"])
+NAdam = _make(_rules.RULES["NAdam"])
+RAdam = _make(_rules.RULES["RAdam"])
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {c.__name__: c for c in (SGD, Adagrad, RMSprop, Adam, AdamW, Adamax,
+                                                                    NAdam, RAdam)}
