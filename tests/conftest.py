@@ -16,10 +16,10 @@ def rel_error(a: Any, b: Any) -> float:
     Element-wise relative error is meaningless where a moment crosses zero (cancellation in β·m + (1−β)·g);
     the scale of the tensor is the honest denominator.
     """
-    a = torch.as_tensor(a).detach().to(torch.float64)
-    b = torch.as_tensor(b).detach().to(torch.float64)
+    a, b = torch.as_tensor(a).detach(), torch.as_tensor(b).detach()
     if a.is_complex() or b.is_complex():
         a, b = torch.view_as_real(a.to(torch.complex128)), torch.view_as_real(b.to(torch.complex128))
+    a, b = a.to(torch.float64), b.to(torch.float64)
     scale = float(b.abs().max()) if b.numel() else 0.0
     diff = float((a - b).abs().max()) if b.numel() else 0.0
     if scale == 0.0:

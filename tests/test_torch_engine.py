@@ -1,0 +1,184 @@
+"""adamkit.torch as a drop-in: checkpoints both ways, resume bit for bit, torch.optim machinery, bad input."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import adamkit.torch as akt
+from conftest import grid_cases, gradient, make_problem
+
+CONFIGS = {"SGD": dict(lr=0.05, momentum=0.9, nesterov=True), "Adagrad": dict(lr=0.05, lr_decay=0.01),
+           "RMSprop": dict(momentum=0.5, centered=True), "Adam": dict(amsgrad=True, weight_decay=0.1),
+           "AdamW": dict(lr=1e-2), "Adamax": dict(), "NAdam": dict(decoupled_weight_decay=True, weight_decay=0.1),
+           "RAdam": dict(lr=1e-2)}
+
+
+def train(opt, params, targets, start, stop):
+    for t in range(start, stop):
+        for i, p in enumerate(params):
+            p.grad = gradient(p, targets[i], t, i)
+        opt.step()
+
+
+def save_load(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("fused", [False, None], ids=["reference", "default"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("direction", ["torch->adamkit", "adamkit->torch"])
+def test_checkpoint_moves_both_ways_and_training_continues_exactly(name, direction, fused):
+    init, targets = make_problem(torch.float64)
+    torch_cls, ak_cls = getattr(torch.optim, name), akt.OPTIMIZERS[name]
+    first, second = (torch_cls, ak_cls) if direction == "torch->adamkit" else (ak_cls, torch_cls)
+    kw_first = dict(fused=fused) if first is ak_cls else {}
+    kw_second = dict(fused=fused) if second is ak_cls else {}
+    # uninterrupted run with the second optimizer class's numbers as the reference: run both for 40 steps
+    a = [torch.nn.Parameter(x.clone()) for x in init]
+    opt_a = first(a, **CONFIGS[name], **kw_first)
+    train(opt_a, a, targets, 0, 20)
+    sd = save_load(opt_a.state_dict())
+    b = [torch.nn.Parameter(x.detach().clone()) for x in a]
+    opt_b = second(b, **CONFIGS[name], **kw_second)
+    opt_b.load_state_dict(sd)
+    train(opt_a, a, targets, 20, 40)
+    train(opt_b, b, targets, 20, 40)
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y, rtol=1e-12, atol=0)
+    assert sorted(opt_a.state_dict()["state"][0]) == sorted(opt_b.state_dict()["state"][0])
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_resumed_run_equals_uninterrupted_bit_for_bit(name):
+    init, targets = make_problem(torch.float32)
+    a = [torch.nn.Parameter(x.clone()) for x in init]
+    opt_a = akt.OPTIMIZERS[name](a, **CONFIGS[name])
+    train(opt_a, a, targets, 0, 15)
+    sd = save_load(opt_a.state_dict())
+    b = [torch.nn.Parameter(x.detach().clone()) for x in a]
+    opt_b = akt.OPTIMIZERS[name](b, **CONFIGS[name])
+    opt_b.load_state_dict(sd)
+    train(opt_a, a, targets, 15, 30)
+    train(opt_b, b, targets, 15, 30)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_state_dict_layout_equals_torch():
+    for name in CONFIGS:
+        init, targets = make_problem(torch.float32)
+        a = [torch.nn.Parameter(x.clone()) for x in init]
+        b = [torch.nn.Parameter(x.clone()) for x in init]
+        oa, ob = akt.OPTIMIZERS[name](a, **CONFIGS[name]), getattr(torch.optim, name)(b, **CONFIGS[name])
+        train(oa, a, targets, 0, 2)
+        train(ob, b, targets, 0, 2)
+        sa, sb = oa.state_dict(), ob.state_dict()
+        assert set(sa["param_groups"][0]) >= set(sb["param_groups"][0]), name
+        assert set(sa["param_groups"][0]) - set(sb["param_groups"][0]) <= {"fused"}
+        for i in sb["state"]:
+            assert {k: (v.dtype, v.shape) for k, v in sa["state"][i].items()} == \
+                   {k: (v.dtype, v.shape) for k, v in sb["state"][i].items()}
+
+
+def test_mismatched_state_dicts_raise_and_leave_optimizer_unchanged():
+    init, targets = make_problem(torch.float32)
+    ps = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = akt.Adam(ps, lr=1e-2)
+    train(opt, ps, targets, 0, 3)
+    good = copy.deepcopy(opt.state_dict())
+
+    def broken(edit):
+        sd = copy.deepcopy(good)
+        edit(sd)
+        return sd
+
+    cases = [
+        (lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0])), "parameter groups"),
+        (lambda sd: sd["param_groups"][0]["params"].pop(), "parameters in the state dict"),
+        (lambda sd: sd["state"][0].pop("exp_avg_sq"), "missing"),
+        (lambda sd: sd["state"][1].__setitem__("exp_avg", torch.zeros(5)), "shape"),
+        (lambda sd: sd["state"][0].__setitem__("momentum", torch.zeros(1)), "unknown"),
+        (lambda sd: sd["param_groups"][0].__setitem__("lr", -3.0), "learning rate"),
+        (lambda sd: sd.pop("state"), "'state'"),
+    ]
+    for edit, match in cases:
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(broken(edit))
+        now = opt.state_dict()
+        assert now["param_groups"] == good["param_groups"]
+        for i in good["state"]:
+            for k in good["state"][i]:
+                assert torch.equal(now["state"][i][k], good["state"][i][k])
+
+
+def test_bad_gradients_raise_and_leave_params_and_state_untouched():
+    a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(3))
+    opt = akt.AdamW([a, b], lr=0.1)
+    a.grad, b.grad = torch.ones(4), torch.ones(3)
+    opt.step()
+    snapshot = copy.deepcopy((a.detach(), b.detach(), opt.state_dict()))
+    a.grad, b.grad = torch.ones(4), torch.tensor([1.0, float("inf"), 0.0])
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        opt.step()
+    b.grad = torch.ones(3).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert torch.equal(a, snapshot[0]) and torch.equal(b, snapshot[1])
+    assert float(opt.state[a]["step"]) == 1.0 and torch.equal(opt.state[a]["exp_avg"],
+                                                              snapshot[2]["state"][0]["exp_avg"])
+    # opting out of the check gives torch.optim's behaviour (nan propagates)
+    opt2 = akt.Adam([b], check_finite=False)
+    b.grad = torch.tensor([float("nan"), 0.0, 0.0])
+    opt2.step()
+    assert torch.isnan(b[0])
+
+
+def test_torch_machinery_hooks_schedulers_closure_deepcopy_repr():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = akt.Adam([p], lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append("sd") or sd)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p ** 2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert float(loss) == 5.0 and calls == ["pre", "post"]
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.05
+    opt.state_dict()
+    assert calls[-1] == "sd"
+    clone = copy.deepcopy(opt)
+    assert torch.equal(clone.state[clone.param_groups[0]["params"][0]]["exp_avg"], opt.state[p]["exp_avg"])
+    assert "Adam (" in repr(opt) and "amsgrad: False" in repr(opt)
+    opt.zero_grad()
+    assert p.grad is None
+
+
+def test_lr_as_tensor_and_model_training():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x = torch.randn(64, 4)
+    y = x.sum(1, keepdim=True)
+    opt = akt.AdamW(model.parameters(), lr=torch.tensor(1e-2))
+    first = None
+    for _ in range(200):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        first = first if first is not None else float(loss)
+    assert float(loss) < 0.02 * first
