@@ -114,20 +114,23 @@ class Optimizer(_optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work: list[tuple[dict, torch.Tensor]] = []
+        work: list[tuple[dict, list[torch.Tensor]]] = []
         for gi, group in enumerate(self.param_groups):
             self.rule.validate(self._math(group))
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                self._check_grad(gi, p)
-                work.append((group, p))
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    self._check_grad(gi, p)  # raises with the details
+            if params:
+                work.append((group, params))
         if self.check_finite:
-            self._check_finite(work)
-        compiled = self._compiled_batches(work)
-        for group, p in work:
-            if p not in compiled:
-                self._reference_step(group, p)
+            self._check_finite([p for _, params in work for p in params])
+        from . import kernels  # imported on first step: importing adamkit compiles nothing
+        compiled = kernels.step_torch(self, work)
+        for group, params in work:
+            for p in params:
+                if p not in compiled:
+                    self._reference_step(group, p)
         return loss
 
     def _check_grad(self, gi: int, p: torch.Tensor) -> None:
@@ -136,32 +139,17 @@ class Optimizer(_optim.Optimizer):
         if g.is_sparse:
             raise RuntimeError(f"{where} has a sparse gradient; adamkit.torch.{self.rule.name} supports dense "
                                f"gradients only (torch.optim.SparseAdam handles sparse ones)")
-        if g.shape != p.shape:
-            raise ValueError(f"{where} has a gradient of shape {tuple(g.shape)}")
-        if g.dtype != p.dtype:
-            raise TypeError(f"{where} has dtype {p.dtype} but its gradient has dtype {g.dtype}")
-        if g.device != p.device:
-            raise ValueError(f"{where} is on {p.device} but its gradient is on {g.device}")
         if not (p.is_floating_point() or p.is_complex()):
             raise TypeError(f"{where} has dtype {p.dtype}; optimizers need floating or complex parameters")
 
-    def _check_finite(self, work: list[tuple[dict, torch.Tensor]]) -> None:
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for _, p in work:
-            by_device.setdefault(p.device, []).append(p)
-        for params in by_device.values():
-            ok = _all_finite([p.grad for p in params])
-            if not ok:
-                bad = next(i for i, (_, p) in enumerate(work) if not bool(torch.isfinite(p.grad).all()))
-                shape = tuple(work[bad][1].shape)
-                raise FloatingPointError(
-                    f"{self.rule.name}: the gradient of parameter {bad} among those with gradients (shape {shape}) "
-                    f"has non-finite values (inf or nan); no parameter or state was changed")
-
-    def _compiled_batches(self, work: list[tuple[dict, torch.Tensor]]) -> set[torch.Tensor]:
-        """Step what the compiled kernels can take; return the parameters they stepped."""
-        from . import kernels  # imported on first step: importing adamkit compiles nothing
-        return kernels.step_torch(self, work)
+    def _check_finite(self, params: list[torch.Tensor]) -> None:
+        """Raise before anything changes if a gradient holds inf or nan (torch guarantees shapes and dtypes)."""
+        from . import kernels
+        bad = kernels.first_nonfinite([p.grad for p in params])
+        if bad is not None:
+            raise FloatingPointError(
+                f"{self.rule.name}: the gradient of parameter {bad} among those with gradients (shape "
+                f"{tuple(params[bad].shape)}) has non-finite values (inf or nan); no parameter or state was changed")
 
     def _reference_step(self, group: dict[str, Any], p: torch.Tensor) -> None:
         h = self._math(group)
@@ -187,6 +175,10 @@ class Optimizer(_optim.Optimizer):
         """
         self._validate_state_dict(state_dict)
         super().load_state_dict(state_dict)
+        for p, state in self.state.items():  # the compiled kernels stream states laid out like their parameter
+            for k in self.rule.update_states:
+                if k in state and p.is_contiguous() and not state[k].is_contiguous():
+                    state[k] = state[k].contiguous()
 
     def _validate_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
@@ -227,12 +219,6 @@ class Optimizer(_optim.Optimizer):
                         elif torch.is_tensor(v) and v.numel() != 1:
                             raise ValueError(f"state '{k}' of parameter {index} must be a scalar")
                 index += 1
-
-
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every element of every tensor is finite (one reduction per tensor, one sync at the end)."""
-    flags = [torch.isfinite(t).all() for t in tensors]
-    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _make(rule: _rules.Rule) -> type[Optimizer]:
