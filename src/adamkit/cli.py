@@ -11,18 +11,16 @@ def main(argv: list[str] | None = None) -> int:
         prog="adamkit",
         description="The Adam optimizer family, written once: NumPy, PyTorch and compiled CPU kernels.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = sub.add_parser("demo", help="run the experiments that make Adam's math visible and write an HTML report",
-                          add_help=False)
-    demo.add_argument("rest", nargs=argparse.REMAINDER)
-    bench = sub.add_parser("bench", help="measure every optimizer step against torch.optim and the memory floor",
-                           add_help=False)
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    sub.add_parser("demo", help="run the experiments that make Adam's math visible and write an HTML report "
+                                "(adamkit demo --help for options)", add_help=False)
+    sub.add_parser("bench", help="measure every optimizer step against torch.optim and the memory floor "
+                                 "(adamkit bench --help for options)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main
-        return demo_main(args.rest)
+        return demo_main(rest)
     from .bench import main as bench_main
-    return bench_main(args.rest)
+    return bench_main(rest)
 
 
 if __name__ == "__main__":

@@ -1,31 +1,108 @@
-"""``adamkit demo``: placeholder, replaced by the full report (issue 5)."""
+"""``adamkit demo``: the experiments that make Adam's math visible, written to an HTML report.
+
+Five sections, each a module of this package with a ``run(section, quick, seed) -> results`` function:
+
+* ``averages``   — simple vs exponential moving averages, the uncentered second moment, bias correction;
+* ``regression`` — linear regression: gradient descent vs Adam against ``np.linalg.lstsq``;
+* ``functions``  — the whole family on Rosenbrock, Beale and a saddle, learning rates from a grid search;
+* ``failure``    — Reddi, Kale & Kumar (2018): where Adam provably fails and AMSGrad does not;
+* ``digits``     — real data (scikit-learn's bundled digits): logistic regression and an MLP, a bias-correction
+  ablation, and AdamW vs Adam + L2 over a learning-rate × weight-decay grid.
+
+Usage::
+
+    adamkit demo                      # everything, about a minute
+    adamkit demo --quick              # smaller grids and runs, a few seconds per section
+    adamkit demo --only failure,digits --out /tmp/report --seed 1
+
+The sections use only adamkit's public API (``adamkit.numpy``, ``adamkit.minimize``, ``adamkit.rules``) and
+are meant to be read as examples.
+"""
+
 from __future__ import annotations
 
 import argparse
+import importlib
+import time
+from pathlib import Path
+from typing import Any
 
-import numpy as np
+from .report import Section, format_table, now, write_html
 
-import adamkit.numpy as akn
+SECTIONS: dict[str, str] = {
+    "averages": "Moving averages: what Adam's m and v are",
+    "regression": "Linear regression: gradient descent vs Adam",
+    "functions": "The family on test functions",
+    "failure": "Where Adam fails: Reddi, Kale & Kumar (2018)",
+    "digits": "Real data: handwritten digits",
+}
+"""Section name → title, in report order. Each name is a module of this package."""
+
+
+def run_section(name: str, out: Path, quick: bool = False, seed: int = 0) -> tuple[Section, dict[str, Any]]:
+    """Run one section into ``out`` (created if needed); return its report part and its results dict."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    section = Section(name, SECTIONS[name], out)
+    module = importlib.import_module(f"{__name__}.{name}")
+    start = time.perf_counter()
+    results = module.run(section, quick=quick, seed=seed)
+    section.seconds = time.perf_counter() - start
+    return section, results
+
+
+def run(out: str | Path = "adamkit-report", only: list[str] | None = None, quick: bool = False, seed: int = 0,
+        verbose: bool = True) -> tuple[Path, list[Section], dict[str, dict[str, Any]]]:
+    """Run the chosen sections (all by default), write ``out/index.html``; return its path, sections, results."""
+    from .. import __version__
+
+    names = list(SECTIONS) if not only else only
+    out = Path(out)
+    sections, results = [], {}
+    start = time.perf_counter()
+    for i, name in enumerate(names, 1):
+        if verbose:
+            print(f"[{i}/{len(names)}] {SECTIONS[name]} ...", flush=True)
+        section, res = run_section(name, out, quick=quick, seed=seed)
+        sections.append(section)
+        results[name] = res
+        if verbose:
+            print(f"      done in {section.seconds:.1f} s: {len(section.figures)} figure(s) — {section.summary}",
+                  flush=True)
+    meta = dict(version=__version__, seed=seed, quick=quick, date=now(), seconds=time.perf_counter() - start)
+    index = write_html(out, sections, meta)
+    return index, sections, results
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="adamkit demo")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(
+        prog="adamkit demo",
+        description="Run the experiments that make Adam's math visible and write an HTML report with figures.")
+    parser.add_argument("--out", default="adamkit-report", metavar="DIR",
+                        help="folder for index.html and the PNG figures (default: adamkit-report)")
+    parser.add_argument("--quick", action="store_true", help="smaller grids and shorter runs (well under 40 s)")
+    parser.add_argument("--only", metavar="SECTION[,SECTION...]",
+                        help=f"run only these sections: {', '.join(SECTIONS)}")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
     args = parser.parse_args(argv)
-    rng = np.random.default_rng(args.seed)
-    X = rng.normal(size=(200, 3))
-    y = X @ np.array([2.0, -1.0, 0.5]) + 0.3 + 0.1 * rng.normal(size=200)
-    runs = {}
-    for name in ("gd", "adam"):
-        w, b = np.zeros(3), np.zeros(1)
-        opt = akn.SGD([w, b], lr=0.05) if name == "gd" else akn.Adam([w, b], lr=0.05)
-        rmse = []
-        for _ in range(100):
-            r = X @ w + b - y
-            rmse.append(float(np.sqrt(np.mean(r ** 2))))
-            opt.step([2 * X.T @ r / len(y), np.array([2 * r.mean()])])
-        runs[name] = rmse
-    print(f"{'epoch':>5} {'GD RMSE':>10} {'Adam RMSE':>10}")
-    for e in (0, 1, 2, 5, 10, 20, 50, 99):
-        print(f"{e:5d} {runs['gd'][e]:10.4f} {runs['adam'][e]:10.4f}")
+
+    only = None
+    if args.only:
+        only = [s.strip() for s in args.only.split(",") if s.strip()]
+        unknown = [s for s in only if s not in SECTIONS]
+        if unknown or not only:
+            parser.error(f"unknown section(s) {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(SECTIONS)}")
+        only = [s for s in SECTIONS if s in only]  # report order, no duplicates
+
+    start = time.perf_counter()
+    index, sections, _ = run(args.out, only=only, quick=args.quick, seed=args.seed)
+    total = time.perf_counter() - start
+    print()
+    print("Summary")
+    rows = [[s.name, f"{s.seconds:.1f} s", s.summary] for s in sections]
+    rows.append(["total", f"{total:.1f} s", f"{sum(len(s.figures) for s in sections)} figures"])
+    print(format_table(["section", "time", "key result"], rows, align="lrl"))
+    print()
+    print(f"Report: {index.resolve()}")
     return 0

@@ -1,0 +1,191 @@
+"""``adamkit bench``: every optimizer step against torch.optim and against the machine's memory floor, in one run.
+
+The floor is a compiled, multi-threaded loop with the same memory streams as the step (for Adam: the gradient read
+once, parameter and two states read and written once), so "% of floor" is the share of the machine's bandwidth the
+step reaches. Ratios against torch.optim are measured in the same process, one after the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("SGD momentum", "SGD", dict(lr=0.01, momentum=0.9)),
+    ("SGD Nesterov", "SGD", dict(lr=0.01, momentum=0.9, nesterov=True)),
+    ("Adagrad", "Adagrad", dict()),
+    ("RMSprop", "RMSprop", dict()),
+    ("RMSprop centered", "RMSprop", dict(centered=True)),
+    ("Adam", "Adam", dict()),
+    ("AMSGrad", "Adam", dict(amsgrad=True)),
+    ("AdamW", "AdamW", dict()),
+    ("Adamax", "Adamax", dict()),
+    ("NAdam", "NAdam", dict()),
+    ("RAdam", "RAdam", dict()),
+]
+
+
+def transformer_shapes(total: int, d: int = 512) -> list[tuple[int, ...]]:
+    """A transformer-like mix: per layer qkv (d×3d), proj (d×d), MLP (d×4d, 4d×d), biases and norms."""
+    layer = [(3 * d, d), (3 * d,), (d, d), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,), (d,), (d,), (d,), (d,)]
+    per_layer = sum(int(np.prod(s)) for s in layer)
+    shapes: list[tuple[int, ...]] = [(1000, d)]  # embedding
+    while sum(int(np.prod(s)) for s in shapes) + per_layer <= total:
+        shapes.extend(layer)
+    return shapes
+
+
+def _median_ms(fn: Callable[[], Any], steps: int) -> float:
+    fn()  # warm-up (first-use compile, lazy state)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def floor_ms(shapes: list[tuple[int, ...]], rmw_streams: int, steps: int, dtype: Any) -> float:
+    """Time of a compiled loop reading a gradient once and read-modify-writing ``rmw_streams`` arrays."""
+    import numba
+    from numba import prange
+    from . import kernels
+
+    @numba.njit(parallel=True, nogil=True, error_model="numpy")
+    def stream(tensor, start, stop, sizes, addresses, n_rmw):
+        for c in prange(tensor.shape[0]):
+            k = tensor[c]
+            lo, hi = start[c], stop[c]
+            g = numba.carray(kernels.address_as_pointer(addresses[k, 0]), sizes[k], dtype=np.float32)[lo:hi]
+            for s in range(n_rmw):
+                a = numba.carray(kernels.address_as_pointer(addresses[k, 1 + s]), sizes[k], dtype=np.float32)[lo:hi]
+                for i in range(a.size):
+                    a[i] = a[i] * np.float32(0.999) + g[i]
+
+    sizes = np.array([int(np.prod(s)) for s in shapes], dtype=np.int64)
+    arrays = [[np.ones(n, dtype=np.float32) for _ in range(1 + rmw_streams)] for n in sizes]
+    addresses = np.array([[a.ctypes.data for a in row] for row in arrays], dtype=np.int64)
+    table = kernels.chunk_table(sizes)
+    return _median_ms(lambda: stream(*table, sizes, addresses, rmw_streams), steps)
+
+
+def _params(shapes, seed=0):
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    return ps
+
+
+def _time_optimizer(make: Callable[[list], Any], shapes, steps: int) -> float:
+    ps = _params(shapes)
+    opt = make(ps)
+    ms = _median_ms(opt.step, steps)
+    del opt, ps
+    return ms
+
+
+def _state_streams(name: str, cfg: dict) -> int:
+    """Read-modify-write streams of a step: the parameter plus each state array."""
+    from . import rules
+    h = rules.RULES[name].hyperparameters(**cfg)
+    return 1 + len(rules.RULES[name].states(h))
+
+
+def run(total: int, steps: int, only: list[str] | None, small: bool, log: Callable[[str], None]) -> dict:
+    import torch
+    import adamkit.torch as akt
+
+    threads = torch.get_num_threads()
+    suites = [("transformer", transformer_shapes(total))]
+    if small:
+        suites.append(("1000x1024", [(1024,)] * 1000))
+    results: dict[str, Any] = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "threads": threads, "python": sys.version.split()[0], "torch": torch.__version__},
+        "steps": steps, "suites": {}}
+    for suite, shapes in suites:
+        n = sum(int(np.prod(s)) for s in shapes)
+        log(f"[{suite}] {len(shapes)} tensors, {n / 1e6:.1f} M params, median of {steps} steps")
+        rows = []
+        floors: dict[int, float] = {}
+        configs = [c for c in CONFIGS if not only or c[0] in only or c[1] in only]
+        if suite == "1000x1024":
+            configs = [c for c in configs if c[0] in ("Adam", "AdamW")]
+        for label, name, cfg in configs:
+            rmw = _state_streams(name, cfg)
+            if rmw not in floors:
+                floors[rmw] = floor_ms(shapes, rmw, steps, np.float32)
+                log(f"  floor with {rmw} read-modify-write streams + 1 read: {floors[rmw]:.2f} ms")
+            bytes_per_param = 4 * (1 + 2 * rmw)
+            row = {"config": label, "optimizer": name, "options": cfg, "bytes_per_param": bytes_per_param,
+                   "floor_ms": floors[rmw], "ms": {}}
+            torch_cls = getattr(torch.optim, name)
+            # "adamkit" does the same work as torch.optim (check_finite=False); for Adam the default
+            # check_finite=True is measured too, to show what the finite scan costs.
+            paths = {"adamkit": lambda ps: akt.OPTIMIZERS[name](ps, **cfg, check_finite=False)}
+            if label == "Adam":
+                paths["adamkit (check_finite)"] = lambda ps: akt.OPTIMIZERS[name](ps, **cfg)
+            paths["torch single"] = lambda ps: torch_cls(ps, **cfg, foreach=False)
+            paths["torch foreach"] = lambda ps: torch_cls(ps, **cfg, foreach=True)
+            if "fused" in torch_cls.__init__.__code__.co_varnames:
+                paths["torch fused"] = lambda ps: torch_cls(ps, **cfg, fused=True)
+            for path, make in paths.items():
+                try:
+                    row["ms"][path] = _time_optimizer(make, shapes, steps)
+                except (RuntimeError, NotImplementedError) as e:  # a torch path missing for this option
+                    row["ms"][path] = None
+                    log(f"  {label:17s} {path:22s} unavailable: {str(e).splitlines()[0][:60]}")
+                    continue
+                log(f"  {label:17s} {path:22s} {row['ms'][path]:8.2f} ms")
+            torch_best = min(v for k, v in row["ms"].items() if k.startswith("torch") and v is not None)
+            ours = row["ms"]["adamkit"]
+            row.update(torch_best_ms=torch_best, speedup_vs_torch_best=torch_best / ours,
+                       pct_of_floor=100 * floors[rmw] / ours, mparams_per_s=n / ours / 1e3,
+                       effective_gb_s=n * bytes_per_param / ours / 1e6)
+            rows.append(row)
+        results["suites"][suite] = {"params": n, "tensors": len(shapes), "rows": rows}
+    return results
+
+
+def table(results: dict) -> str:
+    out = []
+    for suite, data in results["suites"].items():
+        out.append(f"\n{suite}: {data['tensors']} tensors, {data['params'] / 1e6:.1f} M params "
+                   f"({results['machine']['threads']} threads)")
+        out.append(f"| config | B/param | adamkit ms | torch best ms (path) | × vs torch best | % of floor | GB/s | Mparam/s |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for r in data["rows"]:
+            best_path = min((k for k, v in r["ms"].items() if k.startswith("torch") and v is not None),
+                            key=lambda k: r["ms"][k])
+            out.append(f"| {r['config']} | {r['bytes_per_param']} | {r['ms']['adamkit']:.2f} | "
+                       f"{r['torch_best_ms']:.2f} ({best_path.replace('torch ', '')}) | "
+                       f"{r['speedup_vs_torch_best']:.2f}× | {r['pct_of_floor']:.0f} % | {r['effective_gb_s']:.1f} | "
+                       f"{r['mparams_per_s']:.0f} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adamkit bench", description=__doc__)
+    parser.add_argument("--params", type=float, default=25e6, help="parameters in the transformer-like model")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement (median reported)")
+    parser.add_argument("--only", default="", help="comma-separated configs or class names (e.g. Adam,NAdam)")
+    parser.add_argument("--no-small", action="store_true", help="skip the 1000 x 1024 many-small-tensors model")
+    parser.add_argument("--json", default=None, help="write the results to this file")
+    args = parser.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()] or None
+    results = run(int(args.params), args.steps, only, not args.no_small, lambda s: print(s, flush=True))
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"\nwrote {args.json}")
+    return 0
