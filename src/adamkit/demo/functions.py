@@ -14,6 +14,8 @@ import numpy as np
 
 import adamkit
 
+from matplotlib.colors import LogNorm
+
 from .report import Section, plt
 
 
@@ -69,7 +71,7 @@ FUNCTIONS = [
     TestFunction("Beale", "(1.5 − x + xy)² + (2.25 − x + xy²)² + (2.625 − x + xy³)²", _beale, _beale_grad,
                  (1.0, 1.5), (3.0, 0.5), 0.0, (-1.0, 4.5, -1.0, 2.0), steps=1000, quick_steps=300),
     TestFunction("saddle", "x² − y² + y⁴/4 (saddle at the origin, minima at (0, ±√2))", _saddle, _saddle_grad,
-                 (1.0, 1e-3), (0.0, np.sqrt(2.0)), -1.0, (-1.5, 1.5, -2.0, 2.0), steps=200, quick_steps=100),
+                 (1.0, 1e-6), (0.0, np.sqrt(2.0)), -1.0, (-1.5, 1.5, -2.0, 2.0), steps=200, quick_steps=100),
 ]
 
 # (label, adamkit.minimize method, extra options). Momentum, Nesterov and AMSGrad are options of SGD and Adam.
@@ -127,7 +129,9 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
              "loss after the run's last step). Functions: " + "; ".join(f"<b>{f.name}</b> {f.formula}, "
              "start " + str(f.start) for f in FUNCTIONS) + ". Code: <code>adamkit/demo/functions.py</code>.")
     r: dict[str, Any] = {"grid": grid, "lr": {}, "final_gap": {}, "best": {}, "worst": {}, "steps": {}}
-    colors = plt.get_cmap("tab20")(np.linspace(0, 1, 20))[[0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 1]]
+    colors = list(plt.get_cmap("tab10").colors) + ["black"]
+    # SGD family dash-dotted, AdaGrad and RMSprop dashed, the Adam family solid
+    styles = ["-."] * 3 + ["--"] * 2 + ["-"] * 6
     table = {}
     for fn in FUNCTIONS:
         steps = fn.quick_steps if quick else fn.steps
@@ -161,13 +165,15 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         X, Y = np.meshgrid(np.linspace(x0, x1, 300), np.linspace(y0, y1, 300))
         Z = fn.f(np.array([X, Y])) - fn.f_min
         levels = np.logspace(np.log10(max(Z.min(), 1e-3)), np.log10(Z.max()), 25)
-        ax0.contour(X, Y, np.maximum(Z, 1e-3), levels=levels, cmap="Greys", linewidths=0.6, alpha=0.8)
+        Z = np.maximum(Z, levels[0])
+        ax0.contourf(X, Y, Z, levels=levels, norm=LogNorm(), cmap="Blues_r", alpha=0.45)
+        ax0.contour(X, Y, Z, levels=levels, colors="0.55", linewidths=0.5)
         ax0.plot(*fn.minimum, "k*", ms=14, zorder=5, label="minimum")
         ax0.plot(*fn.start, "ko", ms=6, zorder=5, label="start")
-        for (label, (lr, path, gap)), c in zip(chosen.items(), colors):
+        for (label, (lr, path, gap)), c, ls in zip(chosen.items(), colors, styles):
             name = f"{label} (lr={lr:.2g})"
-            ax0.plot(path[:, 0], path[:, 1], "-", color=c, lw=1.4, alpha=0.9, label=name)
-            ax1.semilogy(np.arange(len(gap)), np.maximum(gap, FLOOR), color=c, lw=1.4, label=name)
+            ax0.plot(path[:, 0], path[:, 1], ls, color=c, lw=1.5, alpha=0.9, label=name)
+            ax1.semilogy(np.arange(len(gap)), np.maximum(gap, FLOOR), ls, color=c, lw=1.5, label=name)
         ax0.set(xlim=(x0, x1), ylim=(y0, y1), xlabel="x", ylabel="y", title=f"{fn.name}: paths")
         ax1.set(xlabel="step", ylabel="f − f* (log scale)", title=f"{fn.name}: loss gap per step",
                 ylim=(FLOOR / 3, None))
@@ -179,16 +185,19 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
                     "{sgd_lr:.2g}) at {sgd_gap:.1e}.")
         if key == "saddle":
             # How long each method needs to leave the saddle: first step with f below half-way to f*.
-            level = 0.5 * (fn.f(np.array(fn.start)) + fn.f_min)
+            level = 0.5 * (fn.f(np.zeros(2)) + fn.f_min)  # half-way from the saddle's value to the minimum
             esc = {k: int(np.argmax(g + fn.f_min < level)) if np.any(g + fn.f_min < level) else steps
                    for k, (_, _, g) in chosen.items()}
             fr.update(esc_level=level, esc_sgd=esc["SGD"], esc_momentum=esc["Momentum"], esc_adam=esc["Adam"],
                       esc_rmsprop=esc["RMSprop"], esc_adagrad=esc["AdaGrad"])
             r["escape_steps"] = esc
-            template += (" Starting almost on the ridge (y tiny), the gradient's y-component is tiny too: "
-                         "steps to get below f = {esc_level:.2f}: SGD {esc_sgd}, Momentum {esc_momentum}, "
-                         "AdaGrad {esc_adagrad}, RMSprop {esc_rmsprop}, Adam {esc_adam} — adaptive methods "
-                         "divide the tiny gradient by its own tiny RMS.")
+            adaptive = min(esc["AdaGrad"], esc["RMSprop"], esc["Adam"])
+            fr["verdict"] = ("the adaptive methods are faster: they divide the tiny gradient by its own tiny RMS, "
+                             "so their first steps along y are as long as along x" if adaptive < esc["SGD"] else
+                             "with its tuned learning rate SGD is as fast here")
+            template += (" The start is almost on the ridge (y is tiny, and so is the gradient's y-component). "
+                         "Steps to get below f = {esc_level:.1f}: SGD {esc_sgd}, Momentum {esc_momentum}, "
+                         "AdaGrad {esc_adagrad}, RMSprop {esc_rmsprop}, Adam {esc_adam}: {verdict}.")
         r[key] = fr
         sec.figure(fig, f"functions-{key}.png", f"{fn.name}: paths and loss", template, fr)
 
