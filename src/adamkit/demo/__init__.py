@@ -22,6 +22,7 @@ are meant to be read as examples.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import time
 from pathlib import Path
@@ -46,9 +47,20 @@ def run_section(name: str, out: Path, quick: bool = False, seed: int = 0) -> tup
     section = Section(name, SECTIONS[name], out)
     module = importlib.import_module(f"{__name__}.{name}")
     start = time.perf_counter()
-    results = module.run(section, quick=quick, seed=seed)
+    with _single_threaded_blas():
+        results = module.run(section, quick=quick, seed=seed)
     section.seconds = time.perf_counter() - start
     return section, results
+
+
+def _single_threaded_blas() -> contextlib.AbstractContextManager:
+    """One BLAS thread: the demo's matrices are tiny, and on a busy machine BLAS threads waiting for a free
+    core make small matrix products many times slower. (threadpoolctl comes with scikit-learn.)"""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn (the demo extra) brings it
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1)
 
 
 def run(out: str | Path = "adamkit-report", only: list[str] | None = None, quick: bool = False, seed: int = 0,

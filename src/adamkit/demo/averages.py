@@ -107,6 +107,8 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     r["snr_after"] = float(m_hat[after].mean() / np.sqrt(r["v_after"]))
     r["snr_theory_before"] = level[0] / np.sqrt(r["ex2_before"])
     r["snr_theory_after"] = level[-1] / np.sqrt(r["ex2_after"])
+    ratio = m_hat / np.sqrt(v_hat)
+    r["snr_peak"], r["snr_peak_lag"] = float(ratio[jump:].max()), int(np.argmax(ratio[jump:]))
 
     fig, ax = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
     ax[0].plot(steps, x ** 2, ".", color="0.75", ms=3, label="g²")
@@ -116,9 +118,10 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     ax[0].axhline(sigma ** 2, color="tab:green", ls=":", lw=1, label="σ²")
     ax[0].set(xlabel="step t", ylim=(0, 6), title="Adam's v tracks E[g²], not the variance")
     ax[0].legend(loc="upper left")
-    ax[1].plot(steps, m_hat / np.sqrt(v_hat), color="tab:orange", lw=1.5, label="m̂ / √v̂")
+    ax[1].plot(steps, ratio, color="tab:orange", lw=1.5, label="m̂ / √v̂")
     ax[1].plot(steps, level / np.sqrt(level ** 2 + sigma ** 2), "k:", lw=1, label="μ / √(μ² + σ²)")
-    ax[1].set(xlabel="step t", ylim=(0, 1.3), title="Adam's step in units of lr: a signal-to-noise ratio")
+    ax[1].set(xlabel="step t", ylim=(0.5, 1.05 * r["snr_peak"]),
+              title="Adam's step in units of lr: a signal-to-noise ratio")
     ax[1].legend(loc="lower right")
     sec.figure(fig, "averages-variance.png", "The uncentered exponential moving variance",
                "Adam's v is an EMA of g² (β₂ = {beta2}), not of (g − mean)². Before the jump v̂ averages "
@@ -127,8 +130,9 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
                "{c_after:.3f}). With the longer memory of β₂, v̂ needs {lag_v} steps to get half-way to its new "
                "level (m̂: {lag_ema}). Right: Adam's step m̂/√v̂ is a signal-to-noise ratio ≈ μ/√(μ² + σ²): "
                "{snr_before:.2f} before the jump (theory {snr_theory_before:.2f}) and {snr_after:.2f} after "
-               "(theory {snr_theory_after:.2f}). It stays near one while the mean dominates the noise, so lr "
-               "sets the size of the step, whatever the scale of the gradient.", r)
+               "(theory {snr_theory_after:.2f}); it stays near one while the mean dominates the noise, so lr "
+               "sets the size of the step, whatever the scale of the gradient. Right after the jump m̂ adapts "
+               "faster than v̂ and the ratio overshoots to {snr_peak:.2f}, {snr_peak_lag} steps after it.", r)
 
     # ---- 3. Bias correction, read from an adamkit optimizer's own state -------------------------------------
     # A parameter that only receives gradients g_t ~ N(μ, σ²); the optimizer's state holds the raw m_t and v_t.

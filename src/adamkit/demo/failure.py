@@ -111,17 +111,19 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         ax.set_xlim(0, len(adam) - 1)
         ax.legend(loc="center right")
     sec.figure(fig, "failure-x.png", "Adam drifts to the worst point, AMSGrad to the optimum",
-               "x_t on [{lo:g}, {hi:g}], where the optimum is x* = {x_star:g} (α = {alpha}, step α/√t). Top left, C = {C:g} with "
-               "β₁ = {c3_beta1:g}, β₂ = {c3_beta2:.2g}: after {c3_steps} steps Adam ends at x = {adam_final_x:.2f}, "
-               "AMSGrad at x = {amsgrad_final_x:.2f}. The synthetic problem with the construction's betas "
-               "(β₂ = {synthetic_construction_beta2:.1e}): Adam at {synthetic_construction_adam_x:.2f} after "
-               "{synthetic_construction_steps} steps; AMSGrad, whose small steps are divided by the largest "
-               "gradient's RMS, creeps to {synthetic_construction_amsgrad_x:.2f}. With β = ({synthetic_099_beta1:g}, "
+               "x_t on [{lo:g}, {hi:g}], where the optimum is x* = {x_star:g} (α = {alpha}, step α/√t). "
+               "Top left, C = {C:g} with β₁ = {c3_beta1:g}, β₂ = {c3_beta2:.2g}: after {c3_steps} steps "
+               "Adam ends at x = {adam_final_x:.2f}, AMSGrad at x = {amsgrad_final_x:.2f}. The synthetic "
+               "problem with the construction's betas (β₂ = {synthetic_construction_beta2:.1e}): Adam at "
+               "{synthetic_construction_adam_x:.2f} after {synthetic_construction_steps} steps; AMSGrad, whose "
+               "small steps are divided by the largest gradient's RMS, creeps to "
+               "{synthetic_construction_amsgrad_x:.2f}. With β = ({synthetic_099_beta1:g}, "
                "{synthetic_099_beta2:g}): Adam {synthetic_099_adam_x:.2f}, AMSGrad {synthetic_099_amsgrad_x:.2f}. "
                "With the default β = ({synthetic_default_beta1:g}, {synthetic_default_beta2:g}) v remembers the "
-               "large gradient for about {synthetic_default_memory:.0f} steps: Adam ends at {synthetic_default_adam_x:.2f} but moved "
-               "by {synthetic_default_adam_drift:+.2f} over the second half of the run (AMSGrad "
-               "{synthetic_default_amsgrad_drift:+.2f}, ending at {synthetic_default_amsgrad_x:.2f}).", r)
+               "large gradient for about {synthetic_default_memory:.0f} steps: Adam ends at "
+               "{synthetic_default_adam_x:.2f} but moved by {synthetic_default_adam_drift:+.2f} over the second "
+               "half of the run (AMSGrad {synthetic_default_amsgrad_drift:+.2f}, ending at "
+               "{synthetic_default_amsgrad_x:.2f}).", r)
 
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), layout="constrained", sharey=False)
     for ax, (key, (p, adam, ams)) in zip(axes, runs.items()):
@@ -132,14 +134,14 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         ax.set(xlabel="step T", title=p.title.split(";")[-1].strip())
         ax.legend()
     axes[0].set_ylabel("average regret R_T / T")
-    axes[0].set_title("C = 3: " + axes[0].get_title())
+    axes[0].set_title(f"C = {r['C']:g}: " + axes[0].get_title())
     sec.figure(fig, "failure-regret.png", "Average regret",
-               "R_T/T, the mean over t ≤ T of f_t(x_t) − f_t(x*): an online method converges when this goes to zero. At the "
-               "last step: C = {C:g}, Adam {c3_adam_regret:.3f} and AMSGrad {c3_amsgrad_regret:.3f}; synthetic "
-               "with the construction's betas {synthetic_construction_adam_regret:.3f} and "
-               "{synthetic_construction_amsgrad_regret:.3f}; with β₂ = {synthetic_099_beta2:g} "
+               "R_T/T, the mean over t ≤ T of f_t(x_t) − f_t(x*): an online method converges when this goes to "
+               "zero. At the last step: C = {C:g}, Adam {c3_adam_regret:.3f} and AMSGrad "
+               "{c3_amsgrad_regret:.3f}; synthetic with the construction's betas "
+               "{synthetic_construction_adam_regret:.3f} and {synthetic_construction_amsgrad_regret:.3f}; with β₂ = {synthetic_099_beta2:g} "
                "{synthetic_099_adam_regret:.3f} and {synthetic_099_amsgrad_regret:.3f}; with the default betas "
                "{synthetic_default_adam_regret:.3f} and {synthetic_default_amsgrad_regret:.3f}.", r)
-    sec.summary = (f"C=3: Adam ends at x = {r['adam_final_x']:+.2f}, AMSGrad at x = {r['amsgrad_final_x']:+.2f} "
-                   f"(optimum -1)")
+    sec.summary = (f"C={r['C']:g}: Adam ends at x = {r['adam_final_x']:+.2f}, AMSGrad at x = "
+                   f"{r['amsgrad_final_x']:+.2f} (optimum {r['x_star']:g})")
     return r

@@ -26,11 +26,12 @@ class TestFunction:
     f: Callable[[np.ndarray], float]
     grad: Callable[[np.ndarray], np.ndarray]
     start: tuple[float, float]
-    minimum: tuple[float, float]
+    minimum: tuple[float, float]  # the one the paths head for; ``others`` are further minima, for the plot
     f_min: float
     box: tuple[float, float, float, float]  # x0, x1, y0, y1 of the contour plot
     steps: int
     quick_steps: int
+    others: tuple[tuple[float, float], ...] = ()
 
 
 def _rosenbrock(p):
@@ -71,7 +72,8 @@ FUNCTIONS = [
     TestFunction("Beale", "(1.5 − x + xy)² + (2.25 − x + xy²)² + (2.625 − x + xy³)²", _beale, _beale_grad,
                  (1.0, 1.5), (3.0, 0.5), 0.0, (-1.0, 4.5, -1.0, 2.0), steps=1000, quick_steps=300),
     TestFunction("saddle", "x² − y² + y⁴/4 (saddle at the origin, minima at (0, ±√2))", _saddle, _saddle_grad,
-                 (1.0, 1e-6), (0.0, np.sqrt(2.0)), -1.0, (-1.5, 1.5, -2.0, 2.0), steps=200, quick_steps=100),
+                 (1.0, 1e-6), (0.0, np.sqrt(2.0)), -1.0, (-1.5, 1.5, -2.0, 2.0), steps=200, quick_steps=100,
+                 others=((0.0, -np.sqrt(2.0)),)),
 ]
 
 # (label, adamkit.minimize method, extra options). Momentum, Nesterov and AMSGrad are options of SGD and Adam.
@@ -168,7 +170,8 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         Z = np.maximum(Z, levels[0])
         ax0.contourf(X, Y, Z, levels=levels, norm=LogNorm(), cmap="Blues_r", alpha=0.45)
         ax0.contour(X, Y, Z, levels=levels, colors="0.55", linewidths=0.5)
-        ax0.plot(*fn.minimum, "k*", ms=14, zorder=5, label="minimum")
+        stars = np.array([fn.minimum, *fn.others])
+        ax0.plot(stars[:, 0], stars[:, 1], "k*", ms=14, ls="", zorder=5, label="minimum")
         ax0.plot(*fn.start, "ko", ms=6, zorder=5, label="start")
         for (label, (lr, path, gap)), c, ls in zip(chosen.items(), colors, styles):
             name = f"{label} (lr={lr:.2g})"
@@ -178,11 +181,11 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         ax1.set(xlabel="step", ylabel="f − f* (log scale)", title=f"{fn.name}: loss gap per step",
                 ylim=(FLOOR / 3, None))
         ax1.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), title="lr from the grid search")
-        template = ("{name}, {steps} steps from the black dot. Legend: each optimizer with the learning rate its "
-                    "grid search chose (the best of {n_grid} values). Closest to the minimum: {best} (lr = "
-                    "{best_lr:.2g}, f − f* = {best_gap:.1e}); farthest: {worst} (lr = {worst_lr:.2g}, "
-                    "{worst_gap:.1e}). Adam (lr = {adam_lr:.2g}) ends at {adam_gap:.1e}, plain SGD (lr = "
-                    "{sgd_lr:.2g}) at {sgd_gap:.1e}.")
+        template = ("{f[name]}, {f[steps]} steps from the black dot. Legend: each optimizer with the learning "
+                    "rate its grid search chose (the best of {f[n_grid]} values). Closest to the minimum: {f[best]} "
+                    "(lr = {f[best_lr]:.2g}, f − f* = {f[best_gap]:.1e}); farthest: {f[worst]} (lr = "
+                    "{f[worst_lr]:.2g}, {f[worst_gap]:.1e}). Adam (lr = {f[adam_lr]:.2g}) ends at {f[adam_gap]:.1e}, "
+                    "plain SGD (lr = {f[sgd_lr]:.2g}) at {f[sgd_gap]:.1e}.")
         if key == "saddle":
             # How long each method needs to leave the saddle: first step with f below half-way to f*.
             level = 0.5 * (fn.f(np.zeros(2)) + fn.f_min)  # half-way from the saddle's value to the minimum
@@ -196,10 +199,13 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
                              "so their first steps along y are as long as along x" if adaptive < esc["SGD"] else
                              "with its tuned learning rate SGD is as fast here")
             template += (" The start is almost on the ridge (y is tiny, and so is the gradient's y-component). "
-                         "Steps to get below f = {esc_level:.1f}: SGD {esc_sgd}, Momentum {esc_momentum}, "
-                         "AdaGrad {esc_adagrad}, RMSprop {esc_rmsprop}, Adam {esc_adam}: {verdict}.")
+                         "Steps to get below f = {f[esc_level]:.1f}: SGD {f[esc_sgd]}, Momentum "
+                         "{f[esc_momentum]}, AdaGrad {f[esc_adagrad]}, RMSprop {f[esc_rmsprop]}, Adam {f[esc_adam]}: "
+                         "{f[verdict]}.")
         r[key] = fr
-        sec.figure(fig, f"functions-{key}.png", f"{fn.name}: paths and loss", template, fr)
+        # the caption reads this function's entry of the results: {f[best]} → {rosenbrock[best]}
+        template = template.replace("{f[", "{" + key + "[")
+        sec.figure(fig, f"functions-{key}.png", f"{fn.name}: paths and loss", template, r)
 
     header = ["optimizer"] + [f"{fn.name}: lr, f − f* after {r['steps'][fn.name.lower()]} steps" for fn in FUNCTIONS]
     rows = [[label] + [f"{r['lr'][fn.name.lower()][label]:.2g}, {r['final_gap'][fn.name.lower()][label]:.1e}"

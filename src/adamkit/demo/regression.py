@@ -107,8 +107,9 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         ax[1].plot(e, runs["Adam"]["weights"][:, i], color=c, lw=1.8, label=f"{name} Adam")
         ax[1].plot(e, runs["GD"]["weights"][:, i], color=c, lw=1.2, ls="--", label=f"{name} GD")
         ax[1].axhline(exact[i], color=c, ls=":", lw=1)
-    ax[1].set(xlabel="epoch", ylabel="value", title="weights (dotted: np.linalg.lstsq)")
-    ax[1].legend(ncol=4, loc="lower right")
+    low = min(exact.min(), runs["Adam"]["weights"].min(), runs["GD"]["weights"].min())
+    ax[1].set(xlabel="epoch", ylabel="value", title="weights (dotted: np.linalg.lstsq)", ylim=(low - 1.2, None))
+    ax[1].legend(ncol=4, loc="lower right")  # below the lowest curve
     sec.figure(fig, "regression.png", "Gradient descent vs Adam on linear regression",
                "After {epochs} epochs (batches of {batch}), Adam's RMSE is {rmse_adam:.4f} against the "
                "least-squares floor {rmse_lstsq:.4f}, gradient descent's {rmse_gd:.4f}. Adam's weights are "
