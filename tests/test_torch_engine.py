@@ -162,7 +162,11 @@ def test_torch_machinery_hooks_schedulers_closure_deepcopy_repr():
     opt.state_dict()
     assert calls[-1] == "sd"
     clone = copy.deepcopy(opt)
-    assert torch.equal(clone.state[clone.param_groups[0]["params"][0]]["exp_avg"], opt.state[p]["exp_avg"])
+    q = clone.param_groups[0]["params"][0]
+    assert torch.equal(clone.state[q]["exp_avg"], opt.state[p]["exp_avg"])
+    q.grad = p.grad.clone()
+    clone.step()  # the copy steps on its own tensors; the original is untouched
+    assert not torch.equal(q, p) and float(clone.state[q]["step"]) == 2.0 and float(opt.state[p]["step"]) == 1.0
     assert "Adam (" in repr(opt) and "amsgrad: False" in repr(opt)
     opt.zero_grad()
     assert p.grad is None

@@ -62,6 +62,7 @@ class Optimizer(_optim.Optimizer):
         values = _bind(self._signature, self, args, kwargs)
         params = values.pop("params")
         self.check_finite: bool = bool(values.pop("check_finite"))
+        self.stochastic_rounding: bool = bool(values.pop("stochastic_rounding"))
         engine = {k: values.pop(k) for k in _ENGINE_KEYS if k in values}
         if engine.get("capturable"):
             raise ValueError("capturable=True is not supported by adamkit (CUDA-graph capture of the step)")
@@ -71,21 +72,38 @@ class Optimizer(_optim.Optimizer):
             raise ValueError(f"Invalid fused: {engine['fused']!r} (must be None, True or False)")
         defaults = self.rule.hyperparameters(**values)
         defaults.update(engine)
-        self._reference_update = _rules.bind(self.rule.update, TORCH_OPS)
+        self._init_engine()
         super().__init__(params, defaults)
+
+    def _init_engine(self) -> None:
+        self._reference_update = _rules.bind(self.rule.update, TORCH_OPS)
+        self._kernel_plan = None  # the compiled path's cached batches (adamkit._torch_fused)
+        self._plan_version = 0
+        self._rounding_generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,))))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(check_finite=self.check_finite, stochastic_rounding=self.stochastic_rounding)
+        return state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As torch.optim's, with the group's hyperparameters validated before it is added."""
         h = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         self.rule.validate(self._math(h))
         super().add_param_group(param_group)
+        self._plan_version = getattr(self, "_plan_version", 0) + 1
         if self.rule.name == "Adagrad":  # torch.optim.Adagrad creates its state at construction
             group = self.param_groups[-1]
             for p in group["params"]:
                 self._init_state(p, group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self.check_finite = state.pop("check_finite", getattr(self, "check_finite", True))
+        self.stochastic_rounding = state.pop("stochastic_rounding", getattr(self, "stochastic_rounding", False))
         super().__setstate__(state)
+        if not hasattr(self, "_reference_update"):
+            self._init_engine()
+        self._plan_version = getattr(self, "_plan_version", 0) + 1
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
@@ -123,14 +141,9 @@ class Optimizer(_optim.Optimizer):
                     self._check_grad(gi, p)  # raises with the details
             if params:
                 work.append((group, params))
-        if self.check_finite:
-            self._check_finite([p for _, params in work for p in params])
-        from . import kernels  # imported on first step: importing adamkit compiles nothing
-        compiled = kernels.step_torch(self, work)
-        for group, params in work:
-            for p in params:
-                if p not in compiled:
-                    self._reference_step(group, p)
+        from . import _torch_fused  # imported on first step: importing adamkit compiles nothing
+        for group, p in _torch_fused.step(self, work, self.check_finite):
+            self._reference_step(group, p)
         return loss
 
     def _check_grad(self, gi: int, p: torch.Tensor) -> None:
@@ -141,15 +154,6 @@ class Optimizer(_optim.Optimizer):
                                f"gradients only (torch.optim.SparseAdam handles sparse ones)")
         if not (p.is_floating_point() or p.is_complex()):
             raise TypeError(f"{where} has dtype {p.dtype}; optimizers need floating or complex parameters")
-
-    def _check_finite(self, params: list[torch.Tensor]) -> None:
-        """Raise before anything changes if a gradient holds inf or nan (torch guarantees shapes and dtypes)."""
-        from . import kernels
-        bad = kernels.first_nonfinite([p.grad for p in params])
-        if bad is not None:
-            raise FloatingPointError(
-                f"{self.rule.name}: the gradient of parameter {bad} among those with gradients (shape "
-                f"{tuple(params[bad].shape)}) has non-finite values (inf or nan); no parameter or state was changed")
 
     def _reference_step(self, group: dict[str, Any], p: torch.Tensor) -> None:
         h = self._math(group)
@@ -230,6 +234,8 @@ def _make(rule: _rules.Rule) -> type[Optimizer]:
         params.append(inspect.Parameter("fused", inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=bool | None))
     params.append(inspect.Parameter("check_finite", inspect.Parameter.KEYWORD_ONLY, default=True,
+                                    annotation=bool))
+    params.append(inspect.Parameter("stochastic_rounding", inspect.Parameter.KEYWORD_ONLY, default=False,
                                     annotation=bool))
     signature = sig.replace(parameters=params)
     cls = type(rule.name, (Optimizer,), {

@@ -1,0 +1,196 @@
+"""The compiled path of :mod:`adamkit.torch`: batches of CPU tensors stepped by :mod:`adamkit.kernels`.
+
+Per step the Python work is a handful of list comprehensions over the parameters (their gradients' addresses
+and a check that no parameter moved); everything else — which tensors go together, their sizes, the chunk table,
+the addresses of parameters and states, the step counts — lives in a plan that is rebuilt only when the set of
+parameters with gradients, the hyperparameters that decide which states exist, or the state itself (on
+``load_state_dict``) changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import kernels
+from . import rules as _rules
+
+FORMAT_OF = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}
+
+
+class _Batch:
+    """Tensors of one group with the same storage format and states: one kernel call per step."""
+
+    def __init__(self, fmt: str, present: tuple[bool, ...], params: list[torch.Tensor]):
+        self.fmt, self.present, self.params = fmt, present, params
+        self.sizes = np.array([p.numel() for p in params], dtype=np.int64)
+        self.table = kernels.chunk_table(self.sizes)
+        self.param_ptrs = [p.data_ptr() for p in params]
+        self.addresses: np.ndarray | None = None  # filled once states exist
+        self.scalar_tensors: list[list[torch.Tensor]] = []
+        self.scalars: np.ndarray | None = None  # mirror of the per-tensor scalar states (step, mu_product)
+        self.fresh = False
+
+
+class _Plan:
+    def __init__(self, key: tuple, groups: list[tuple[dict, list[_Batch]]], reference: list[tuple[dict, Any]]):
+        self.key, self.groups, self.reference = key, groups, reference
+        self.ready = False
+
+
+def _key(opt: Any, work: list[tuple[dict, list]]) -> tuple:
+    rule = opt.rule
+    return (opt._plan_version,) + tuple(
+        (id(group), group.get("fused"), tuple(rule.states(opt._math(group))), tuple(map(id, params)))
+        for group, params in work)
+
+
+def _build(opt: Any, work: list[tuple[dict, list]], key: tuple) -> _Plan:
+    rule = opt.rule
+    groups, reference = [], []
+    for group, params in work:
+        if group.get("fused") is False:
+            reference.extend((group, p) for p in params)
+            continue
+        by_format: dict[str, list] = {}
+        for p in params:
+            fmt = FORMAT_OF.get(p.dtype)
+            if fmt is None or not p.is_cpu or not p.is_contiguous() or not p.grad.is_contiguous():
+                if group.get("fused") is True:
+                    raise RuntimeError(f"fused=True: {rule.name} has no compiled kernel for a parameter of dtype "
+                                       f"{p.dtype} on {p.device} (contiguous float32/float64/bfloat16 CPU tensors)")
+                reference.append((group, p))
+                continue
+            by_format.setdefault(fmt, []).append(p)
+        groups.append((group, [_Batch(fmt, (), ps) for fmt, ps in by_format.items()]))
+    return _Plan(key, groups, reference)
+
+
+def _prepare_states(opt: Any, plan: _Plan) -> None:
+    """Create missing states, split batches by the states present, and record addresses and step counts."""
+    rule = opt.rule
+    for gi, (group, batches) in enumerate(plan.groups):
+        split: list[_Batch] = []
+        for batch in batches:
+            by_present: dict[tuple, list] = {}
+            fresh: dict[tuple, bool] = {}
+            for p in batch.params:
+                new = opt._init_state(p, group)
+                present = tuple(s in opt.state[p] for s in rule.update_states)
+                by_present.setdefault(present, []).append(p)
+                fresh[present] = fresh.get(present, False) or new
+            for present, ps in by_present.items():
+                b = _Batch(batch.fmt, present, ps)
+                b.fresh = fresh[present]
+                names = [s for s, on in zip(rule.update_states, present) if on]
+                b.addresses = np.array([[p.data_ptr(), 0, *(opt.state[p][s].data_ptr() for s in names)] for p in ps],
+                                       dtype=np.int64)
+                b.scalar_tensors = [[opt.state[p][k] for p in ps] for k in rule.scalar_states]
+                b.scalar_ptrs = [np.array([t.data_ptr() for t in col], dtype=np.int64) for col in b.scalar_tensors]
+                b.scalar_formats = [("float64" if col[0].dtype == torch.float64 else "float32")
+                                    if all(t.is_cpu and t.numel() == 1 and t.dtype == col[0].dtype for t in col)
+                                    else None for col in b.scalar_tensors]
+                b.scalars = (torch.stack([torch.stack(col).to(torch.float64) for col in b.scalar_tensors], dim=1)
+                             .numpy().copy() if b.scalar_tensors else np.zeros((len(ps), 0)))
+                split.append(b)
+        plan.groups[gi] = (group, split)
+    plan.ready = True
+
+
+def step(opt: Any, work: list[tuple[dict, list]], check_finite: bool) -> list[tuple[dict, Any]]:
+    """Step every parameter the kernels can take; return (group, param) pairs left for the reference path.
+
+    With ``check_finite``, every gradient (compiled or not) is scanned before anything changes.
+    """
+    key = _key(opt, work)
+    plan = opt._kernel_plan
+    if plan is None or plan.key != key or any(b.param_ptrs != [p.data_ptr() for p in b.params]
+                                              for _, batches in plan.groups for b in batches):
+        plan = opt._kernel_plan = _build(opt, work, key)
+    grad_ptrs = []
+    for _, batches in plan.groups:
+        for b in batches:
+            grads = [p.grad for p in b.params]
+            if not all(g.is_contiguous() for g in grads):  # a new non-contiguous gradient: plan again next time
+                opt._kernel_plan = None
+                plan = opt._kernel_plan = _build(opt, work, key)
+                return _step_plan(opt, plan, check_finite)
+            grad_ptrs.append(np.array([g.data_ptr() for g in grads], dtype=np.int64))
+    return _step_plan(opt, plan, check_finite, grad_ptrs)
+
+
+def _step_plan(opt: Any, plan: _Plan, check_finite: bool, grad_ptrs: list | None = None) -> list:
+    batches = [b for _, bs in plan.groups for b in bs]
+    if grad_ptrs is None:
+        grad_ptrs = [np.array([p.grad.data_ptr() for p in b.params], dtype=np.int64) for b in batches]
+    if check_finite:
+        _check_finite(opt, plan, batches, grad_ptrs)
+    if not plan.ready:
+        _prepare_states(opt, plan)
+        batches = [b for _, bs in plan.groups for b in bs]
+        grad_ptrs = [np.array([p.grad.data_ptr() for p in b.params], dtype=np.int64) for b in batches]
+    rule = opt.rule
+    floats, bools = kernels.coefficient_names(rule)
+    scalar_names = list(rule.scalar_states)
+    index = 0
+    for (group, bs) in plan.groups:
+        h = opt._math(group)
+        for b in bs:
+            b.addresses[:, 1] = grad_ptrs[index]
+            index += 1
+            coef, flags, new = _coefficients(rule, h, b, floats, bools, scalar_names)
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=opt._rounding_generator)) if opt.stochastic_rounding \
+                else 0
+            kernels.kernel(rule, b.present, b.fmt, opt.stochastic_rounding and b.fmt == "bfloat16")(
+                *b.table, b.sizes, b.addresses, coef, flags, seed)
+            b.fresh = False
+            if scalar_names:
+                _write_scalars(b, new, scalar_names)
+    return plan.reference
+
+
+def _check_finite(opt: Any, plan: _Plan, batches: list[_Batch], grad_ptrs: list[np.ndarray]) -> None:
+    ordered: list[Any] = []
+    for b, ptrs in zip(batches, grad_ptrs):
+        if kernels.count_nonfinite(b.fmt, b.table, b.sizes, ptrs):
+            ordered.extend(p for p in b.params if not bool(torch.isfinite(p.grad).all()))
+    ordered.extend(p for _, p in plan.reference if not bool(torch.isfinite(p.grad).all()))
+    if ordered:
+        p = ordered[0]
+        raise FloatingPointError(
+            f"{opt.rule.name}: the gradient of a parameter of shape {tuple(p.shape)} has non-finite values "
+            f"(inf or nan); no parameter or state was changed")
+
+
+def _coefficients(rule: _rules.Rule, h: dict, b: _Batch, floats: list, bools: list, scalar_names: list):
+    """Per-tensor coefficient rows; tensors at the same step share one computation."""
+    n = len(b.params)
+    scalar_dtype = np.float64 if b.scalar_tensors and b.scalar_tensors[0][0].dtype == torch.float64 else np.float32
+    coef = np.empty((n, len(floats)), dtype=np.float64)
+    flags = np.empty((n, len(bools)), dtype=np.uint8)
+    new = np.empty((n, len(scalar_names)), dtype=np.float64)
+    if n and (not scalar_names or (b.scalars == b.scalars[0]).all()):
+        rows, inverse = b.scalars[:1], np.zeros(n, dtype=np.int64)
+    else:
+        rows, inverse = np.unique(b.scalars, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+    for r, row in enumerate(rows):
+        c, s = _rules.step_coefficients(rule, h, dict(zip(scalar_names, row.tolist())), b.fresh, scalar_dtype)
+        mask = inverse == r
+        coef[mask] = [c[f] for f in floats]
+        flags[mask] = [c[x] for x in bools]
+        new[mask] = [s[k] for k in scalar_names]
+    return coef, flags, new
+
+
+def _write_scalars(b: _Batch, new: np.ndarray, scalar_names: list) -> None:
+    for j, tensors in enumerate(b.scalar_tensors):
+        fmt = b.scalar_formats[j]
+        if fmt is not None:  # CPU scalar tensors (torch's default for these states): written in one compiled loop
+            kernels.write_scalars(b.scalar_ptrs[j], new[:, j], fmt)
+        else:
+            values = torch.from_numpy(new[:, j]).to(tensors[0].dtype)
+            torch._foreach_copy_(tensors, list(values.to(tensors[0].device).unbind()))
+    b.scalars = new
