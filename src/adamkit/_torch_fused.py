@@ -50,7 +50,10 @@ def _key(opt: Any, work: list[tuple[dict, list]]) -> tuple:
 def _build(opt: Any, work: list[tuple[dict, list]], key: tuple) -> _Plan:
     rule = opt.rule
     groups, reference = [], []
-    for group, params in work:
+    for gi, (group, params) in enumerate(work):
+        for p in params:
+            if p.grad.is_sparse:
+                opt._check_grad(gi, p)  # raises a clear error before anything changes
         if group.get("fused") is False:
             reference.extend((group, p) for p in params)
             continue
@@ -112,12 +115,11 @@ def step(opt: Any, work: list[tuple[dict, list]], check_finite: bool) -> list[tu
     grad_ptrs = []
     for _, batches in plan.groups:
         for b in batches:
-            grads = [p.grad for p in b.params]
-            if not all(g.is_contiguous() for g in grads):  # a new non-contiguous gradient: plan again next time
-                opt._kernel_plan = None
+            ptrs = [p.grad.data_ptr() for p in b.params if p.grad.is_contiguous()]
+            if len(ptrs) != len(b.params):  # a non-contiguous (or sparse) gradient: route it elsewhere
                 plan = opt._kernel_plan = _build(opt, work, key)
                 return _step_plan(opt, plan, check_finite)
-            grad_ptrs.append(np.array([g.data_ptr() for g in grads], dtype=np.int64))
+            grad_ptrs.append(np.array(ptrs, dtype=np.int64))
     return _step_plan(opt, plan, check_finite, grad_ptrs)
 
 

@@ -32,8 +32,13 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
-def transformer_shapes(total: int, d: int = 512) -> list[tuple[int, ...]]:
-    """A transformer-like mix: per layer qkv (d×3d), proj (d×d), MLP (d×4d, 4d×d), biases and norms."""
+def transformer_shapes(total: int, d: int | None = None) -> list[tuple[int, ...]]:
+    """A transformer-like mix: per layer qkv (d×3d), proj (d×d), MLP (d×4d, 4d×d), biases and norms.
+
+    ``d`` defaults to the width giving about eight layers (512 for 25 M parameters).
+    """
+    if d is None:
+        d = int(min(1024, max(64, (total / 96) ** 0.5 // 64 * 64)))
     layer = [(3 * d, d), (3 * d,), (d, d), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,), (d,), (d,), (d,), (d,)]
     per_layer = sum(int(np.prod(s)) for s in layer)
     shapes: list[tuple[int, ...]] = [(1000, d)]  # embedding
@@ -42,18 +47,8 @@ def transformer_shapes(total: int, d: int = 512) -> list[tuple[int, ...]]:
     return shapes
 
 
-def _median_ms(fn: Callable[[], Any], steps: int) -> float:
-    fn()  # warm-up (first-use compile, lazy state)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def floor_ms(shapes: list[tuple[int, ...]], rmw_streams: int, steps: int, dtype: Any) -> float:
-    """Time of a compiled loop reading a gradient once and read-modify-writing ``rmw_streams`` arrays."""
+def _stream_kernel():
+    """The floor loop: read a gradient once, read-modify-write ``n_rmw`` arrays once (compiled on first use)."""
     import numba
     from numba import prange
     from . import kernels
@@ -69,11 +64,23 @@ def floor_ms(shapes: list[tuple[int, ...]], rmw_streams: int, steps: int, dtype:
                 for i in range(a.size):
                     a[i] = a[i] * np.float32(0.999) + g[i]
 
+    return stream
+
+
+def floor_step(shapes: list[tuple[int, ...]], rmw_streams: int) -> Callable[[], None]:
+    """A callable with the memory traffic of a step: one read stream and ``rmw_streams`` read-modify-write ones."""
+    from . import kernels
+    stream = _stream_kernel()
     sizes = np.array([int(np.prod(s)) for s in shapes], dtype=np.int64)
     arrays = [[np.ones(n, dtype=np.float32) for _ in range(1 + rmw_streams)] for n in sizes]
     addresses = np.array([[a.ctypes.data for a in row] for row in arrays], dtype=np.int64)
     table = kernels.chunk_table(sizes)
-    return _median_ms(lambda: stream(*table, sizes, addresses, rmw_streams), steps)
+
+    def step() -> None:
+        stream(*table, sizes, addresses, rmw_streams)
+
+    step.keep_alive = arrays  # type: ignore[attr-defined]
+    return step
 
 
 def _params(shapes, seed=0):
@@ -85,12 +92,18 @@ def _params(shapes, seed=0):
     return ps
 
 
-def _time_optimizer(make: Callable[[list], Any], shapes, steps: int) -> float:
-    ps = _params(shapes)
-    opt = make(ps)
-    ms = _median_ms(opt.step, steps)
-    del opt, ps
-    return ms
+def interleaved_medians(steps_by_name: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Median ms of each callable, timed round-robin (one call of each per round) so drift hits all alike."""
+    for fn in steps_by_name.values():
+        fn()  # warm-up: first-use compile, lazy state
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in steps_by_name}
+    for _ in range(rounds):
+        for name, fn in steps_by_name.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def _state_streams(name: str, cfg: dict) -> int:
@@ -116,42 +129,37 @@ def run(total: int, steps: int, only: list[str] | None, small: bool, log: Callab
         n = sum(int(np.prod(s)) for s in shapes)
         log(f"[{suite}] {len(shapes)} tensors, {n / 1e6:.1f} M params, median of {steps} steps")
         rows = []
-        floors: dict[int, float] = {}
         configs = [c for c in CONFIGS if not only or c[0] in only or c[1] in only]
         if suite == "1000x1024":
             configs = [c for c in configs if c[0] in ("Adam", "AdamW")]
         for label, name, cfg in configs:
             rmw = _state_streams(name, cfg)
-            if rmw not in floors:
-                floors[rmw] = floor_ms(shapes, rmw, steps, np.float32)
-                log(f"  floor with {rmw} read-modify-write streams + 1 read: {floors[rmw]:.2f} ms")
             bytes_per_param = 4 * (1 + 2 * rmw)
-            row = {"config": label, "optimizer": name, "options": cfg, "bytes_per_param": bytes_per_param,
-                   "floor_ms": floors[rmw], "ms": {}}
             torch_cls = getattr(torch.optim, name)
             # "adamkit" does the same work as torch.optim (check_finite=False); for Adam the default
             # check_finite=True is measured too, to show what the finite scan costs.
-            paths = {"adamkit": lambda ps: akt.OPTIMIZERS[name](ps, **cfg, check_finite=False)}
+            makers: dict[str, Callable[[list], Any]] = {
+                "adamkit": lambda ps: akt.OPTIMIZERS[name](ps, **cfg, check_finite=False)}
             if label == "Adam":
-                paths["adamkit (check_finite)"] = lambda ps: akt.OPTIMIZERS[name](ps, **cfg)
-            paths["torch single"] = lambda ps: torch_cls(ps, **cfg, foreach=False)
-            paths["torch foreach"] = lambda ps: torch_cls(ps, **cfg, foreach=True)
+                makers["adamkit (check_finite)"] = lambda ps: akt.OPTIMIZERS[name](ps, **cfg)
+            makers["torch single"] = lambda ps: torch_cls(ps, **cfg, foreach=False)
+            makers["torch foreach"] = lambda ps: torch_cls(ps, **cfg, foreach=True)
             if "fused" in torch_cls.__init__.__code__.co_varnames:
-                paths["torch fused"] = lambda ps: torch_cls(ps, **cfg, fused=True)
-            for path, make in paths.items():
-                try:
-                    row["ms"][path] = _time_optimizer(make, shapes, steps)
-                except (RuntimeError, NotImplementedError) as e:  # a torch path missing for this option
-                    row["ms"][path] = None
-                    log(f"  {label:17s} {path:22s} unavailable: {str(e).splitlines()[0][:60]}")
-                    continue
-                log(f"  {label:17s} {path:22s} {row['ms'][path]:8.2f} ms")
-            torch_best = min(v for k, v in row["ms"].items() if k.startswith("torch") and v is not None)
-            ours = row["ms"]["adamkit"]
-            row.update(torch_best_ms=torch_best, speedup_vs_torch_best=torch_best / ours,
-                       pct_of_floor=100 * floors[rmw] / ours, mparams_per_s=n / ours / 1e3,
-                       effective_gb_s=n * bytes_per_param / ours / 1e6)
-            rows.append(row)
+                makers["torch fused"] = lambda ps: torch_cls(ps, **cfg, fused=True)
+            calls: dict[str, Callable[[], Any]] = {"floor": floor_step(shapes, rmw)}
+            for path, make in makers.items():
+                calls[path] = make(_params(shapes)).step
+            ms = interleaved_medians(calls, steps)
+            floor = ms.pop("floor")
+            log(f"  {label:17s} floor {floor:7.2f} ms | " + " | ".join(f"{k} {v:.2f}" for k, v in ms.items()))
+            torch_best_path = min((k for k in ms if k.startswith("torch")), key=ms.get)
+            ours = ms["adamkit"]
+            rows.append({"config": label, "optimizer": name, "options": cfg, "bytes_per_param": bytes_per_param,
+                         "floor_ms": floor, "ms": ms, "torch_best_path": torch_best_path,
+                         "torch_best_ms": ms[torch_best_path], "speedup_vs_torch_best": ms[torch_best_path] / ours,
+                         "pct_of_floor": 100 * floor / ours, "mparams_per_s": n / ours / 1e3,
+                         "effective_gb_s": n * bytes_per_param / ours / 1e6})
+            del calls
         results["suites"][suite] = {"params": n, "tensors": len(shapes), "rows": rows}
     return results
 
@@ -161,12 +169,12 @@ def table(results: dict) -> str:
     for suite, data in results["suites"].items():
         out.append(f"\n{suite}: {data['tensors']} tensors, {data['params'] / 1e6:.1f} M params "
                    f"({results['machine']['threads']} threads)")
-        out.append(f"| config | B/param | adamkit ms | torch best ms (path) | × vs torch best | % of floor | GB/s | Mparam/s |")
-        out.append("|---|---|---|---|---|---|---|---|")
+        out.append("| config | B/param | adamkit ms | floor ms | torch best ms (path) | × vs torch best | % of floor "
+                   "| GB/s | Mparam/s |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
         for r in data["rows"]:
-            best_path = min((k for k, v in r["ms"].items() if k.startswith("torch") and v is not None),
-                            key=lambda k: r["ms"][k])
-            out.append(f"| {r['config']} | {r['bytes_per_param']} | {r['ms']['adamkit']:.2f} | "
+            best_path = r["torch_best_path"]
+            out.append(f"| {r['config']} | {r['bytes_per_param']} | {r['ms']['adamkit']:.2f} | {r['floor_ms']:.2f} | "
                        f"{r['torch_best_ms']:.2f} ({best_path.replace('torch ', '')}) | "
                        f"{r['speedup_vs_torch_best']:.2f}× | {r['pct_of_floor']:.0f} % | {r['effective_gb_s']:.1f} | "
                        f"{r['mparams_per_s']:.0f} |")
@@ -176,7 +184,7 @@ def table(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adamkit bench", description=__doc__)
     parser.add_argument("--params", type=float, default=25e6, help="parameters in the transformer-like model")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement (median reported)")
+    parser.add_argument("--steps", type=int, default=15, help="timed rounds per measurement (median reported)")
     parser.add_argument("--only", default="", help="comma-separated configs or class names (e.g. Adam,NAdam)")
     parser.add_argument("--no-small", action="store_true", help="skip the 1000 x 1024 many-small-tensors model")
     parser.add_argument("--json", default=None, help="write the results to this file")

@@ -16,6 +16,7 @@ the machine code from the disk cache (``ADAMKIT_CACHE_DIR``, default ``~/.cache/
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -140,6 +141,12 @@ def scalar_update(rule_name: str) -> Callable:
 
 def coefficient_names(rule: _rules.Rule) -> tuple[list[str], list[str]]:
     """Names of the rule's per-step coefficients, split into floating ones and boolean ones."""
+    return _coefficient_names(rule.name)
+
+
+@functools.lru_cache(maxsize=None)
+def _coefficient_names(name: str) -> tuple[list[str], list[str]]:
+    rule = _rules.RULES[name]
     h = rule.hyperparameters()
     sample, _ = rule.coefficients(h, 1.0, {**rule.scalar_states, "fresh": False, "dtype": np.float32})
     names = [n for n in list(inspect.signature(rule.update).parameters)[2 + len(rule.update_states):]]

@@ -136,9 +136,6 @@ class Optimizer(_optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             self.rule.validate(self._math(group))
             params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
-                    self._check_grad(gi, p)  # raises with the details
             if params:
                 work.append((group, params))
         from . import _torch_fused  # imported on first step: importing adamkit compiles nothing
