@@ -20,11 +20,25 @@ from . import rules as _rules
 FORMAT_OF = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}
 
 
+def _kinds(rule: _rules.Rule, p: torch.Tensor, state: dict) -> tuple[str, ...]:
+    """How each state of ``p`` is stored, as the kernels name it."""
+    out = []
+    for s in rule.update_states:
+        if f"{s}.absmax" in state:
+            out.append("q8")
+        elif s in state and state[s].dtype == torch.bfloat16 and p.dtype != torch.bfloat16:
+            out.append("bf16")
+        else:
+            out.append("plain")
+    return tuple(out)
+
+
 class _Batch:
     """Tensors of one group with the same storage format and states: one kernel call per step."""
 
-    def __init__(self, fmt: str, present: tuple[bool, ...], params: list[torch.Tensor]):
-        self.fmt, self.present, self.params = fmt, present, params
+    def __init__(self, fmt: str, present: tuple[bool, ...], params: list[torch.Tensor],
+                 kinds: tuple[str, ...] = ()):
+        self.fmt, self.present, self.params, self.kinds = fmt, present, params, kinds
         self.sizes = np.array([p.numel() for p in params], dtype=np.int64)
         self.table = kernels.chunk_table(self.sizes)
         self.param_ptrs = [p.data_ptr() for p in params]
@@ -81,15 +95,17 @@ def _prepare_states(opt: Any, plan: _Plan) -> None:
             fresh: dict[tuple, bool] = {}
             for p in batch.params:
                 new = opt._init_state(p, group)
-                present = tuple(s in opt.state[p] for s in rule.update_states)
-                by_present.setdefault(present, []).append(p)
-                fresh[present] = fresh.get(present, False) or new
-            for present, ps in by_present.items():
-                b = _Batch(batch.fmt, present, ps)
-                b.fresh = fresh[present]
-                names = [s for s, on in zip(rule.update_states, present) if on]
-                b.addresses = np.array([[p.data_ptr(), 0, *(opt.state[p][s].data_ptr() for s in names)] for p in ps],
-                                       dtype=np.int64)
+                state = opt.state[p]
+                present = tuple(s in state for s in rule.update_states)
+                layout = (present, _kinds(rule, p, state))
+                by_present.setdefault(layout, []).append(p)
+                fresh[layout] = fresh.get(layout, False) or new
+            for (present, kinds), ps in by_present.items():
+                b = _Batch(batch.fmt, present, ps, kinds)
+                b.fresh = fresh[(present, kinds)]
+                columns = kernels.address_columns(rule, present, kinds)[2:]
+                b.addresses = np.array([[p.data_ptr(), 0, *(opt.state[p][c].data_ptr() for c in columns)]
+                                        for p in ps], dtype=np.int64)
                 b.scalar_tensors = [[opt.state[p][k] for p in ps] for k in rule.scalar_states]
                 b.scalar_ptrs = [np.array([t.data_ptr() for t in col], dtype=np.int64) for col in b.scalar_tensors]
                 b.scalar_formats = [("float64" if col[0].dtype == torch.float64 else "float32")
@@ -143,9 +159,9 @@ def _step_plan(opt: Any, plan: _Plan, check_finite: bool, grad_ptrs: list | None
             b.addresses[:, 1] = grad_ptrs[index]
             index += 1
             coef, flags, new = _coefficients(rule, h, b, floats, bools, scalar_names)
-            seed = int(torch.randint(0, 2 ** 62, (1,), generator=opt._rounding_generator)) if opt.stochastic_rounding \
-                else 0
-            kernels.kernel(rule, b.present, b.fmt, opt.stochastic_rounding and b.fmt == "bfloat16")(
+            rounding = opt.stochastic_rounding or "bf16" in b.kinds
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=opt._rounding_generator)) if rounding else 0
+            kernels.kernel(rule, b.present, b.fmt, opt.stochastic_rounding and b.fmt == "bfloat16", b.kinds)(
                 *b.table, b.sizes, b.addresses, coef, flags, seed)
             b.fresh = False
             if scalar_names:

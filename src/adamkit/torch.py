@@ -38,6 +38,7 @@ import torch
 import torch.optim as _optim
 
 from . import rules as _rules
+from . import states as _states
 from ._signature import bind as _bind
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam"]
@@ -45,7 +46,7 @@ __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", 
 TORCH_OPS: dict[str, Any] = {"sqrt": torch.sqrt, "maximum": torch.maximum}
 
 # torch.optim group keys that are not part of the math: kept in every group so checkpoints move both ways.
-_ENGINE_KEYS = ("foreach", "capturable", "differentiable", "fused")
+_ENGINE_KEYS = ("foreach", "capturable", "differentiable", "fused", "state_precision")
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -70,6 +71,10 @@ class Optimizer(_optim.Optimizer):
             raise ValueError("differentiable=True is not supported by adamkit")
         if engine.get("fused") not in (None, True, False):
             raise ValueError(f"Invalid fused: {engine['fused']!r} (must be None, True or False)")
+        _states.validate_precision(engine.get("state_precision"))
+        if engine.get("state_precision") == "int8" and not self.check_finite:
+            raise ValueError("state_precision='int8' needs check_finite=True: a non-finite gradient would poison "
+                             "a whole block of 256 quantized states, so such steps are refused before any change")
         defaults = self.rule.hyperparameters(**values)
         defaults.update(engine)
         self._init_engine()
@@ -121,8 +126,28 @@ class Optimizer(_optim.Optimizer):
                 state[k] = torch.tensor(v, dtype=_scalar_dtype())
         missing = {k: v for k, v in self.rule.states(self._math(group)).items() if k not in state}
         for k, v in missing.items():
-            state[k] = torch.full_like(p, v, memory_format=torch.preserve_format)
+            self._store_state(p, state, k, torch.full_like(p, v, memory_format=torch.preserve_format),
+                              group.get("state_precision"))
         return bool(missing)
+
+    def _store_state(self, p: torch.Tensor, state: dict, key: str, values: torch.Tensor,
+                     precision: str | None) -> None:
+        """Store a state array given in full precision in the group's format (codes + absmax for int8)."""
+        state.pop(f"{key}.absmax", None)
+        if _states.is_quantized(precision, p.numel()) and not p.is_complex():
+            codes, absmax = _states.quantize(values.detach(), key in _states.SIGNED_STATES)
+            state[key], state[f"{key}.absmax"] = codes.contiguous(), absmax
+        elif precision in ("bf16", "int8") and p.dtype in (torch.float32, torch.float64) and not p.is_complex():
+            state[key] = values.to(torch.bfloat16)
+        else:
+            state[key] = values.to(p.dtype)
+
+    def _load_state(self, p: torch.Tensor, state: Mapping[str, Any], key: str) -> torch.Tensor:
+        """A state array in the parameter's dtype, whatever its storage."""
+        value = state[key]
+        if f"{key}.absmax" in state:
+            return _states.dequantize(value, state[f"{key}.absmax"], key in _states.SIGNED_STATES, p.dtype)
+        return value if value.dtype == p.dtype else value.to(p.dtype)
 
     # -- the step ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -157,13 +182,17 @@ class Optimizer(_optim.Optimizer):
         fresh = self._init_state(p, group)
         state = self.state[p]
         real = torch.view_as_real if p.is_complex() else (lambda t: t)
-        arrays = {k: real(v) if k in self.rule.update_states else v.item() for k, v in state.items()}
+        arrays = {k: real(self._load_state(p, state, k)) for k in self.rule.update_states if k in state}
+        arrays.update({k: state[k].item() for k in self.rule.scalar_states})
         scalar_dtype = np.float64 if state.get("step", torch.tensor(0.0)).dtype == torch.float64 else np.float32
         theta, new_arrays, scalars = _rules.step_tensor(self.rule, h, real(p), real(p.grad), arrays,
                                                        self._reference_update, fresh, scalar_dtype)
         real(p).copy_(theta)
         for k, v in new_arrays.items():
-            arrays[k].copy_(v)
+            if state[k].dtype == p.dtype:
+                real(state[k]).copy_(v)
+            else:  # low-precision storage: round or quantize the new values
+                self._store_state(p, state, k, v, group.get("state_precision"))
         for k, v in scalars.items():
             state[k].fill_(v)
 
@@ -175,11 +204,22 @@ class Optimizer(_optim.Optimizer):
         unknown state keys, state shapes) and leaves the optimizer unchanged.
         """
         self._validate_state_dict(state_dict)
-        super().load_state_dict(state_dict)
-        for p, state in self.state.items():  # the compiled kernels stream states laid out like their parameter
-            for k in self.rule.update_states:
-                if k in state and p.is_contiguous() and not state[k].is_contiguous():
-                    state[k] = state[k].contiguous()
+        precisions = [g.get("state_precision") for g in self.param_groups]
+        super().load_state_dict(_full_precision(state_dict, self.rule))
+        for group, precision in zip(self.param_groups, precisions):
+            group["state_precision"] = precision  # this optimizer's storage wins over the checkpoint's
+            for p in group["params"]:
+                state = self.state.get(p)
+                for k in self.rule.update_states:
+                    if state and k in state:  # stored as this optimizer keeps it, laid out like its parameter
+                        self._store_state(p, state, k, state[k].contiguous() if p.is_contiguous() else state[k],
+                                          precision)
+
+    def torch_state_dict(self) -> dict[str, Any]:
+        """The state in torch.optim's own format: full-precision states in the parameter's dtype, no adamkit
+        keys. ``torch.optim.<Class>.load_state_dict`` takes it; for full-precision states it equals
+        :meth:`state_dict`."""
+        return _full_precision(self.state_dict(), self.rule, drop_engine_keys=True)
 
     def _validate_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
@@ -200,7 +240,8 @@ class Optimizer(_optim.Optimizer):
             needed = set(self.rule.states(self._math(h))) | set(self.rule.scalar_states)
             if self.rule.name == "SGD":
                 needed = set()  # the momentum buffer appears at the first step
-            known = set(self.rule.update_states) | set(self.rule.scalar_states)
+            known = set(self.rule.update_states) | set(self.rule.scalar_states) | {
+                f"{s}.absmax" for s in self.rule.update_states}
             for saved_id, p in zip(saved["params"], mine["params"]):
                 entry = states.get(saved_id)
                 if entry:
@@ -217,9 +258,36 @@ class Optimizer(_optim.Optimizer):
                                 shape = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
                                 raise ValueError(f"state '{k}' of parameter {index} (group {gi}) has shape {shape}, "
                                                  f"the parameter has shape {tuple(p.shape)}")
+                        elif k.endswith(".absmax"):
+                            if not torch.is_tensor(v) or v.numel() != _states.n_blocks(p.numel()):
+                                raise ValueError(f"state '{k}' of parameter {index} must hold one scale per block of "
+                                                 f"{_states.BLOCK} elements ({_states.n_blocks(p.numel())})")
                         elif torch.is_tensor(v) and v.numel() != 1:
                             raise ValueError(f"state '{k}' of parameter {index} must be a scalar")
                 index += 1
+
+
+def _full_precision(state_dict: Mapping[str, Any], rule: _rules.Rule, drop_engine_keys: bool = False) -> dict:
+    """A copy of ``state_dict`` with every quantized state dequantized to float32 and its absmax dropped."""
+    out = {"state": {}, "param_groups": [dict(g) for g in state_dict["param_groups"]]}
+    if drop_engine_keys:
+        for g in out["param_groups"]:
+            g.pop("state_precision", None)
+            if rule.name not in ("SGD", "Adagrad", "Adam", "AdamW"):
+                g.pop("fused", None)  # torch.optim has no fused path for this class
+    for i, entry in state_dict["state"].items():
+        entry = dict(entry)
+        for k in list(entry):
+            if k not in entry:
+                continue
+            if f"{k}.absmax" in entry:
+                entry[k] = _states.dequantize(entry[k], entry.pop(f"{k}.absmax"), k in _states.SIGNED_STATES,
+                                              torch.float32)
+            elif drop_engine_keys and torch.is_tensor(entry[k]) and entry[k].dtype == torch.bfloat16 \
+                    and k in rule.update_states:
+                entry[k] = entry[k].to(torch.float32)
+        out["state"][i] = entry
+    return out
 
 
 def _make(rule: _rules.Rule) -> type[Optimizer]:
@@ -234,6 +302,8 @@ def _make(rule: _rules.Rule) -> type[Optimizer]:
                                     annotation=bool))
     params.append(inspect.Parameter("stochastic_rounding", inspect.Parameter.KEYWORD_ONLY, default=False,
                                     annotation=bool))
+    params.append(inspect.Parameter("state_precision", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                    annotation=str | None))
     signature = sig.replace(parameters=params)
     cls = type(rule.name, (Optimizer,), {
         "rule": rule,
