@@ -85,7 +85,7 @@ def quantize_unsigned(x, inv_scale):
     lo2 = lo * lo
     hi2 = hi * hi
     c = where(hi2 * hi2 - t < t - lo2 * lo2, c0 + _ONE, c0)
-    return where((c == _ZERO) & (t > _ZERO), _ONE, c)
+    return where((c == _ZERO) & (x > _ZERO), _ONE, c)  # x, not t: x·inv_scale may underflow to 0
 
 
 def inverse_scale(absmax):

@@ -137,7 +137,8 @@ class Optimizer(_optim.Optimizer):
         if _states.is_quantized(precision, p.numel()) and not p.is_complex():
             codes, absmax = _states.quantize(values.detach(), key in _states.SIGNED_STATES)
             state[key], state[f"{key}.absmax"] = codes.contiguous(), absmax
-        elif precision in ("bf16", "int8") and p.dtype in (torch.float32, torch.float64) and not p.is_complex():
+        elif precision in ("bf16", "int8") and p.numel() >= _states.MIN_QUANTIZED \
+                and p.dtype in (torch.float32, torch.float64):
             state[key] = values.to(torch.bfloat16)
         else:
             state[key] = values.to(p.dtype)
@@ -206,14 +207,23 @@ class Optimizer(_optim.Optimizer):
         self._validate_state_dict(state_dict)
         precisions = [g.get("state_precision") for g in self.param_groups]
         super().load_state_dict(_full_precision(state_dict, self.rule))
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        mine = [(p, precision) for g, precision in zip(self.param_groups, precisions) for p in g["params"]]
         for group, precision in zip(self.param_groups, precisions):
             group["state_precision"] = precision  # this optimizer's storage wins over the checkpoint's
-            for p in group["params"]:
-                state = self.state.get(p)
-                for k in self.rule.update_states:
-                    if state and k in state:  # stored as this optimizer keeps it, laid out like its parameter
-                        self._store_state(p, state, k, state[k].contiguous() if p.is_contiguous() else state[k],
-                                          precision)
+        for saved_id, (p, precision) in zip(saved_ids, mine):
+            state = self.state.get(p)
+            entry = state_dict["state"].get(saved_id, {})
+            for k in self.rule.update_states:
+                if not state or k not in state:
+                    continue
+                if f"{k}.absmax" in entry and _states.is_quantized(precision, p.numel()):
+                    # already in this optimizer's 8-bit format: keep the codes and scales bit for bit
+                    state[k] = entry[k].clone().contiguous()
+                    state[f"{k}.absmax"] = entry[f"{k}.absmax"].clone().to(torch.float32)
+                else:  # stored as this optimizer keeps it, laid out like its parameter
+                    self._store_state(p, state, k, state[k].contiguous() if p.is_contiguous() else state[k],
+                                      precision)
 
     def torch_state_dict(self) -> dict[str, Any]:
         """The state in torch.optim's own format: full-precision states in the parameter's dtype, no adamkit
