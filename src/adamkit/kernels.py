@@ -314,10 +314,16 @@ def scalar_state_functions() -> tuple:
     global _state_functions
     if _state_functions is None:
         jit = numba.njit(inline="always", error_model="numpy")
-        ops = {"sqrt": math.sqrt, "floor": np.floor, "minimum": min, "maximum": max, "where": _select}
-        _state_functions = tuple(_rules.bind(getattr(_states, f), ops, jit) for f in (
+        ops = {"f32_bits": _f32_as_u32, "bits_f32": _bits_as_f32, "minimum": min, "maximum": max,
+               "where": _select}
+        _state_functions = tuple(_rules.bind(getattr(_states, f), ops, jit, _states.HELPERS) for f in (
             "dequantize_signed", "dequantize_unsigned", "quantize_signed", "quantize_unsigned", "inverse_scale"))
     return _state_functions
+
+
+@numba.njit(inline="always")
+def _bits_as_f32(bits):
+    return _u32_as_f32(np.uint32(bits))
 
 
 @numba.njit(inline="always")

@@ -236,17 +236,20 @@ NUMPY_OPS: dict[str, Any] = {"sqrt": np.sqrt, "maximum": np.maximum}
 SCALAR_OPS: dict[str, Any] = {"sqrt": math.sqrt, "maximum": max}
 
 
-def bind(fn: Callable, ops: Mapping[str, Any], wrap: Callable[[Callable], Callable] = lambda f: f) -> Callable:
+def bind(fn: Callable, ops: Mapping[str, Any], wrap: Callable[[Callable], Callable] = lambda f: f,
+         helpers: Mapping[str, Callable] | None = None) -> Callable:
     """Return ``fn`` with its primitives (``sqrt``, ``maximum``) and helpers bound to an engine's namespace.
 
     The code object is shared, so the math is the one written above; only the names it looks up change.
-    ``wrap`` is applied to the result and to every helper (the compiled engine passes ``numba.njit``).
+    ``wrap`` is applied to the result and to every helper (the compiled engine passes ``numba.njit``);
+    ``helpers`` are the functions the rule calls (default: :data:`HELPERS`).
     """
     namespace = dict(fn.__globals__)
     namespace.update(ops)
-    for name, helper in HELPERS.items():
+    helpers = HELPERS if helpers is None else helpers
+    for name, helper in helpers.items():
         if helper is not fn:
-            namespace[name] = bind(helper, ops, wrap)
+            namespace[name] = bind(helper, ops, wrap, {})
     bound = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
     bound.__doc__ = fn.__doc__
     return wrap(bound)

@@ -2,27 +2,30 @@
 
 ``state_precision="int8"`` stores each large state tensor as one 8-bit code per element plus one float32 scale
 (the block's absolute maximum) per block of :data:`BLOCK` elements — about 1 byte per element and state instead of
-4. The code maps are *dynamic* (power-law) maps, dense near zero and spanning many orders of magnitude:
+4. The code maps are *dynamic* maps — a small floating-point format relative to the block's absmax, dense near
+zero and spanning many orders of magnitude:
 
-* signed states (``exp_avg``, ``grad_avg``, ``momentum_buffer``): code c ∈ [−127, 127] stands for
-  ``absmax · sign(c) · (|c|/127)²`` (smallest non-zero magnitude 6.2e-5 · absmax, top step 1.6 %);
-* non-negative states (``exp_avg_sq``, ``max_exp_avg_sq``, ``exp_inf``, ``sum``, ``square_avg``): code
-  c ∈ [0, 255] stands for ``absmax · (c/255)⁴`` (smallest non-zero 2.3e-10 · absmax, i.e. its square root spans
-  the same range as the signed map; top step 1.6 %).
+* signed states (``exp_avg``, ``grad_avg``, ``momentum_buffer``): sign + 7 bits; code magnitude ``c = 8e + f``
+  (``e`` 1…15, ``f`` 0…7) stands for ``absmax · 2^(e−15) · (1 + f/8)``, 0 for zero (smallest non-zero magnitude
+  3.4e-5 · absmax);
+* non-negative states (``exp_avg_sq``, ``max_exp_avg_sq``, ``exp_inf``, ``sum``, ``square_avg``): 8 bits;
+  ``c = 8e + f`` (``e`` 0…31) stands for ``absmax · 2^(e−31) · (1 + f/8)``, code 0 for zero (smallest non-zero
+  5.2e-10 · absmax: its square root spans the signed map's range).
 
-Quantization picks the *nearest* code (not a lookup by the companded value, which would snap small values): the
-companded value gives the two neighbouring codes and the closer one in value wins. A non-negative state that is
-not zero never stores as code 0 (Adam would divide by √0 + ε). Tensors under :data:`MIN_QUANTIZED` elements stay
-in full precision.
+Within a binade the codes are 12.5 % apart, so the relative rounding error is at most 6.25 %. Quantization picks the
+*nearest* code: round-to-nearest-even on the float32 bits of ``x/absmax`` (exact nearest within and across binades),
+and between zero and the smallest code the closer one, except that a non-negative state that is not zero never
+stores as code 0 (Adam would divide by √0 + ε). Everything is integer work on the float's bits: no table lookups,
+no transcendental functions, so the kernels stay memory-bound. Tensors under :data:`MIN_QUANTIZED` elements stay in
+full precision.
 
 The element functions here are written once, like the rules: the compiled kernels run them on scalars, the
-reference path on whole tensors (primitives ``sqrt``, ``floor``, ``minimum``, ``maximum``, ``where`` are bound per
+reference path on whole tensors (primitives ``f32_bits``, ``bits_f32``, ``where``, ``minimum`` are bound per
 engine).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -37,55 +40,72 @@ SIGNED_STATES = frozenset({"exp_avg", "grad_avg", "momentum_buffer"})
 """States that take both signs; every other array state is non-negative."""
 
 # free names, bound per engine (defaults: NumPy)
-sqrt = np.sqrt
-floor = np.floor
 minimum = np.minimum
 maximum = np.maximum
 where = np.where
 
 
-# Constants as float32 scalars: in compiled float32 code a Python float literal would promote the math to float64.
-_S = np.float32(127.0)
-_U = np.float32(255.0)
-_INV_S = np.float32(1.0 / 127.0)
-_INV_U = np.float32(1.0 / 255.0)
+def f32_bits(x):
+    """The IEEE bits of float32 ``x`` as an integer (bound per engine)."""
+    return np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.int64)
+
+
+def bits_f32(b):
+    """The float32 whose IEEE bits are ``b`` (bound per engine)."""
+    return np.asarray(b, dtype=np.int64).astype(np.uint32).view(np.float32)
+
+
 _ONE = np.float32(1.0)
 _ZERO = np.float32(0.0)
+# float32 exponent field of 2^(e-15) is e + 112; of 2^(e-31) is e + 96. Codes are (bits >> 20) minus these × 8.
+SIGNED_OFFSET = 112 * 8
+UNSIGNED_OFFSET = 96 * 8
+SIGNED_MAX = 120  # 2^0 · 1.0: the block's absmax itself
+UNSIGNED_MAX = 248
+SIGNED_SMALLEST = np.array([(SIGNED_OFFSET + 1) << 20], dtype=np.uint32).view(np.float32)[0]  # value of code 1
+UNSIGNED_SMALLEST = np.array([(UNSIGNED_OFFSET + 1) << 20], dtype=np.uint32).view(np.float32)[0]
+
+
+def _code_of(t, offset, top, smallest):
+    """Nearest code of ``t`` ∈ [0, 1] among ``0`` and the normal codes ``1…top``; ``-1`` where ``t`` lies
+    below the midpoint between 0 and code 1 (the caller decides: zero, or code 1 for a positive state)."""
+    bits = f32_bits(t)
+    rounded = bits + 0x7FFFF + ((bits >> 20) & 1)  # round the mantissa to 3 bits, ties to even
+    code = (rounded >> 20) - offset
+    low = where(t + t >= smallest, 1, -1)  # below code 1: nearest is code 1 or zero
+    return where(code >= 1, minimum(code, top), low)
+
+
+HELPERS = {"_code_of": _code_of}
+"""Functions the element functions call; engines bind them along."""
 
 
 def dequantize_signed(code, scale):
-    """Value of a signed code: ``scale · a·|a|`` with ``a = c/127`` (so ``sign(c)·(|c|/127)²``)."""
-    a = code * _INV_S
-    return a * abs(a) * scale
+    """Value of a signed code: ``scale · ±2^(e−15)(1 + f/8)`` with ``|c| = 8e + f``; 0 for code 0."""
+    magnitude = abs(code)
+    value = bits_f32((magnitude + SIGNED_OFFSET) << 20)
+    return where(code == 0, _ZERO, where(code < 0, -value, value)) * scale
 
 
 def dequantize_unsigned(code, scale):
-    """Value of a non-negative code: ``scale · (c/255)⁴``."""
-    a = code * _INV_U
-    a2 = a * a
-    return a2 * a2 * scale
+    """Value of a non-negative code: ``scale · 2^(e−31)(1 + f/8)`` with ``c = 8e + f``; 0 for code 0."""
+    value = bits_f32((code + UNSIGNED_OFFSET) << 20)
+    return where(code == 0, _ZERO, value) * scale
 
 
 def quantize_signed(x, inv_scale):
     """Nearest signed code of ``x`` given ``inv_scale`` = 1/absmax of its block (0 for an all-zero block)."""
     t = minimum(abs(x) * inv_scale, _ONE)
-    c0 = minimum(floor(sqrt(t) * _S), _S - _ONE)
-    lo = c0 * _INV_S
-    hi = (c0 + _ONE) * _INV_S
-    c = where(hi * hi - t < t - lo * lo, c0 + _ONE, c0)
+    c = _code_of(t, SIGNED_OFFSET, SIGNED_MAX, SIGNED_SMALLEST)
+    c = where(c < 0, 0, c)
     return where(x < _ZERO, -c, c)
 
 
 def quantize_unsigned(x, inv_scale):
     """Nearest non-negative code of ``x`` ≥ 0; a positive ``x`` never gets code 0."""
     t = minimum(x * inv_scale, _ONE)
-    c0 = minimum(floor(sqrt(sqrt(t)) * _U), _U - _ONE)
-    lo = c0 * _INV_U
-    hi = (c0 + _ONE) * _INV_U
-    lo2 = lo * lo
-    hi2 = hi * hi
-    c = where(hi2 * hi2 - t < t - lo2 * lo2, c0 + _ONE, c0)
-    return where((c == _ZERO) & (x > _ZERO), _ONE, c)  # x, not t: x·inv_scale may underflow to 0
+    c = _code_of(t, UNSIGNED_OFFSET, UNSIGNED_MAX, UNSIGNED_SMALLEST)
+    return where(c < 0, where(x > _ZERO, 1, 0), c)  # x, not t: x·inv_scale may underflow to 0
 
 
 def inverse_scale(absmax):
@@ -107,16 +127,19 @@ def validate_precision(precision: Any) -> None:
 
 
 def code_values(signed: bool) -> np.ndarray:
-    """Every code's value for absmax 1, in code order (for tests and for reading checkpoints by hand)."""
-    if signed:
-        codes = np.arange(-127, 128, dtype=np.float64)
-        return np.sign(codes) * (np.abs(codes) / 127.0) ** 2
-    return (np.arange(256, dtype=np.float64) / 255.0) ** 4
+    """Every code's value for absmax 1, in code order (−127…127 signed, 0…255 unsigned)."""
+    offset = SIGNED_OFFSET if signed else UNSIGNED_OFFSET
+    top = SIGNED_MAX if signed else UNSIGNED_MAX
+    mags = np.arange(128 if signed else 256)
+    values = ((mags + offset).astype(np.uint32) << 20).view(np.float32).astype(np.float64)
+    values[0] = 0.0
+    values[mags > top] = np.nan  # codes above the absmax are never produced
+    return np.concatenate([-values[:0:-1], values]) if signed else values
 
 
 def exact_nearest_code(x: np.ndarray, absmax: float, signed: bool) -> np.ndarray:
     """Brute-force nearest code (ties to the smaller magnitude); the reference the fast formula is tested against."""
-    values = code_values(signed) * absmax
+    values = np.nan_to_num(code_values(signed) * absmax, nan=np.inf)
     idx = np.abs(np.asarray(x, dtype=np.float64)[..., None] - values).argmin(axis=-1)
     return idx - 127 if signed else idx
 
@@ -127,15 +150,25 @@ def exact_nearest_code(x: np.ndarray, absmax: float, signed: bool) -> np.ndarray
 
 def _ops_for(x: Any) -> dict[str, Any]:
     if isinstance(x, np.ndarray):
-        return {"sqrt": np.sqrt, "floor": np.floor, "minimum": np.minimum, "maximum": np.maximum, "where": np.where}
+        return {"f32_bits": f32_bits, "bits_f32": bits_f32, "minimum": np.minimum, "maximum": np.maximum,
+                "where": np.where}
     import torch
-    return {"sqrt": torch.sqrt, "floor": torch.floor, "minimum": lambda a, b: torch.clamp(a, max=b),
-            "maximum": lambda a, b: torch.clamp(a, min=b), "where": torch.where}
+
+    def t_where(c, a, b):
+        like = c if not torch.is_tensor(a) else a
+        a = a if torch.is_tensor(a) else torch.as_tensor(a, dtype=(b.dtype if torch.is_tensor(b) else like.dtype))
+        return torch.where(c, a, b)
+
+    return {"f32_bits": lambda x: x.to(torch.float32).view(torch.int32).to(torch.int64),
+            "bits_f32": lambda b: b.to(torch.int32).view(torch.float32),
+            "minimum": lambda a, b: torch.minimum(a, torch.as_tensor(b, dtype=a.dtype)),
+            "maximum": lambda a, b: torch.maximum(a, torch.as_tensor(b, dtype=a.dtype)),
+            "where": t_where}
 
 
 def _bound(name: str, x: Any):
     from .rules import bind
-    return bind(globals()[name], _ops_for(x))
+    return bind(globals()[name], _ops_for(x), helpers=HELPERS)
 
 
 def _blocks(flat: Any, fill: float = 0.0) -> Any:
@@ -167,11 +200,11 @@ def dequantize(codes: Any, absmax: Any, signed: bool, dtype: Any) -> Any:
     flat = codes.reshape(-1)
     n = flat.shape[0]
     if isinstance(codes, np.ndarray):
-        blocks = _blocks(flat.astype(np.float64))
+        blocks = _blocks(flat.astype(np.int64))
         scale = absmax.astype(np.float64)[:, None]
     else:
         import torch
-        blocks = _blocks(flat.to(torch.float64))
+        blocks = _blocks(flat.to(torch.int64))
         scale = absmax.to(torch.float64)[:, None]
     values = _bound("dequantize_signed" if signed else "dequantize_unsigned", blocks)(blocks, scale)
     values = values.reshape(-1)[:n].reshape(codes.shape)
