@@ -218,3 +218,33 @@ def test_quality_on_digits_int8_and_bf16_match_fp32():
         loss, acc = results[precision]
         assert abs(loss - base_loss) <= 0.02 * base_loss + 1e-3, (precision, results)
         assert acc >= base_acc - 0.005, (precision, results)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_numpy_engine_low_precision_states_fit_least_squares_and_checkpoint(precision):
+    import adamkit.numpy as akn
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 6000))
+    y = X @ (0.1 * rng.normal(size=6000))
+    losses = {}
+    for prec in (None, precision):
+        w = np.zeros(6000)
+        opt = akn.Adam([w], lr=1e-2, state_precision=prec)
+        for _ in range(200):
+            opt.step([X.T @ (X @ w - y) / len(y)])
+        losses[prec] = float(np.mean((X @ w - y) ** 2))
+    assert losses[precision] <= 2 * losses[None] + 1e-9, losses
+    sd = opt.state_dict()
+    stored = sd["state"][0]["exp_avg"]
+    assert stored.dtype == (np.int8 if precision == "int8" else np.uint16)
+    w2 = w.copy()
+    opt2 = akn.Adam([w2], lr=1e-2, state_precision=precision)
+    opt2.load_state_dict(sd)
+    g = X.T @ (X @ w - y) / len(y)
+    if precision == "int8":  # deterministic rounding: the resumed run is identical
+        opt.step([g])
+        opt2.step([g])
+        assert np.array_equal(w, w2)
+    full = akn.Adam([w.copy()], lr=1e-2)
+    full.load_state_dict(sd)  # low precision into full precision dequantizes
+    assert full.state_dict()["state"][0]["exp_avg"].dtype == np.float64

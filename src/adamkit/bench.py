@@ -164,6 +164,49 @@ def run(total: int, steps: int, only: list[str] | None, small: bool, log: Callab
     return results
 
 
+def state_bytes(opt: Any) -> int:
+    """Bytes held in the optimizer's array states (codes, scales, moments; not the step counters)."""
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for k, v in st.items()
+               if k not in ("step", "mu_product"))
+
+
+def run_state_precision(total: int, steps: int, precisions: list[str], log: Callable[[str], None]) -> dict:
+    """AdamW with low-precision states next to torch's fused fp32 AdamW (and bitsandbytes / torchao if installed)."""
+    import importlib.util
+    import resource
+    import torch
+    import adamkit.torch as akt
+
+    shapes = transformer_shapes(total)
+    n = sum(int(np.prod(s)) for s in shapes)
+    makers: dict[str, Callable[[list], Any]] = {"torch fused fp32": lambda ps: torch.optim.AdamW(ps, fused=True),
+                                                "adamkit fp32": lambda ps: akt.AdamW(ps)}
+    for precision in precisions:
+        makers[f"adamkit {precision}"] = lambda ps, precision=precision: akt.AdamW(ps, state_precision=precision)
+    if importlib.util.find_spec("bitsandbytes"):
+        import bitsandbytes as bnb
+        makers["bitsandbytes AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit(ps)
+    if importlib.util.find_spec("torchao"):
+        from torchao.optim import AdamW8bit
+        makers["torchao AdamW8bit"] = lambda ps: AdamW8bit(ps)
+    log(f"[state precision] AdamW, {len(shapes)} tensors, {n / 1e6:.1f} M params, median of {steps} rounds "
+        f"(adamkit with its default check_finite=True)")
+    calls, optimizers = {}, {}
+    for label, make in makers.items():
+        opt = make(_params(shapes))
+        calls[label], optimizers[label] = opt.step, opt
+    ms = interleaved_medians(calls, steps)
+    rows = []
+    for label, value in ms.items():
+        b = state_bytes(optimizers[label]) / n
+        rows.append({"optimizer": label, "ms": value, "state_bytes_per_param": b,
+                     "speedup_vs_torch_fused": ms["torch fused fp32"] / value})
+        log(f"  {label:24s} {value:8.2f} ms  {b:5.2f} B/param state  "
+            f"{ms['torch fused fp32'] / value:5.2f}x vs torch fused fp32")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"params": n, "rows": rows, "process_peak_mib": peak}
+
+
 def table(results: dict) -> str:
     out = []
     for suite, data in results["suites"].items():
@@ -188,10 +231,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated configs or class names (e.g. Adam,NAdam)")
     parser.add_argument("--no-small", action="store_true", help="skip the 1000 x 1024 many-small-tensors model")
     parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument("--state-precision", default="", help="also compare AdamW with these state precisions "
+                        "(comma-separated: bf16,int8) against torch fused fp32; 'only' skips the other tables")
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()] or None
-    results = run(int(args.params), args.steps, only, not args.no_small, lambda s: print(s, flush=True))
-    print(table(results))
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    precisions = [p.strip() for p in args.state_precision.split(",") if p.strip() and p.strip() != "only"]
+    if "only" in args.state_precision:
+        results = {"machine": {}, "suites": {}}
+    else:
+        results = run(int(args.params), args.steps, only, not args.no_small, log)
+        print(table(results))
+    if precisions:
+        results["state_precision"] = run_state_precision(int(args.params), args.steps, precisions, log)
+        rows = results["state_precision"]["rows"]
+        print("\n| AdamW | ms/step | state B/param | × vs torch fused fp32 |\n|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['optimizer']} | {r['ms']:.2f} | {r['state_bytes_per_param']:.2f} | "
+                  f"{r['speedup_vs_torch_fused']:.2f}× |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

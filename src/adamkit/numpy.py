@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from . import rules as _rules
+from . import states as _states
 from ._signature import bind as _bind, rule_signature
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam"]
@@ -44,6 +45,12 @@ class Optimizer:
         values = _bind(self._signature, self, args, kwargs)
         params = values.pop("params")
         self.check_finite: bool = bool(values.pop("check_finite"))
+        self.state_precision = values.pop("state_precision")
+        _states.validate_precision(self.state_precision)
+        if self.state_precision == "int8" and not self.check_finite:
+            raise ValueError("state_precision='int8' needs check_finite=True (a non-finite gradient would poison a "
+                             "block of quantized states)")
+        self._rng = np.random.default_rng()
         self.defaults: dict[str, Any] = self.rule.hyperparameters(**values)
         self._update = _rules.bind(self.rule.update, _rules.NUMPY_OPS)
         self.param_groups: list[dict[str, Any]] = []
@@ -95,7 +102,8 @@ class Optimizer:
         state: dict[str, Any] = dict(self.rule.scalar_states)
         # Adagrad creates its sum at construction, as torch.optim does; other states appear at the first step
         if self.rule.name == "Adagrad":
-            state.update({k: np.full_like(p, v) for k, v in self.rule.states(h).items()})
+            for k, v in self.rule.states(h).items():
+                _states.store(state, k, np.full_like(p, v), self.state_precision, self._rng)
         return state
 
     def _hyper(self, group: Mapping[str, Any]) -> dict[str, Any]:
@@ -132,15 +140,16 @@ class Optimizer:
             h = self._hyper(self.param_groups[self._group_of(index)])
             state = self.state[index]
             missing = {k: v for k, v in self.rule.states(h).items() if k not in state}
-            for k, v in missing.items():
-                state[k] = np.full_like(p, v)
             real = _real_view if np.iscomplexobj(p) else (lambda a: a)
-            arrays = {k: real(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
+            arrays = {k: real(_states.load(state, k, p.dtype)) for k in self.rule.update_states if k in state}
+            arrays.update({k: np.full_like(real(p), v) for k, v in missing.items()})
+            arrays.update({k: state[k] for k in self.rule.scalar_states})
             theta, new_arrays, scalars = _rules.step_tensor(self.rule, h, real(p), real(g), arrays, self._update,
                                                            fresh=bool(missing))
             real(p)[...] = theta
             for k, v in new_arrays.items():
-                arrays[k][...] = v
+                full = np.array(v, dtype=real(p).dtype).view(p.dtype) if np.iscomplexobj(p) else np.asarray(v, p.dtype)
+                _states.store(state, k, full.reshape(p.shape), self.state_precision, self._rng)
             state.update(scalars)
 
     def zero_grad(self) -> None:
@@ -202,12 +211,20 @@ class Optimizer:
             raise ValueError(f"state of parameter {index} is missing {sorted(missing)}")
         for k, v in entry.items():
             if k in array_keys:
-                a = np.array(_to_numpy(v), dtype=p.dtype, copy=True)
-                if a.shape != p.shape:
-                    raise ValueError(f"state '{k}' of parameter {index} has shape {a.shape}, parameter {p.shape}")
-                out[k] = a
+                if f"{k}.absmax" in entry:  # 8-bit codes: read them as written, then store in this precision
+                    full = _states.dequantize(np.asarray(_to_numpy(v)), np.asarray(_to_numpy(entry[f"{k}.absmax"])),
+                                              k in _states.SIGNED_STATES, p.dtype)
+                elif entry.get(f"{k}.bf16"):
+                    full = _states.bf16_values(np.asarray(_to_numpy(v)), p.dtype)
+                else:
+                    full = np.array(_to_numpy(v), dtype=p.dtype, copy=True)
+                if full.shape != p.shape:
+                    raise ValueError(f"state '{k}' of parameter {index} has shape {full.shape}, parameter {p.shape}")
+                _states.store(out, k, full, self.state_precision, self._rng)
             elif k in self.rule.scalar_states:
                 out[k] = float(_to_numpy(v))
+            elif k.endswith((".absmax", ".bf16")) and k.rsplit(".", 1)[0] in array_keys:
+                continue
             else:
                 raise ValueError(f"state of parameter {index} has unknown key '{k}' for {self.rule.name}")
         return out
@@ -239,7 +256,8 @@ def _to_python(v: Any) -> Any:
 
 
 def _make(rule: _rules.Rule) -> type[Optimizer]:
-    extra = [inspect.Parameter("check_finite", inspect.Parameter.KEYWORD_ONLY, default=True)]
+    extra = [inspect.Parameter("check_finite", inspect.Parameter.KEYWORD_ONLY, default=True),
+             inspect.Parameter("state_precision", inspect.Parameter.KEYWORD_ONLY, default=None)]
     cls = type(rule.name, (Optimizer,), {
         "rule": rule,
         "_signature": rule_signature(rule, extra),
