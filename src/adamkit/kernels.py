@@ -361,53 +361,24 @@ def kernel(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic: b
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def _count_nonfinite_u32(tensor, start, stop, sizes, addresses, mask):
+def _count_nonfinite(tensor, start, stop, sizes, addresses, mask):
+    """Elements whose exponent bits are all ones (inf or nan); ``mask`` (one element) also gives the bit width."""
+    m = mask[0]
     bad = 0
     for c in prange(tensor.shape[0]):
         k = tensor[c]
-        x = numba.carray(address_as_pointer(addresses[k]), sizes[k], dtype=np.uint32)[start[c]:stop[c]]
-        m = np.uint32(mask)
-        count = 0
-        for i in range(x.size):
-            count += 1 if (x[i] & m) == m else 0  # exponent all ones: inf or nan
-        bad += count
-    return bad
-
-
-@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def _count_nonfinite_u64(tensor, start, stop, sizes, addresses, mask):
-    bad = 0
-    for c in prange(tensor.shape[0]):
-        k = tensor[c]
-        x = numba.carray(address_as_pointer(addresses[k]), sizes[k], dtype=np.uint64)[start[c]:stop[c]]
-        m = np.uint64(mask)
+        x = numba.carray(address_as_pointer(addresses[k]), sizes[k], dtype=mask.dtype)[start[c]:stop[c]]
         count = 0
         for i in range(x.size):
             count += 1 if (x[i] & m) == m else 0
         bad += count
     return bad
-
-
-@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def _count_nonfinite_u16(tensor, start, stop, sizes, addresses, mask):
-    bad = 0
-    for c in prange(tensor.shape[0]):
-        k = tensor[c]
-        x = numba.carray(address_as_pointer(addresses[k]), sizes[k], dtype=np.uint16)[start[c]:stop[c]]
-        m = np.uint16(mask)
-        count = 0
-        for i in range(x.size):
-            count += 1 if (x[i] & m) == m else 0
-        bad += count
-    return bad
-
-
-_COUNT_NONFINITE = {"float32": _count_nonfinite_u32, "float64": _count_nonfinite_u64, "bfloat16": _count_nonfinite_u16}
 
 
 def count_nonfinite(fmt: str, table: tuple, sizes: np.ndarray, addresses: np.ndarray) -> int:
     """Number of inf/nan elements in the tensors at ``addresses`` (a parallel integer scan of the exponent bits)."""
-    return int(_COUNT_NONFINITE[fmt](*table, sizes, addresses, FORMATS[fmt][2]))
+    storage, _, mask = FORMATS[fmt]
+    return int(_count_nonfinite(*table, sizes, addresses, np.array([mask], dtype=storage)))
 
 
 @numba.njit(nogil=True, cache=True)
