@@ -275,3 +275,19 @@ def test_quality_autoencoder_on_digits_int8_and_bf16_match_fp32():
             assert opt.state[model[0].weight]["exp_avg_sq"].dtype == torch.uint8
     for precision in ("bf16", "int8"):
         assert abs(losses[precision] - losses[None]) <= 0.02 * losses[None], losses
+
+
+@pytest.mark.parametrize("fused", [None, False], ids=["kernel", "reference"])
+def test_bf16_states_round_stochastically_so_small_decays_survive(fused):
+    """v ← β2·v with β2 = 0.999 changes v by 0.1 %, below half a bf16 ulp: nearest rounding would freeze v."""
+    p = torch.nn.Parameter(torch.zeros(8192))
+    opt = akt.Adam([p], lr=1e-3, state_precision="bf16", fused=fused)
+    p.grad = torch.ones_like(p)
+    opt.step()  # v = (1 - β2) · 1 = 1e-3
+    for _ in range(200):
+        p.grad = torch.zeros_like(p)
+        opt.step()
+    v = opt.state[p]["exp_avg_sq"].float().mean().item()
+    expected = 1e-3 * 0.999 ** 200  # 8.19e-4; nearest rounding would leave 1e-3
+    assert opt.state[p]["exp_avg_sq"].dtype == torch.bfloat16
+    assert abs(v - expected) < 0.01 * expected, (v, expected)

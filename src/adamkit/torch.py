@@ -139,9 +139,18 @@ class Optimizer(_optim.Optimizer):
             state[key], state[f"{key}.absmax"] = codes.contiguous(), absmax
         elif precision in ("bf16", "int8") and p.numel() >= _states.MIN_QUANTIZED \
                 and p.dtype in (torch.float32, torch.float64):
-            state[key] = values.to(torch.bfloat16)
+            state[key] = self._bf16_stochastic(values)
         else:
             state[key] = values.to(p.dtype)
+
+    def _bf16_stochastic(self, values: torch.Tensor) -> torch.Tensor:
+        """float → bfloat16 with stochastic rounding: add 16 random bits below the kept ones, then truncate
+        (unbiased, so small EMA updates survive on average)."""
+        bits = values.to(torch.float32).contiguous().view(torch.int32)
+        generator = self._rounding_generator if bits.device.type == "cpu" else None
+        noise = torch.randint(0, 1 << 16, bits.shape, generator=generator, dtype=torch.int32, device=bits.device)
+        rounded = ((bits + noise) >> 16).to(torch.int16).view(torch.bfloat16)
+        return torch.where(torch.isnan(values), values.to(torch.bfloat16), rounded)
 
     def _load_state(self, p: torch.Tensor, state: Mapping[str, Any], key: str) -> torch.Tensor:
         """A state array in the parameter's dtype, whatever its storage."""
