@@ -37,8 +37,10 @@ class _Batch:
     """Tensors of one group with the same storage format and states: one kernel call per step."""
 
     def __init__(self, fmt: str, present: tuple[bool, ...], params: list[torch.Tensor],
-                 kinds: tuple[str, ...] = ()):
+                 kinds: tuple[str, ...] = (), positions: list[int] | None = None, group_size: int = 0):
         self.fmt, self.present, self.params, self.kinds = fmt, present, params, kinds
+        # where each param sits among its group's params with gradients (None: all of them, in order)
+        self.positions = None if positions is None or positions == list(range(group_size)) else positions
         self.sizes = np.array([p.numel() for p in params], dtype=np.int64)
         self.table = kernels.chunk_table(self.sizes)
         self.param_ptrs = [p.data_ptr() for p in params]
@@ -49,22 +51,22 @@ class _Batch:
 
 
 class _Plan:
-    def __init__(self, key: tuple, groups: list[tuple[dict, list[_Batch]]], reference: list[tuple[dict, Any]]):
+    def __init__(self, key: tuple, groups: list[tuple[int, dict, list[_Batch]]], reference: list[tuple[dict, Any]]):
         self.key, self.groups, self.reference = key, groups, reference
         self.ready = False
 
 
-def _key(opt: Any, work: list[tuple[dict, list]]) -> tuple:
+def _key(opt: Any, work: list[tuple[dict, list, list]]) -> tuple:
     rule = opt.rule
     return (opt._plan_version,) + tuple(
         (id(group), group.get("fused"), tuple(rule.states(opt._math(group))), tuple(map(id, params)))
-        for group, params in work)
+        for group, params, _ in work)
 
 
-def _build(opt: Any, work: list[tuple[dict, list]], key: tuple) -> _Plan:
+def _build(opt: Any, work: list[tuple[dict, list, list]], key: tuple) -> _Plan:
     rule = opt.rule
     groups, reference = [], []
-    for gi, (group, params) in enumerate(work):
+    for gi, (group, params, _) in enumerate(work):
         for p in params:
             if p.grad.is_sparse:
                 opt._check_grad(gi, p)  # raises a clear error before anything changes
@@ -72,7 +74,7 @@ def _build(opt: Any, work: list[tuple[dict, list]], key: tuple) -> _Plan:
             reference.extend((group, p) for p in params)
             continue
         by_format: dict[str, list] = {}
-        for p in params:
+        for i, p in enumerate(params):
             fmt = FORMAT_OF.get(p.dtype)
             if fmt is None or not p.is_cpu or not p.is_contiguous() or not p.grad.is_contiguous():
                 if group.get("fused") is True:
@@ -80,28 +82,32 @@ def _build(opt: Any, work: list[tuple[dict, list]], key: tuple) -> _Plan:
                                        f"{p.dtype} on {p.device} (contiguous float32/float64/bfloat16 CPU tensors)")
                 reference.append((group, p))
                 continue
-            by_format.setdefault(fmt, []).append(p)
-        groups.append((group, [_Batch(fmt, (), ps) for fmt, ps in by_format.items()]))
+            by_format.setdefault(fmt, []).append((i, p))
+        groups.append((gi, group, [_Batch(fmt, (), [p for _, p in items], (), [i for i, _ in items], len(params))
+                                   for fmt, items in by_format.items()]))
     return _Plan(key, groups, reference)
 
 
 def _prepare_states(opt: Any, plan: _Plan) -> None:
     """Create missing states, split batches by the states present, and record addresses and step counts."""
     rule = opt.rule
-    for gi, (group, batches) in enumerate(plan.groups):
+    for index, (gi, group, batches) in enumerate(plan.groups):
         split: list[_Batch] = []
         for batch in batches:
             by_present: dict[tuple, list] = {}
             fresh: dict[tuple, bool] = {}
-            for p in batch.params:
+            positions = batch.positions if batch.positions is not None else list(range(len(batch.params)))
+            size = len(batch.params) if batch.positions is None else -1
+            for position, p in zip(positions, batch.params):
                 new = opt._init_state(p, group)
                 state = opt.state[p]
                 present = tuple(s in state for s in rule.update_states)
                 layout = (present, _kinds(rule, p, state))
-                by_present.setdefault(layout, []).append(p)
+                by_present.setdefault(layout, []).append((position, p))
                 fresh[layout] = fresh.get(layout, False) or new
-            for (present, kinds), ps in by_present.items():
-                b = _Batch(batch.fmt, present, ps, kinds)
+            for (present, kinds), items in by_present.items():
+                ps = [p for _, p in items]
+                b = _Batch(batch.fmt, present, ps, kinds, [i for i, _ in items], size)
                 b.fresh = fresh[(present, kinds)]
                 columns = kernels.address_columns(rule, present, kinds)[2:]
                 b.addresses = np.array([[p.data_ptr(), 0, *(opt.state[p][c].data_ptr() for c in columns)]
@@ -114,46 +120,55 @@ def _prepare_states(opt: Any, plan: _Plan) -> None:
                 b.scalars = (torch.stack([torch.stack(col).to(torch.float64) for col in b.scalar_tensors], dim=1)
                              .numpy().copy() if b.scalar_tensors else np.zeros((len(ps), 0)))
                 split.append(b)
-        plan.groups[gi] = (group, split)
+        plan.groups[index] = (gi, group, split)
     plan.ready = True
 
 
-def step(opt: Any, work: list[tuple[dict, list]], check_finite: bool) -> list[tuple[dict, Any]]:
+def step(opt: Any, work: list[tuple[dict, list, list]], check_finite: bool) -> list[tuple[dict, Any]]:
     """Step every parameter the kernels can take; return (group, param) pairs left for the reference path.
 
-    With ``check_finite``, every gradient (compiled or not) is scanned before anything changes.
+    ``work`` holds (group, params with gradients, their gradients). With ``check_finite``, every gradient
+    (compiled or not) is scanned before anything changes.
     """
     key = _key(opt, work)
     plan = opt._kernel_plan
     if plan is None or plan.key != key or any(b.param_ptrs != [p.data_ptr() for p in b.params]
-                                              for _, batches in plan.groups for b in batches):
+                                              for _, _, batches in plan.groups for b in batches):
         plan = opt._kernel_plan = _build(opt, work, key)
-    grad_ptrs = []
-    for _, batches in plan.groups:
+    grad_ptrs = _grad_addresses(plan, work)
+    if grad_ptrs is None:  # a non-contiguous (or sparse) gradient: plan again, routing it elsewhere
+        plan = opt._kernel_plan = _build(opt, work, key)
+        grad_ptrs = _grad_addresses(plan, work)
+    return _step_plan(opt, plan, check_finite, work, grad_ptrs)
+
+
+def _grad_addresses(plan: _Plan, work: list) -> list[np.ndarray] | None:
+    """The gradients' addresses per batch (one pass over the gradient tensors), or None if one is not contiguous."""
+    out = []
+    for gi, _, batches in plan.groups:
+        grads = work[gi][2]
         for b in batches:
-            ptrs = [p.grad.data_ptr() for p in b.params if p.grad.is_contiguous()]
-            if len(ptrs) != len(b.params):  # a non-contiguous (or sparse) gradient: route it elsewhere
-                plan = opt._kernel_plan = _build(opt, work, key)
-                return _step_plan(opt, plan, check_finite)
-            grad_ptrs.append(np.array(ptrs, dtype=np.int64))
-    return _step_plan(opt, plan, check_finite, grad_ptrs)
+            gs = grads if b.positions is None else [grads[i] for i in b.positions]
+            ptrs = [g.data_ptr() for g in gs if g.is_contiguous()]
+            if len(ptrs) != len(gs):
+                return None
+            out.append(np.array(ptrs, dtype=np.int64))
+    return out
 
 
-def _step_plan(opt: Any, plan: _Plan, check_finite: bool, grad_ptrs: list | None = None) -> list:
-    batches = [b for _, bs in plan.groups for b in bs]
-    if grad_ptrs is None:
-        grad_ptrs = [np.array([p.grad.data_ptr() for p in b.params], dtype=np.int64) for b in batches]
+def _step_plan(opt: Any, plan: _Plan, check_finite: bool, work: list, grad_ptrs: list[np.ndarray]) -> list:
+    batches = [b for _, _, bs in plan.groups for b in bs]
     if check_finite:
         _check_finite(opt, plan, batches, grad_ptrs)
     if not plan.ready:
         _prepare_states(opt, plan)
-        batches = [b for _, bs in plan.groups for b in bs]
-        grad_ptrs = [np.array([p.grad.data_ptr() for p in b.params], dtype=np.int64) for b in batches]
+        batches = [b for _, _, bs in plan.groups for b in bs]
+        grad_ptrs = _grad_addresses(plan, work)
     rule = opt.rule
     floats, bools = kernels.coefficient_names(rule)
     scalar_names = list(rule.scalar_states)
     index = 0
-    for (group, bs) in plan.groups:
+    for _, group, bs in plan.groups:
         h = opt._math(group)
         for b in bs:
             b.addresses[:, 1] = grad_ptrs[index]

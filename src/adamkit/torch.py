@@ -167,12 +167,17 @@ class Optimizer(_optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work: list[tuple[dict, list[torch.Tensor]]] = []
+        work: list[tuple[dict, list[torch.Tensor], list[torch.Tensor]]] = []
         for gi, group in enumerate(self.param_groups):
             self.rule.validate(self._math(group))
-            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in group["params"]]  # the one pass that reads .grad
+            if any(g is None for g in grads):
+                params = [p for p, g in zip(group["params"], grads) if g is not None]
+                grads = [g for g in grads if g is not None]
+            else:
+                params = group["params"]
             if params:
-                work.append((group, params))
+                work.append((group, params, grads))
         from . import _torch_fused  # imported on first step: importing adamkit compiles nothing
         for group, p in _torch_fused.step(self, work, self.check_finite):
             self._reference_step(group, p)
