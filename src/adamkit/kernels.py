@@ -274,9 +274,9 @@ def _generate(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic
         for _, s in quantized:
             L.append(f"            {s}_scale = {s}_absmax[block]")
             L.append(f"            {s}_buf = {s}_buffer[:b1 - b0]")
+        L.append("            for i in range(b1 - b0):")  # dequantize every 8-bit state into its buffer
         for _, s in quantized:
             fn = "dequantize_signed" if s in signed else "dequantize_unsigned"
-            L.append("            for i in range(b1 - b0):")
             L.append(f"                {s}_buf[i] = DT({fn}({s}_b[i], {s}_scale))")
         L.append("            for i in range(b1 - b0):")
         # the same body over block views; 8-bit states are read from and written to their buffers
@@ -290,18 +290,19 @@ def _generate(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic
             block_body.append(f"{s}_buf[i] = r[{j + 1}]" if kind == "q8" else store(kind, f"{s}_b[i]", f"r[{j + 1}]",
                                                                                      j + 1))
         L.extend("                " + line for line in block_body)
+        # block absmax as an integer max over the float bits (same order for non-negative floats; vectorizes)
         for _, s in quantized:
-            q = "quantize_signed" if s in signed else "quantize_unsigned"
-            dt = "np.int8" if s in signed else "np.uint8"
-            # block absmax as an integer max over the float bits (same order for non-negative floats; vectorizes)
             L.append(f"            {s}_bits = np.uint32(0)")
             L.append(f"            for i in range(b1 - b0):")
             L.append(f"                {s}_bits = max({s}_bits, f32_bits(abs(np.float32({s}_buf[i]))))")
             L.append(f"            {s}_amax = bits_f32({s}_bits)")
             L.append(f"            {s}_inv = DT(inverse_scale({s}_amax))")
-            L.append(f"            for i in range(b1 - b0):")
-            L.append(f"                {s}_b[i] = {dt}({q}({s}_buf[i], {s}_inv))")
             L.append(f"            {s}_absmax[block] = np.float32({s}_amax)")
+        L.append("            for i in range(b1 - b0):")  # quantize every 8-bit state
+        for _, s in quantized:
+            q = "quantize_signed" if s in signed else "quantize_unsigned"
+            dt = "np.int8" if s in signed else "np.uint8"
+            L.append(f"                {s}_b[i] = {dt}({q}({s}_buf[i], {s}_inv))")
     L.append("")
     return "\n".join(L)
 
