@@ -207,6 +207,39 @@ def run_state_precision(total: int, steps: int, precisions: list[str], log: Call
     return {"params": n, "rows": rows, "process_peak_mib": peak}
 
 
+def peak_memory(total: int, precisions: list[str | None]) -> dict[str, dict[str, float]]:
+    """Process peak memory (MiB) of a fresh process that builds the model and takes 3 AdamW steps, per precision.
+
+    Each measurement runs in its own interpreter so that peaks do not mix; params and grads are fp32 in all.
+    """
+    import json as _json
+    import subprocess
+    code = (
+        "import sys, json, torch\n"
+        "def hwm():  # peak resident set of this process (resets at exec, unlike ru_maxrss)\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+        "import adamkit.torch as akt\n"
+        "from adamkit.bench import transformer_shapes, state_bytes\n"
+        "shapes = transformer_shapes(int(sys.argv[1])); prec = None if sys.argv[2] == 'None' else sys.argv[2]\n"
+        "ps = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]\n"
+        "base = hwm()\n"
+        "opt = akt.AdamW(ps, state_precision=prec) if prec != 'torch' else torch.optim.AdamW(ps, fused=True)\n"
+        "for _ in range(3):\n"
+        "    for p in ps: p.grad = torch.full_like(p, 1e-3)\n"
+        "    opt.step()\n"
+        "peak = hwm()\n"
+        "n = sum(p.numel() for p in ps)\n"
+        "print(json.dumps({'peak_mib': peak / 1024, 'before_optimizer_mib': base / 1024,\n"
+        "                  'state_bytes_per_param': state_bytes(opt) / n, 'params': n}))\n")
+    out = {}
+    for precision in precisions:
+        res = subprocess.run([sys.executable, "-c", code, str(total), str(precision)], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(res.stderr[-2000:])
+        out[str(precision)] = _json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
 def table(results: dict) -> str:
     out = []
     for suite, data in results["suites"].items():
@@ -231,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated configs or class names (e.g. Adam,NAdam)")
     parser.add_argument("--no-small", action="store_true", help="skip the 1000 x 1024 many-small-tensors model")
     parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument("--memory", action="store_true", help="with --state-precision: process peak memory per "
+                        "precision, each in a fresh process (AdamW, 3 steps)")
     parser.add_argument("--state-precision", default="", help="also compare AdamW with these state precisions "
                         "(comma-separated: bf16,int8) against torch fused fp32; 'only' skips the other tables")
     args = parser.parse_args(argv)
@@ -249,6 +284,15 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(f"| {r['optimizer']} | {r['ms']:.2f} | {r['state_bytes_per_param']:.2f} | "
                   f"{r['speedup_vs_torch_fused']:.2f}× |")
+        if args.memory:
+            mem = peak_memory(int(args.params), ["torch", "None", *precisions])
+            results["peak_memory"] = mem
+            print("\n| AdamW (fresh process, 3 steps) | process peak MiB | of which before the optimizer | "
+                  "state B/param |\n|---|---|---|---|")
+            for k, m in mem.items():
+                label = {"torch": "torch fused fp32", "None": "adamkit fp32"}.get(k, f"adamkit {k}")
+                print(f"| {label} | {m['peak_mib']:.0f} | {m['before_optimizer_mib']:.0f} | "
+                      f"{m['state_bytes_per_param']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -113,6 +113,14 @@ def inverse_scale(absmax):
     return where(absmax > _ZERO, _ONE / where(absmax > _ZERO, absmax, _ONE), _ZERO)
 
 
+def constant_code(value: float, signed: bool) -> tuple[int, float]:
+    """Code and block absmax of a block whose every element equals ``value`` (no temporaries needed)."""
+    if value == 0:
+        return 0, 0.0
+    top = SIGNED_MAX if signed else UNSIGNED_MAX
+    return (-top if value < 0 else top), abs(float(value))
+
+
 def n_blocks(n: int) -> int:
     return -(-n // BLOCK)
 

@@ -125,10 +125,27 @@ class Optimizer(_optim.Optimizer):
             if k not in state:
                 state[k] = torch.tensor(v, dtype=_scalar_dtype())
         missing = {k: v for k, v in self.rule.states(self._math(group)).items() if k not in state}
+        precision = group.get("state_precision")
         for k, v in missing.items():
-            self._store_state(p, state, k, torch.full_like(p, v, memory_format=torch.preserve_format),
-                              group.get("state_precision"))
+            # constant initial values: built directly in the stored format, no full-precision temporaries
+            if _states.is_quantized(precision, p.numel()) and not p.is_complex():
+                signed = k in _states.SIGNED_STATES
+                code, scale = _states.constant_code(v, signed)
+                state[k] = torch.full(p.shape, code, dtype=torch.int8 if signed else torch.uint8, device=p.device)
+                state[f"{k}.absmax"] = torch.full((_states.n_blocks(p.numel()),), scale, dtype=torch.float32,
+                                                  device=p.device)
+            elif self._low_precision(p, precision):
+                state[k] = torch.full_like(p, v, dtype=torch.bfloat16, memory_format=torch.preserve_format)
+            else:
+                state[k] = torch.full_like(p, v, memory_format=torch.preserve_format)
         return bool(missing)
+
+    @staticmethod
+    def _low_precision(p: torch.Tensor, precision: str | None) -> bool:
+        """Whether ``p``'s states are stored as bfloat16: bf16 precision (int8 for what cannot be quantized, e.g.
+        complex parameters), for tensors of at least MIN_QUANTIZED elements."""
+        return precision in ("bf16", "int8") and p.numel() >= _states.MIN_QUANTIZED \
+            and p.dtype in (torch.float32, torch.float64)
 
     def _store_state(self, p: torch.Tensor, state: dict, key: str, values: torch.Tensor,
                      precision: str | None) -> None:
@@ -137,8 +154,7 @@ class Optimizer(_optim.Optimizer):
         if _states.is_quantized(precision, p.numel()) and not p.is_complex():
             codes, absmax = _states.quantize(values.detach(), key in _states.SIGNED_STATES)
             state[key], state[f"{key}.absmax"] = codes.contiguous(), absmax
-        elif precision in ("bf16", "int8") and p.numel() >= _states.MIN_QUANTIZED \
-                and p.dtype in (torch.float32, torch.float64):
+        elif self._low_precision(p, precision):
             state[key] = self._bf16_stochastic(values)
         else:
             state[key] = values.to(p.dtype)
