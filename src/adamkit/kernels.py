@@ -315,16 +315,41 @@ def scalar_state_functions() -> tuple:
     global _state_functions
     if _state_functions is None:
         jit = numba.njit(inline="always", error_model="numpy")
-        ops = {"f32_bits": _f32_as_u32, "bits_f32": _bits_as_f32, "minimum": min, "maximum": max,
+        ops = {"f32_bits": _f32_bits_i32, "bits_f32": _bits_as_f32, "minimum": min, "maximum": max,
                "where": _select}
         _state_functions = tuple(_rules.bind(getattr(_states, f), ops, jit, _states.HELPERS) for f in (
             "dequantize_signed", "dequantize_unsigned", "quantize_signed", "quantize_unsigned", "inverse_scale"))
     return _state_functions
 
 
+@intrinsic
+def _f32_as_i32(typingctx, value):
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def _i32_as_f32(typingctx, bits):
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
 @numba.njit(inline="always")
 def _bits_as_f32(bits):
-    return _u32_as_f32(np.uint32(bits))
+    return _i32_as_f32(np.int32(bits))
+
+
+@numba.njit(inline="always")
+def _f32_bits_i32(value):
+    return _f32_as_i32(np.float32(value))
 
 
 @numba.njit(inline="always")

@@ -46,34 +46,36 @@ where = np.where
 
 
 def f32_bits(x):
-    """The IEEE bits of float32 ``x`` as an integer (bound per engine)."""
-    return np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.int64)
+    """The IEEE bits of float32 ``x`` ≥ 0 as an int32 (bound per engine)."""
+    return np.asarray(x, dtype=np.float32).view(np.int32)
 
 
 def bits_f32(b):
-    """The float32 whose IEEE bits are ``b`` (bound per engine)."""
-    return np.asarray(b, dtype=np.int64).astype(np.uint32).view(np.float32)
+    """The float32 whose IEEE bits are the int32 ``b`` (bound per engine)."""
+    return np.asarray(b).astype(np.int32).view(np.float32)
 
 
 _ONE = np.float32(1.0)
 _ZERO = np.float32(0.0)
 # float32 exponent field of 2^(e-15) is e + 112; of 2^(e-31) is e + 96. Codes are (bits >> 20) minus these × 8.
-SIGNED_OFFSET = 112 * 8
-UNSIGNED_OFFSET = 96 * 8
-SIGNED_MAX = 120  # 2^0 · 1.0: the block's absmax itself
-UNSIGNED_MAX = 248
-SIGNED_SMALLEST = np.array([(SIGNED_OFFSET + 1) << 20], dtype=np.uint32).view(np.float32)[0]  # value of code 1
-UNSIGNED_SMALLEST = np.array([(UNSIGNED_OFFSET + 1) << 20], dtype=np.uint32).view(np.float32)[0]
+# Integer constants are int32 scalars so that compiled code does the bit work in 32-bit lanes.
+SIGNED_OFFSET = np.int32(112 * 8)
+UNSIGNED_OFFSET = np.int32(96 * 8)
+SIGNED_MAX = np.int32(120)  # 2^0 · 1.0: the block's absmax itself
+UNSIGNED_MAX = np.int32(248)
+SIGNED_SMALLEST = np.array([(int(SIGNED_OFFSET) + 1) << 20], dtype=np.int32).view(np.float32)[0]  # code 1's value
+UNSIGNED_SMALLEST = np.array([(int(UNSIGNED_OFFSET) + 1) << 20], dtype=np.int32).view(np.float32)[0]
+_I0, _I1, _SHIFT, _HALF = np.int32(0), np.int32(1), np.int32(20), np.int32(0x7FFFF)
 
 
 def _code_of(t, offset, top, smallest):
     """Nearest code of ``t`` ∈ [0, 1] among ``0`` and the normal codes ``1…top``; ``-1`` where ``t`` lies
     below the midpoint between 0 and code 1 (the caller decides: zero, or code 1 for a positive state)."""
     bits = f32_bits(t)
-    rounded = bits + 0x7FFFF + ((bits >> 20) & 1)  # round the mantissa to 3 bits, ties to even
-    code = (rounded >> 20) - offset
-    low = where(t + t >= smallest, 1, -1)  # below code 1: nearest is code 1 or zero
-    return where(code >= 1, minimum(code, top), low)
+    rounded = bits + _HALF + ((bits >> _SHIFT) & _I1)  # round the mantissa to 3 bits, ties to even
+    code = (rounded >> _SHIFT) - offset
+    low = where(t + t >= smallest, _I1, -_I1)  # below code 1: nearest is code 1 or zero
+    return where(code >= _I1, minimum(code, top), low)
 
 
 HELPERS = {"_code_of": _code_of}
@@ -83,13 +85,13 @@ HELPERS = {"_code_of": _code_of}
 def dequantize_signed(code, scale):
     """Value of a signed code: ``scale · ±2^(e−15)(1 + f/8)`` with ``|c| = 8e + f``; 0 for code 0."""
     magnitude = abs(code)
-    value = bits_f32((magnitude + SIGNED_OFFSET) << 20)
+    value = bits_f32((magnitude + SIGNED_OFFSET) << _SHIFT)
     return where(code == 0, _ZERO, where(code < 0, -value, value)) * scale
 
 
 def dequantize_unsigned(code, scale):
     """Value of a non-negative code: ``scale · 2^(e−31)(1 + f/8)`` with ``c = 8e + f``; 0 for code 0."""
-    value = bits_f32((code + UNSIGNED_OFFSET) << 20)
+    value = bits_f32((code + UNSIGNED_OFFSET) << _SHIFT)
     return where(code == 0, _ZERO, value) * scale
 
 
@@ -97,7 +99,7 @@ def quantize_signed(x, inv_scale):
     """Nearest signed code of ``x`` given ``inv_scale`` = 1/absmax of its block (0 for an all-zero block)."""
     t = minimum(abs(x) * inv_scale, _ONE)
     c = _code_of(t, SIGNED_OFFSET, SIGNED_MAX, SIGNED_SMALLEST)
-    c = where(c < 0, 0, c)
+    c = where(c < _I0, _I0, c)
     return where(x < _ZERO, -c, c)
 
 
@@ -105,7 +107,7 @@ def quantize_unsigned(x, inv_scale):
     """Nearest non-negative code of ``x`` ≥ 0; a positive ``x`` never gets code 0."""
     t = minimum(x * inv_scale, _ONE)
     c = _code_of(t, UNSIGNED_OFFSET, UNSIGNED_MAX, UNSIGNED_SMALLEST)
-    return where(c < 0, where(x > _ZERO, 1, 0), c)  # x, not t: x·inv_scale may underflow to 0
+    return where(c < _I0, where(x > _ZERO, _I1, _I0), c)  # x, not t: x·inv_scale may underflow to 0
 
 
 def inverse_scale(absmax):
@@ -117,7 +119,7 @@ def constant_code(value: float, signed: bool) -> tuple[int, float]:
     """Code and block absmax of a block whose every element equals ``value`` (no temporaries needed)."""
     if value == 0:
         return 0, 0.0
-    top = SIGNED_MAX if signed else UNSIGNED_MAX
+    top = int(SIGNED_MAX if signed else UNSIGNED_MAX)
     return (-top if value < 0 else top), abs(float(value))
 
 
@@ -136,8 +138,8 @@ def validate_precision(precision: Any) -> None:
 
 def code_values(signed: bool) -> np.ndarray:
     """Every code's value for absmax 1, in code order (−127…127 signed, 0…255 unsigned)."""
-    offset = SIGNED_OFFSET if signed else UNSIGNED_OFFSET
-    top = SIGNED_MAX if signed else UNSIGNED_MAX
+    offset = int(SIGNED_OFFSET if signed else UNSIGNED_OFFSET)
+    top = int(SIGNED_MAX if signed else UNSIGNED_MAX)
     mags = np.arange(128 if signed else 256)
     values = ((mags + offset).astype(np.uint32) << 20).view(np.float32).astype(np.float64)
     values[0] = 0.0
@@ -167,7 +169,7 @@ def _ops_for(x: Any) -> dict[str, Any]:
         a = a if torch.is_tensor(a) else torch.as_tensor(a, dtype=(b.dtype if torch.is_tensor(b) else like.dtype))
         return torch.where(c, a, b)
 
-    return {"f32_bits": lambda x: x.to(torch.float32).view(torch.int32).to(torch.int64),
+    return {"f32_bits": lambda x: x.to(torch.float32).view(torch.int32),
             "bits_f32": lambda b: b.to(torch.int32).view(torch.float32),
             "minimum": lambda a, b: torch.minimum(a, torch.as_tensor(b, dtype=a.dtype)),
             "maximum": lambda a, b: torch.maximum(a, torch.as_tensor(b, dtype=a.dtype)),
