@@ -77,24 +77,23 @@ def address_as_pointer(typingctx, address):
     return sig, codegen
 
 
-@intrinsic
-def _u32_as_f32(typingctx, bits):
-    sig = types.float32(types.uint32)
+def _bitcast(source: Any, target: Any, llvm_type: Any) -> Any:
+    """An intrinsic reinterpreting a ``source`` scalar's bits as ``target`` (no conversion)."""
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
+    @intrinsic
+    def cast(typingctx, value):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], llvm_type)
 
-    return sig, codegen
+        return target(source), codegen
+
+    return cast
 
 
-@intrinsic
-def _f32_as_u32(typingctx, value):
-    sig = types.uint32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return sig, codegen
+_u32_as_f32 = _bitcast(types.uint32, types.float32, ir.FloatType())
+_f32_as_u32 = _bitcast(types.float32, types.uint32, ir.IntType(32))
+_i32_as_f32 = _bitcast(types.int32, types.float32, ir.FloatType())
+_f32_as_i32 = _bitcast(types.float32, types.int32, ir.IntType(32))
 
 
 @numba.njit(inline="always")
@@ -320,26 +319,6 @@ def scalar_state_functions() -> tuple:
         _state_functions = tuple(_rules.bind(getattr(_states, f), ops, jit, _states.HELPERS) for f in (
             "dequantize_signed", "dequantize_unsigned", "quantize_signed", "quantize_unsigned", "inverse_scale"))
     return _state_functions
-
-
-@intrinsic
-def _f32_as_i32(typingctx, value):
-    sig = types.int32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return sig, codegen
-
-
-@intrinsic
-def _i32_as_f32(typingctx, bits):
-    sig = types.float32(types.int32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
 
 
 @numba.njit(inline="always")
