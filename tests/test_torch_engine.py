@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import adamkit.torch as akt
-from conftest import grid_cases, gradient, make_problem
+from conftest import gradient, make_problem
 
 CONFIGS = {"SGD": dict(lr=0.05, momentum=0.9, nesterov=True), "Adagrad": dict(lr=0.05, lr_decay=0.01),
            "RMSprop": dict(momentum=0.5, centered=True), "Adam": dict(amsgrad=True, weight_decay=0.1),

@@ -3,8 +3,9 @@
 For a rule and the set of states present, :func:`kernel` writes a small loop — and only a loop — into a Python
 module under the cache directory, imports it and compiles it with ``numba.njit(parallel=True, cache=True)``.
 The loop calls the rule's own element function (:mod:`adamkit.rules`, bound to ``math.sqrt`` / ``max`` and
-compiled by numba), so the math is never re-typed. One call covers many tensors: a table of chunks
-``(tensor, start, stop)`` is split across threads, each chunk reads and writes every byte once.
+compiled by numba) and, for low-precision states, the load/store functions of :mod:`adamkit.states` (bfloat16
+rounding, 8-bit codes block by block), so the math is never re-typed. One call covers many tensors: a table of
+chunks ``(tensor, start, stop)`` is split across threads, each chunk reads and writes every byte once.
 
 Tensors are reached through their addresses (``data_ptr``), so torch tensors and NumPy arrays need no copies.
 Per-tensor coefficients (bias corrections for that tensor's step) come as rows of a float64 matrix and are
@@ -17,7 +18,6 @@ the machine code from the disk cache (``ADAMKIT_CACHE_DIR``, default ``~/.cache/
 from __future__ import annotations
 
 import functools
-import math
 import hashlib
 import importlib.util
 import inspect
@@ -292,7 +292,7 @@ def _generate(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic
         # block absmax as an integer max over the float bits (same order for non-negative floats; vectorizes)
         for _, s in quantized:
             L.append(f"            {s}_bits = np.uint32(0)")
-            L.append(f"            for i in range(b1 - b0):")
+            L.append("            for i in range(b1 - b0):")
             L.append(f"                {s}_bits = max({s}_bits, f32_bits(abs(np.float32({s}_buf[i]))))")
             L.append(f"            {s}_amax = bits_f32({s}_bits)")
             L.append(f"            {s}_inv = DT(inverse_scale({s}_amax))")
