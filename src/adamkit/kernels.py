@@ -315,7 +315,7 @@ def scalar_state_functions() -> tuple:
     if _state_functions is None:
         jit = numba.njit(inline="always", error_model="numpy")
         ops = {"f32_bits": _f32_bits_i32, "bits_f32": _bits_as_f32, "minimum": min, "maximum": max,
-               "where": _select}
+               "where": _select, "i32": np.int32}
         _state_functions = tuple(_rules.bind(getattr(_states, f), ops, jit, _states.HELPERS) for f in (
             "dequantize_signed", "dequantize_unsigned", "quantize_signed", "quantize_unsigned", "inverse_scale"))
     return _state_functions

@@ -20,8 +20,8 @@ no transcendental functions, so the kernels stay memory-bound. Tensors under :da
 full precision.
 
 The element functions here are written once, like the rules: the compiled kernels run them on scalars, the
-reference path on whole tensors (primitives ``f32_bits``, ``bits_f32``, ``where``, ``minimum`` are bound per
-engine).
+reference path on whole tensors (primitives ``f32_bits``, ``bits_f32``, ``where``, ``minimum``, ``i32`` are bound
+per engine).
 """
 
 from __future__ import annotations
@@ -45,6 +45,12 @@ maximum = np.maximum
 where = np.where
 
 
+def i32(x):
+    """Keep an integer result in 32 bits (bound per engine). NumPy and torch already keep int32 arithmetic in
+    int32; numba widens it to int64, which halves the lanes of a vector loop, so the compiled engine casts back."""
+    return x
+
+
 def f32_bits(x):
     """The IEEE bits of float32 ``x`` ≥ 0 as an int32 (bound per engine)."""
     return np.asarray(x, dtype=np.float32).view(np.int32)
@@ -63,19 +69,18 @@ SIGNED_OFFSET = np.int32(112 * 8)
 UNSIGNED_OFFSET = np.int32(96 * 8)
 SIGNED_MAX = np.int32(120)  # 2^0 · 1.0: the block's absmax itself
 UNSIGNED_MAX = np.int32(248)
-SIGNED_SMALLEST = np.array([(int(SIGNED_OFFSET) + 1) << 20], dtype=np.int32).view(np.float32)[0]  # code 1's value
-UNSIGNED_SMALLEST = np.array([(int(UNSIGNED_OFFSET) + 1) << 20], dtype=np.int32).view(np.float32)[0]
+# half the value of signed code 1: the midpoint between 0 and code 1 (exact, a power of two below a normal float)
+SIGNED_MIDPOINT = np.array([(int(SIGNED_OFFSET) + 1) << 20], dtype=np.int32).view(np.float32)[0] / np.float32(2)
 _I0, _I1, _SHIFT, _HALF = np.int32(0), np.int32(1), np.int32(20), np.int32(0x7FFFF)
 
 
-def _code_of(t, offset, top, smallest):
-    """Nearest code of ``t`` ∈ [0, 1] among ``0`` and the normal codes ``1…top``; ``-1`` where ``t`` lies
-    below the midpoint between 0 and code 1 (the caller decides: zero, or code 1 for a positive state)."""
+def _code_of(t, offset):
+    """Nearest normal code of ``t`` ∈ [0, 1]: the float's exponent and top 3 mantissa bits, rounded to nearest
+    (ties to even). ``t`` ≤ 1 keeps it at most the map's largest code; it is ≤ 0 where ``t`` rounds below code 1
+    (the caller then picks 0 or 1)."""
     bits = f32_bits(t)
-    rounded = bits + _HALF + ((bits >> _SHIFT) & _I1)  # round the mantissa to 3 bits, ties to even
-    code = (rounded >> _SHIFT) - offset
-    low = where(t + t >= smallest, _I1, -_I1)  # below code 1: nearest is code 1 or zero
-    return where(code >= _I1, minimum(code, top), low)
+    rounded = i32(bits + _HALF + i32(i32(bits >> _SHIFT) & _I1))  # round the mantissa to 3 bits, ties to even
+    return i32(i32(rounded >> _SHIFT) - offset)
 
 
 HELPERS = {"_code_of": _code_of}
@@ -84,30 +89,30 @@ HELPERS = {"_code_of": _code_of}
 
 def dequantize_signed(code, scale):
     """Value of a signed code: ``scale · ±2^(e−15)(1 + f/8)`` with ``|c| = 8e + f``; 0 for code 0."""
-    magnitude = abs(code)
-    value = bits_f32((magnitude + SIGNED_OFFSET) << _SHIFT)
+    magnitude = i32(abs(code))
+    value = bits_f32(i32(i32(magnitude + SIGNED_OFFSET) << _SHIFT))
     return where(code == 0, _ZERO, where(code < 0, -value, value)) * scale
 
 
 def dequantize_unsigned(code, scale):
     """Value of a non-negative code: ``scale · 2^(e−31)(1 + f/8)`` with ``c = 8e + f``; 0 for code 0."""
-    value = bits_f32((code + UNSIGNED_OFFSET) << _SHIFT)
+    value = bits_f32(i32(i32(code + UNSIGNED_OFFSET) << _SHIFT))
     return where(code == 0, _ZERO, value) * scale
 
 
 def quantize_signed(x, inv_scale):
     """Nearest signed code of ``x`` given ``inv_scale`` = 1/absmax of its block (0 for an all-zero block)."""
     t = minimum(abs(x) * inv_scale, _ONE)
-    c = _code_of(t, SIGNED_OFFSET, SIGNED_MAX, SIGNED_SMALLEST)
-    c = where(c < _I0, _I0, c)
-    return where(x < _ZERO, -c, c)
+    code = _code_of(t, SIGNED_OFFSET)
+    c = where(code >= _I1, code, where(t >= SIGNED_MIDPOINT, _I1, _I0))  # below code 1: code 1 or zero
+    return where(x < _ZERO, i32(-c), c)
 
 
 def quantize_unsigned(x, inv_scale):
     """Nearest non-negative code of ``x`` ≥ 0; a positive ``x`` never gets code 0."""
     t = minimum(x * inv_scale, _ONE)
-    c = _code_of(t, UNSIGNED_OFFSET, UNSIGNED_MAX, UNSIGNED_SMALLEST)
-    return where(c < _I0, where(x > _ZERO, _I1, _I0), c)  # x, not t: x·inv_scale may underflow to 0
+    code = _code_of(t, UNSIGNED_OFFSET)
+    return where(code >= _I1, code, where(x > _ZERO, _I1, _I0))  # x, not t: x·inv_scale may underflow to 0
 
 
 def inverse_scale(absmax):
