@@ -180,10 +180,77 @@ def test_nonfinite_gradients_never_reach_quantized_blocks():
     with pytest.raises(FloatingPointError):
         opt.step()
     assert torch.equal(opt.state[p]["exp_avg"], before["state"][0]["exp_avg"])
-    with pytest.raises(ValueError, match="check_finite"):
-        akt.Adam([p], state_precision="int8", check_finite=False)
     with pytest.raises(ValueError, match="state_precision"):
         akt.Adam([p], state_precision="fp8")
+
+
+BAD_BLOCKS = (1, 5)  # of 40 blocks (10,000 elements: the last block is ragged)
+
+
+def _poisoned(g: torch.Tensor) -> torch.Tensor:
+    g = g.clone()
+    g.view(-1)[256 * BAD_BLOCKS[0] + 7] = float("nan")
+    g.view(-1)[256 * BAD_BLOCKS[1] + 255] = float("-inf")
+    return g
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_check_finite_int8_skips_exactly_the_nonfinite_blocks(fused, dtype):
+    """check_finite=False with int8 states: a block of 256 whose gradient holds inf/nan keeps its params, codes
+    and absmax; every other block gets exactly the step it would get with a finite gradient there."""
+    gen = torch.Generator().manual_seed(3)
+    start = torch.randn(100, 100, generator=gen).to(dtype)
+    grads = [torch.randn(100, 100, generator=gen).to(dtype) for _ in range(3)]
+    ps = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    opts = [akt.AdamW([p], lr=1e-2, state_precision="int8", check_finite=False, fused=fused) for p in ps]
+    for g in grads[:2]:  # two clean steps
+        for p, opt in zip(ps, opts):
+            p.grad = g.clone()
+            opt.step()
+    before = {k: v.clone() for k, v in opts[0].state[ps[0]].items()}
+    before_param = ps[0].detach().clone()
+    ps[0].grad = _poisoned(grads[2])
+    ps[1].grad = grads[2].clone()
+    with pytest.warns(RuntimeWarning, match="2 block"):
+        opts[0].step()
+    opts[1].step()
+    bad = torch.zeros(40, dtype=torch.bool)
+    bad[list(BAD_BLOCKS)] = True
+    elements = bad.repeat_interleave(256)[:10000].view(100, 100)
+    state, clean = opts[0].state[ps[0]], opts[1].state[ps[1]]
+    assert torch.equal(ps[0].detach()[elements], before_param[elements])
+    assert torch.equal(ps[0].detach()[~elements], ps[1].detach()[~elements])
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(state[k][elements], before[k][elements])
+        assert torch.equal(state[k][~elements], clean[k][~elements])
+        assert torch.equal(state[f"{k}.absmax"][bad], before[f"{k}.absmax"][bad])
+        assert torch.equal(state[f"{k}.absmax"][~bad], clean[f"{k}.absmax"][~bad])
+    assert torch.isfinite(ps[0].detach().float()).all()
+
+
+def test_without_check_finite_numpy_int8_skips_the_nonfinite_blocks():
+    import adamkit.numpy as anp
+    rng = np.random.default_rng(0)
+    start, g = rng.standard_normal(10000), rng.standard_normal(10000)
+    bad_g = _poisoned(torch.from_numpy(g)).numpy()
+    a, b = start.copy(), start.copy()
+    oa = anp.Adam([a], lr=1e-2, state_precision="int8", check_finite=False)
+    ob = anp.Adam([b], lr=1e-2, state_precision="int8", check_finite=False)
+    oa.step([g]), ob.step([g])
+    before, before_a = {k: np.copy(v) for k, v in oa.state[0].items()}, a.copy()
+    with pytest.warns(RuntimeWarning, match="2 block"):
+        oa.step([bad_g])
+    ob.step([g])
+    bad = np.zeros(40, dtype=bool)
+    bad[list(BAD_BLOCKS)] = True
+    elements = np.repeat(bad, 256)[:10000]
+    np.testing.assert_array_equal(a[elements], before_a[elements])
+    np.testing.assert_array_equal(a[~elements], b[~elements])
+    for k in ("exp_avg", "exp_avg_sq"):
+        np.testing.assert_array_equal(oa.state[0][k][elements], before[k][elements])
+        np.testing.assert_array_equal(oa.state[0][k][~elements], ob.state[0][k][~elements])
+        np.testing.assert_array_equal(oa.state[0][f"{k}.absmax"][bad], before[f"{k}.absmax"][bad])
 
 
 def test_quality_on_digits_int8_and_bf16_match_fp32():

@@ -18,6 +18,8 @@ from . import kernels
 from . import rules as _rules
 
 FORMAT_OF = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}
+# unbound methods, mapped over lists of tensors (C-level iteration: the per-step passes over 1,000s of tensors)
+_data_ptr, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.is_contiguous
 
 
 def _kinds(rule: _rules.Rule, p: torch.Tensor, state: dict) -> tuple[str, ...]:
@@ -43,7 +45,7 @@ class _Batch:
         self.positions = None if positions is None or positions == list(range(group_size)) else positions
         self.sizes = np.array([p.numel() for p in params], dtype=np.int64)
         self.table = kernels.chunk_table(self.sizes)
-        self.param_ptrs = [p.data_ptr() for p in params]
+        self.param_ptrs = list(map(_data_ptr, params))
         self.addresses: np.ndarray | None = None  # filled once states exist
         self.scalar_tensors: list[list[torch.Tensor]] = []
         self.scalars: np.ndarray | None = None  # mirror of the per-tensor scalar states (step, mu_product)
@@ -124,15 +126,16 @@ def _prepare_states(opt: Any, plan: _Plan) -> None:
     plan.ready = True
 
 
-def step(opt: Any, work: list[tuple[dict, list, list]], check_finite: bool) -> list[tuple[dict, Any]]:
-    """Step every parameter the kernels can take; return (group, param) pairs left for the reference path.
+def step(opt: Any, work: list[tuple[dict, list, list]], check_finite: bool) -> tuple[list[tuple[dict, Any]], int]:
+    """Step every parameter the kernels can take; return the (group, param) pairs left for the reference path
+    and the number of 8-bit blocks left unchanged because their gradient was not finite.
 
     ``work`` holds (group, params with gradients, their gradients). With ``check_finite``, every gradient
     (compiled or not) is scanned before anything changes.
     """
     key = _key(opt, work)
     plan = opt._kernel_plan
-    if plan is None or plan.key != key or any(b.param_ptrs != [p.data_ptr() for p in b.params]
+    if plan is None or plan.key != key or any(b.param_ptrs != list(map(_data_ptr, b.params))
                                               for _, _, batches in plan.groups for b in batches):
         plan = opt._kernel_plan = _build(opt, work, key)
     grad_ptrs = _grad_addresses(plan, work)
@@ -149,14 +152,14 @@ def _grad_addresses(plan: _Plan, work: list) -> list[np.ndarray] | None:
         grads = work[gi][2]
         for b in batches:
             gs = grads if b.positions is None else [grads[i] for i in b.positions]
-            ptrs = [g.data_ptr() for g in gs if g.is_contiguous()]
-            if len(ptrs) != len(gs):
+            if not all(map(_is_contiguous, gs)):
                 return None
-            out.append(np.array(ptrs, dtype=np.int64))
+            out.append(np.array(list(map(_data_ptr, gs)), dtype=np.int64))
     return out
 
 
-def _step_plan(opt: Any, plan: _Plan, check_finite: bool, work: list, grad_ptrs: list[np.ndarray]) -> list:
+def _step_plan(opt: Any, plan: _Plan, check_finite: bool, work: list,
+               grad_ptrs: list[np.ndarray]) -> tuple[list, int]:
     batches = [b for _, _, bs in plan.groups for b in bs]
     if check_finite:
         _check_finite(opt, plan, batches, grad_ptrs)
@@ -167,7 +170,7 @@ def _step_plan(opt: Any, plan: _Plan, check_finite: bool, work: list, grad_ptrs:
     rule = opt.rule
     floats, bools = kernels.coefficient_names(rule)
     scalar_names = list(rule.scalar_states)
-    index = 0
+    index = skipped = 0
     for _, group, bs in plan.groups:
         h = opt._math(group)
         for b in bs:
@@ -176,12 +179,12 @@ def _step_plan(opt: Any, plan: _Plan, check_finite: bool, work: list, grad_ptrs:
             coef, flags, new = _coefficients(rule, h, b, floats, bools, scalar_names)
             rounding = opt.stochastic_rounding or "bf16" in b.kinds
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=opt._rounding_generator)) if rounding else 0
-            kernels.kernel(rule, b.present, b.fmt, opt.stochastic_rounding and b.fmt == "bfloat16", b.kinds)(
-                *b.table, b.sizes, b.addresses, coef, flags, seed)
+            skipped += kernels.kernel(rule, b.present, b.fmt, opt.stochastic_rounding and b.fmt == "bfloat16",
+                                      b.kinds)(*b.table, b.sizes, b.addresses, coef, flags, seed)
             b.fresh = False
             if scalar_names:
                 _write_scalars(b, new, scalar_names)
-    return plan.reference
+    return plan.reference, skipped
 
 
 def _check_finite(opt: Any, plan: _Plan, batches: list[_Batch], grad_ptrs: list[np.ndarray]) -> None:

@@ -177,6 +177,8 @@ def _generate(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic
 
     The loop loads (and dequantizes) each element, calls the rule, and stores (and rounds or quantizes) the
     results; 8-bit states go block by block (new values in a small buffer, then the block's absmax, then codes).
+    A block whose gradient holds inf or nan is left unchanged (params, codes, absmax) and counted; the kernel
+    returns that count (0 for kernels without 8-bit states).
     """
     kinds = kinds or tuple("plain" for _ in rule.update_states)
     _, compute, _ = FORMATS[fmt]
@@ -202,10 +204,10 @@ def _generate(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic
             return f"DT(bf16_load({x}))"
         return x
 
-    def store(kind: str, target: str, value: str, stream: int) -> str:
+    def store(kind: str, target: str, value: str, stream: int, index: str = "lo + i") -> str:
         if kind == "bf16" or (kind == "plain" and bf16_param):
             sr = kind == "bf16" or stochastic
-            noise = f"random16(seed, k, lo + i, {stream})" if sr else f"nearest_even(np.float32({value}))"
+            noise = f"random16(seed, k, {index}, {stream})" if sr else f"nearest_even(np.float32({value}))"
             return f"{target} = bf16_store(np.float32({value}), {noise})"
         return f"{target} = {value}"
 
@@ -222,10 +224,12 @@ def _generate(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic
         f"update = scalar_update({rule.name!r})",
         f"DT = np.{compute.__name__}",
         f"BLOCK = {_states.BLOCK}",
+        "INF = DT(np.inf)",
         "",
         "@njit(parallel=True, cache=True, nogil=True, error_model='numpy')",
         "def kernel(chunk_tensor, chunk_start, chunk_stop, sizes, addresses, coefficients, flags, seed):",
         "    zero = DT(0.0)",
+        "    skipped = 0  # 8-bit blocks left unchanged because their gradient was not finite",
         "    for c in prange(chunk_tensor.shape[0]):",
         "        k = chunk_tensor[c]",
         "        n = sizes[k]",
@@ -268,32 +272,37 @@ def _generate(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic
         L.append("            block = (lo + b0) // BLOCK")
         L.append("            theta_b = theta_[b0:b1]")
         L.append("            g_b = g_[b0:b1]")
+        # a block whose gradient holds inf or nan is left as it is (one nan would poison the block's absmax)
+        L.append("            nonfinite = 0")
+        L.append("            for i in range(b1 - b0):")
+        L.append(f"                if not abs({load('plain', '', 'g_b[i]')}) < INF:")
+        L.append("                    nonfinite += 1")
+        L.append("            if nonfinite:")
+        L.append("                skipped += 1")
+        L.append("                continue")
         for _, s, kind in on:
             L.append(f"            {s}_b = {s}_[b0:b1]")
         for _, s in quantized:
             L.append(f"            {s}_scale = {s}_absmax[block]")
             L.append(f"            {s}_buf = {s}_buffer[:b1 - b0]")
-        L.append("            for i in range(b1 - b0):")  # dequantize every 8-bit state into its buffer
-        for _, s in quantized:
-            fn = "dequantize_signed" if s in signed else "dequantize_unsigned"
-            L.append(f"                {s}_buf[i] = DT({fn}({s}_b[i], {s}_scale))")
+            L.append(f"            {s}_bits = np.uint32(0)")
+        # one loop: dequantize, the rule, and each new 8-bit state's running absmax (an integer max over the
+        # float bits: same order for non-negative floats; it vectorizes); new 8-bit states wait in buffers
         L.append("            for i in range(b1 - b0):")
-        # the same body over block views; 8-bit states are read from and written to their buffers
-        call_b = ["theta_b[i]" if not bf16_param else "DT(bf16_load(theta_b[i]))",
-                  "g_b[i]" if not bf16_param else "DT(bf16_load(g_b[i]))"]
+        call_b = [load("plain", "", "theta_b[i]"), load("plain", "", "g_b[i]")]
         for s in rule.update_states:
             kind = present_kind.get(s)
-            call_b.append("zero" if kind is None else f"{s}_buf[i]" if kind == "q8" else load(kind, s, f"{s}_b[i]"))
-        block_body = [f"r = update({', '.join(call_b + names)})", store("plain", "theta_b[i]", "r[0]", 0)]
+            call_b.append("zero" if kind is None else load(kind, s, f"{s}_b[i]"))
+        index = "lo + b0 + i"  # the element's place in its tensor (the stochastic-rounding counter)
+        block_body = [f"r = update({', '.join(call_b + names)})", store("plain", "theta_b[i]", "r[0]", 0, index)]
         for j, s, kind in on:
-            block_body.append(f"{s}_buf[i] = r[{j + 1}]" if kind == "q8" else store(kind, f"{s}_b[i]", f"r[{j + 1}]",
-                                                                                     j + 1))
+            if kind == "q8":
+                block_body.append(f"{s}_buf[i] = r[{j + 1}]")
+                block_body.append(f"{s}_bits = max({s}_bits, f32_bits(abs(np.float32(r[{j + 1}]))))")
+            else:
+                block_body.append(store(kind, f"{s}_b[i]", f"r[{j + 1}]", j + 1, index))
         L.extend("                " + line for line in block_body)
-        # block absmax as an integer max over the float bits (same order for non-negative floats; vectorizes)
         for _, s in quantized:
-            L.append(f"            {s}_bits = np.uint32(0)")
-            L.append("            for i in range(b1 - b0):")
-            L.append(f"                {s}_bits = max({s}_bits, f32_bits(abs(np.float32({s}_buf[i]))))")
             L.append(f"            {s}_amax = bits_f32({s}_bits)")
             L.append(f"            {s}_inv = DT(inverse_scale({s}_amax))")
             L.append(f"            {s}_absmax[block] = np.float32({s}_amax)")
@@ -302,6 +311,7 @@ def _generate(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic
             q = "quantize_signed" if s in signed else "quantize_unsigned"
             dt = "np.int8" if s in signed else "np.uint8"
             L.append(f"                {s}_b[i] = {dt}({q}({s}_buf[i], {s}_inv))")
+    L.append("    return skipped")
     L.append("")
     return "\n".join(L)
 

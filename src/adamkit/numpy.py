@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -47,9 +48,6 @@ class Optimizer:
         self.check_finite: bool = bool(values.pop("check_finite"))
         self.state_precision = values.pop("state_precision")
         _states.validate_precision(self.state_precision)
-        if self.state_precision == "int8" and not self.check_finite:
-            raise ValueError("state_precision='int8' needs check_finite=True (a non-finite gradient would poison a "
-                             "block of quantized states)")
         self._rng = np.random.default_rng()
         self.defaults: dict[str, Any] = self.rule.hyperparameters(**values)
         self._update = _rules.bind(self.rule.update, _rules.NUMPY_OPS)
@@ -134,6 +132,7 @@ class Optimizer:
         for gi, group in enumerate(self.param_groups):
             h = self._hyper(group)
             self.rule.validate(h)
+        skipped = 0
         for index, (p, g) in enumerate(zip(params, grads)):
             if g is None:
                 continue
@@ -144,6 +143,13 @@ class Optimizer:
             arrays = {k: real(_states.load(state, k, p.dtype)) for k in self.rule.update_states if k in state}
             arrays.update({k: np.full_like(real(p), v) for k, v in missing.items()})
             arrays.update({k: state[k] for k in self.rule.scalar_states})
+            quantized = [k for k in self.rule.update_states if f"{k}.absmax" in state]
+            bad = _states.nonfinite_blocks(g) if quantized and not self.check_finite else None
+            if bad is not None and bad.any():  # blocks with inf/nan keep their params and 8-bit states
+                kept = {"param": p.copy(), **{k: state[k].copy() for k in quantized},
+                        **{f"{k}.absmax": state[f"{k}.absmax"].copy() for k in quantized}}
+            else:
+                bad = None
             theta, new_arrays, scalars = _rules.step_tensor(self.rule, h, real(p), real(g), arrays, self._update,
                                                            fresh=bool(missing))
             real(p)[...] = theta
@@ -151,6 +157,17 @@ class Optimizer:
                 full = np.array(v, dtype=real(p).dtype).view(p.dtype) if np.iscomplexobj(p) else np.asarray(v, p.dtype)
                 _states.store(state, k, full.reshape(p.shape), self.state_precision, self._rng)
             state.update(scalars)
+            if bad is not None:
+                _states.restore_blocks(p, kept["param"], bad)
+                for k in quantized:
+                    _states.restore_blocks(state[k], kept[k], bad)
+                    state[f"{k}.absmax"][bad] = kept[f"{k}.absmax"][bad]
+                skipped += int(bad.sum())
+        if skipped:
+            warnings.warn(f"{self.rule.name}: {skipped} block(s) of {_states.BLOCK} elements with 8-bit states had "
+                          f"non-finite gradients (inf or nan) and were left unchanged (params and states); the "
+                          f"rest of the step was applied. check_finite=True refuses such steps whole.",
+                          RuntimeWarning, stacklevel=2)
 
     def zero_grad(self) -> None:
         """Nothing to clear: gradients are passed to :meth:`step`. Present for symmetry with torch."""
@@ -265,7 +282,9 @@ def _make(rule: _rules.Rule) -> type[Optimizer]:
                    f"{inspect.cleandoc(rule.update.__doc__ or '')}\n\n"
                    f"Hyperparameters (torch.optim's names and defaults): "
                    + ", ".join(f"``{h.name}={h.default!r}``" for h in rule.hypers)
-                   + ". ``check_finite`` (default True) rejects non-finite gradients before any update.",
+                   + ". ``check_finite`` (default True) rejects non-finite gradients before any update; with "
+                   "``check_finite=False`` and ``state_precision='int8'``, a block of 256 whose gradient is not "
+                   "finite is left unchanged (with a ``RuntimeWarning``).",
         "__module__": __name__,
     })
     cls.__signature__ = inspect.Signature(list(cls._signature.parameters.values())[1:])

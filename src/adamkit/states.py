@@ -226,6 +226,27 @@ def dequantize(codes: Any, absmax: Any, signed: bool, dtype: Any) -> Any:
     return values.astype(dtype) if isinstance(values, np.ndarray) else values.to(dtype)
 
 
+def nonfinite_blocks(g: Any) -> Any:
+    """Which blocks of :data:`BLOCK` elements of ``g`` (flattened) hold inf or nan: one bool per block."""
+    flat = g.reshape(-1)
+    if isinstance(flat, np.ndarray):
+        return ~_blocks(np.isfinite(flat), True).all(axis=1)
+    import torch
+    return ~_blocks(torch.isfinite(flat), True).all(dim=1)
+
+
+def restore_blocks(new: Any, old: Any, bad: Any) -> None:
+    """Copy ``old`` back into ``new`` (same shape, in place, any strides) over the blocks flagged in ``bad``
+    (blocks of the row-major flattening, as :func:`quantize` makes them)."""
+    n = int(np.prod(new.shape))
+    if isinstance(bad, np.ndarray):
+        elements = np.repeat(bad, BLOCK)[:n].reshape(new.shape)
+    else:
+        import torch
+        elements = torch.repeat_interleave(bad, BLOCK)[:n].reshape(new.shape)
+    new[elements] = old[elements]
+
+
 # -- storing and loading a state array in a given precision (shared by the engines) -----------------------------
 
 def bf16_bits(values: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:

@@ -31,6 +31,9 @@ Example:
 from __future__ import annotations
 
 import inspect
+import itertools
+import operator
+import warnings
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -40,6 +43,8 @@ import torch.optim as _optim
 from . import rules as _rules
 from . import states as _states
 from ._signature import bind as _bind
+
+_GRAD = operator.attrgetter("grad")
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam"]
 
@@ -72,9 +77,6 @@ class Optimizer(_optim.Optimizer):
         if engine.get("fused") not in (None, True, False):
             raise ValueError(f"Invalid fused: {engine['fused']!r} (must be None, True or False)")
         _states.validate_precision(engine.get("state_precision"))
-        if engine.get("state_precision") == "int8" and not self.check_finite:
-            raise ValueError("state_precision='int8' needs check_finite=True: a non-finite gradient would poison "
-                             "a whole block of 256 quantized states, so such steps are refused before any change")
         defaults = self.rule.hyperparameters(**values)
         defaults.update(engine)
         self._init_engine()
@@ -186,8 +188,8 @@ class Optimizer(_optim.Optimizer):
         work: list[tuple[dict, list[torch.Tensor], list[torch.Tensor]]] = []
         for gi, group in enumerate(self.param_groups):
             self.rule.validate(self._math(group))
-            grads = [p.grad for p in group["params"]]  # the one pass that reads .grad
-            if any(g is None for g in grads):
+            grads = list(map(_GRAD, group["params"]))  # the one pass that reads .grad
+            if any(map(operator.is_, grads, itertools.repeat(None))):
                 params = [p for p, g in zip(group["params"], grads) if g is not None]
                 grads = [g for g in grads if g is not None]
             else:
@@ -195,8 +197,14 @@ class Optimizer(_optim.Optimizer):
             if params:
                 work.append((group, params, grads))
         from . import _torch_fused  # imported on first step: importing adamkit compiles nothing
-        for group, p in _torch_fused.step(self, work, self.check_finite):
-            self._reference_step(group, p)
+        reference, skipped = _torch_fused.step(self, work, self.check_finite)
+        for group, p in reference:
+            skipped += self._reference_step(group, p)
+        if skipped:
+            warnings.warn(f"{self.rule.name}: {skipped} block(s) of {_states.BLOCK} elements with 8-bit states had "
+                          f"non-finite gradients (inf or nan) and were left unchanged (params and states); the "
+                          f"rest of the step was applied. check_finite=True refuses such steps whole.",
+                          RuntimeWarning, stacklevel=2)
         return loss
 
     def _check_grad(self, gi: int, p: torch.Tensor) -> None:
@@ -208,10 +216,18 @@ class Optimizer(_optim.Optimizer):
         if not (p.is_floating_point() or p.is_complex()):
             raise TypeError(f"{where} has dtype {p.dtype}; optimizers need floating or complex parameters")
 
-    def _reference_step(self, group: dict[str, Any], p: torch.Tensor) -> None:
+    def _reference_step(self, group: dict[str, Any], p: torch.Tensor) -> int:
+        """Step ``p`` with torch ops; return how many 8-bit blocks were left unchanged (non-finite gradient)."""
         h = self._math(group)
         fresh = self._init_state(p, group)
         state = self.state[p]
+        quantized = [k for k in self.rule.update_states if f"{k}.absmax" in state]
+        bad = _states.nonfinite_blocks(p.grad) if quantized and not self.check_finite else None
+        if bad is not None and bool(bad.any()):  # keep those blocks as they are (see step)
+            kept = {"param": p.detach().clone(), **{k: state[k].clone() for k in quantized},
+                    **{f"{k}.absmax": state[f"{k}.absmax"].clone() for k in quantized}}
+        else:
+            bad = None
         real = torch.view_as_real if p.is_complex() else (lambda t: t)
         arrays = {k: real(self._load_state(p, state, k)) for k in self.rule.update_states if k in state}
         arrays.update({k: state[k].item() for k in self.rule.scalar_states})
@@ -226,6 +242,13 @@ class Optimizer(_optim.Optimizer):
                 self._store_state(p, state, k, v, group.get("state_precision"))
         for k, v in scalars.items():
             state[k].fill_(v)
+        if bad is None:
+            return 0
+        _states.restore_blocks(p.detach(), kept["param"], bad)
+        for k in quantized:
+            _states.restore_blocks(state[k], kept[k], bad)
+            state[f"{k}.absmax"][bad] = kept[f"{k}.absmax"][bad]
+        return int(bad.sum())
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
