@@ -56,12 +56,21 @@ def cache_dir() -> Path:
 
 
 def _source_hash() -> str:
-    """Changes whenever the rules or this module change, so stale machine code is never loaded."""
+    """Changes whenever the rules, the state formats or this module change, so stale machine code is never
+    loaded. Read once, when this module is imported: it names the code this process runs, even if the files
+    are edited later."""
+    global _SOURCE_HASH
+    if _SOURCE_HASH:
+        return _SOURCE_HASH
     h = hashlib.sha256()
     for mod in (_rules, _states, sys.modules[__name__]):
         h.update(Path(inspect.getfile(mod)).read_bytes())
     h.update(numba.__version__.encode())
-    return h.hexdigest()[:16]
+    _SOURCE_HASH = h.hexdigest()[:16]
+    return _SOURCE_HASH
+
+
+_SOURCE_HASH = ""
 
 
 # -- pieces used by the generated modules ------------------------------------------------------------------------
@@ -181,7 +190,7 @@ def _generate(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic
     returns that count (0 for kernels without 8-bit states).
     """
     kinds = kinds or tuple("plain" for _ in rule.update_states)
-    _, compute, _ = FORMATS[fmt]
+    bits, compute, exponent = FORMATS[fmt]
     bf16_param = fmt == "bfloat16"
     on = [(j, s, kind) for j, (s, p, kind) in enumerate(zip(rule.update_states, present, kinds)) if p]
     quantized = [(j, s) for j, s, kind in on if kind == "q8"]
@@ -224,7 +233,9 @@ def _generate(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic
         f"update = scalar_update({rule.name!r})",
         f"DT = np.{compute.__name__}",
         f"BLOCK = {_states.BLOCK}",
-        "INF = DT(np.inf)",
+        f"BITS = np.{bits.__name__}  # the gradient's storage bits, for the non-finite check",
+        f"EXPONENT = BITS({exponent:#x})",
+        f"MAGNITUDE = BITS({(1 << (8 * np.dtype(bits).itemsize - 1)) - 1:#x})",
         "",
         "@njit(parallel=True, cache=True, nogil=True, error_model='numpy')",
         "def kernel(chunk_tensor, chunk_start, chunk_stop, sizes, addresses, coefficients, flags, seed):",
@@ -262,6 +273,8 @@ def _generate(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic
             body.append(f"{s}_buffer[i - b0] = r[{j + 1}]")
         else:
             body.append(store(kind, f"{s}_[i]", f"r[{j + 1}]", j + 1))
+    if quantized:
+        L.append("        g_bits = carray(address_as_pointer(addresses[k, 1]), n, dtype=BITS)[lo:hi]")
     if not quantized:
         L.append("        for i in range(hi - lo):")
         L.extend("            " + line for line in body)
@@ -272,12 +285,13 @@ def _generate(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic
         L.append("            block = (lo + b0) // BLOCK")
         L.append("            theta_b = theta_[b0:b1]")
         L.append("            g_b = g_[b0:b1]")
-        # a block whose gradient holds inf or nan is left as it is (one nan would poison the block's absmax)
-        L.append("            nonfinite = 0")
+        # a block whose gradient holds inf or nan is left as it is (one nan would poison the block's absmax):
+        # the largest magnitude's bits, an integer max that vectorizes, reach the exponent mask only then
+        L.append("            g_bits_b = g_bits[b0:b1]")
+        L.append("            magnitude = BITS(0)")
         L.append("            for i in range(b1 - b0):")
-        L.append(f"                if not abs({load('plain', '', 'g_b[i]')}) < INF:")
-        L.append("                    nonfinite += 1")
-        L.append("            if nonfinite:")
+        L.append("                magnitude = max(magnitude, BITS(g_bits_b[i] & MAGNITUDE))")
+        L.append("            if magnitude >= EXPONENT:")
         L.append("                skipped += 1")
         L.append("                continue")
         for _, s, kind in on:
@@ -424,3 +438,6 @@ def chunk_table(sizes: Sequence[int], chunk: int = CHUNK) -> tuple[np.ndarray, n
     start = within * chunk
     stop = np.minimum(start + chunk, sizes_arr[tensor])
     return tensor, start, stop
+
+
+_source_hash()

@@ -13,10 +13,10 @@ zero and spanning many orders of magnitude:
   5.2e-10 · absmax: its square root spans the signed map's range).
 
 Within a binade the codes are 12.5 % apart, so the relative rounding error is at most 6.25 %. Quantization picks the
-*nearest* code: round-to-nearest-even on the float32 bits of ``x/absmax`` (exact nearest within and across binades),
-and between zero and the smallest code the closer one, except that a non-negative state that is not zero never
-stores as code 0 (Adam would divide by √0 + ε). Everything is integer work on the float's bits: no table lookups,
-no transcendental functions, so the kernels stay memory-bound. Tensors under :data:`MIN_QUANTIZED` elements stay in
+*nearest* code: adding half a code step to the float32 bits of ``x/absmax`` and truncating rounds to nearest within
+and across binades (an exact tie goes to the larger code), and between zero and the smallest code the closer one,
+except that a non-negative state that is not zero never stores as code 0 (Adam would divide by √0 + ε). Everything
+is integer work on the float's bits, in 32-bit lanes: no table lookups, no transcendental functions. Tensors under :data:`MIN_QUANTIZED` elements stay in
 full precision.
 
 The element functions here are written once, like the rules: the compiled kernels run them on scalars, the
@@ -71,15 +71,14 @@ SIGNED_MAX = np.int32(120)  # 2^0 · 1.0: the block's absmax itself
 UNSIGNED_MAX = np.int32(248)
 # half the value of signed code 1: the midpoint between 0 and code 1 (exact, a power of two below a normal float)
 SIGNED_MIDPOINT = np.array([(int(SIGNED_OFFSET) + 1) << 20], dtype=np.int32).view(np.float32)[0] / np.float32(2)
-_I0, _I1, _SHIFT, _HALF = np.int32(0), np.int32(1), np.int32(20), np.int32(0x7FFFF)
+_I0, _I1, _SHIFT, _HALF = np.int32(0), np.int32(1), np.int32(20), np.int32(0x80000)
 
 
 def _code_of(t, offset):
     """Nearest normal code of ``t`` ∈ [0, 1]: the float's exponent and top 3 mantissa bits, rounded to nearest
-    (ties to even). ``t`` ≤ 1 keeps it at most the map's largest code; it is ≤ 0 where ``t`` rounds below code 1
-    (the caller then picks 0 or 1)."""
-    bits = f32_bits(t)
-    rounded = i32(bits + _HALF + i32(i32(bits >> _SHIFT) & _I1))  # round the mantissa to 3 bits, ties to even
+    (an exact tie goes to the larger code). ``t`` ≤ 1 keeps it at most the map's largest code; it is ≤ 0 where
+    ``t`` rounds below code 1 (the caller then picks 0 or 1)."""
+    rounded = i32(f32_bits(t) + _HALF)  # half a code step in the bits below the kept 3 mantissa bits
     return i32(i32(rounded >> _SHIFT) - offset)
 
 
@@ -104,7 +103,7 @@ def quantize_signed(x, inv_scale):
     """Nearest signed code of ``x`` given ``inv_scale`` = 1/absmax of its block (0 for an all-zero block)."""
     t = minimum(abs(x) * inv_scale, _ONE)
     code = _code_of(t, SIGNED_OFFSET)
-    c = where(code >= _I1, code, where(t >= SIGNED_MIDPOINT, _I1, _I0))  # below code 1: code 1 or zero
+    c = maximum(code, where(t >= SIGNED_MIDPOINT, _I1, _I0))  # below code 1: code 1 or zero
     return where(x < _ZERO, i32(-c), c)
 
 
@@ -112,7 +111,7 @@ def quantize_unsigned(x, inv_scale):
     """Nearest non-negative code of ``x`` ≥ 0; a positive ``x`` never gets code 0."""
     t = minimum(x * inv_scale, _ONE)
     code = _code_of(t, UNSIGNED_OFFSET)
-    return where(code >= _I1, code, where(x > _ZERO, _I1, _I0))  # x, not t: x·inv_scale may underflow to 0
+    return maximum(code, where(x > _ZERO, _I1, _I0))  # x, not t: x·inv_scale may underflow to 0
 
 
 def inverse_scale(absmax):
