@@ -281,9 +281,10 @@ def test_quality_on_digits_int8_and_bf16_match_fp32():
         if precision == "int8":
             assert opt.state[model[0].weight]["exp_avg"].dtype == torch.int8  # 64*256 ≥ 4096: quantized
     base_loss, base_acc = results[None]
+    print("digits MLP (train loss, test accuracy):", results)
     for precision in ("bf16", "int8"):
         loss, acc = results[precision]
-        assert abs(loss - base_loss) <= 0.02 * base_loss + 1e-3, (precision, results)
+        assert abs(loss - base_loss) <= 0.02 * base_loss, (precision, results)
         assert acc >= base_acc - 0.005, (precision, results)
 
 
@@ -340,6 +341,7 @@ def test_quality_autoencoder_on_digits_int8_and_bf16_match_fp32():
             losses[precision] = float(torch.nn.functional.mse_loss(model(x), x))
         if precision == "int8":
             assert opt.state[model[0].weight]["exp_avg_sq"].dtype == torch.uint8
+    print("digits autoencoder MSE:", losses)
     for precision in ("bf16", "int8"):
         assert abs(losses[precision] - losses[None]) <= 0.02 * losses[None], losses
 

@@ -184,7 +184,8 @@ def state_bytes(opt: Any) -> int:
                if k not in ("step", "mu_product") and hasattr(v, "numel"))
 
 
-def run_state_precision(total: int, steps: int, precisions: list[str], log: Callable[[str], None]) -> dict:
+def run_state_precision(total: int, steps: int, precisions: list[str], log: Callable[[str], None],
+                        libraries: bool = True) -> dict:
     """AdamW with low-precision states next to torch's fused fp32 AdamW (and bitsandbytes / torchao if installed)."""
     import importlib.util
     import resource
@@ -203,10 +204,10 @@ def run_state_precision(total: int, steps: int, precisions: list[str], log: Call
     if precisions:
         last = precisions[-1]
         makers[f"adamkit {last}, check_finite=True"] = lambda ps: akt.AdamW(ps, state_precision=last)
-    if importlib.util.find_spec("bitsandbytes"):
+    if libraries and importlib.util.find_spec("bitsandbytes"):
         import bitsandbytes as bnb
         makers["bitsandbytes AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit(ps)
-    if importlib.util.find_spec("torchao"):
+    if libraries and importlib.util.find_spec("torchao"):
         from torchao.optim import AdamW8bit
         makers["torchao AdamW8bit"] = lambda ps: AdamW8bit(ps)
     log(f"[state precision] AdamW, {len(shapes)} tensors, {n / 1e6:.1f} M params, median of {steps} rounds "
@@ -290,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--memory", action="store_true", help="with --state-precision: process peak memory per "
                         "precision, each in a fresh process (AdamW, 3 steps)")
+    parser.add_argument("--no-libraries", action="store_true", help="with --state-precision: leave out "
+                        "bitsandbytes and torchao even when installed")
     parser.add_argument("--state-precision", default="", help="also compare AdamW with these state precisions "
                         "(comma-separated: bf16,int8) against torch fused fp32; 'only' skips the other tables")
     args = parser.parse_args(argv)
@@ -302,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         results = run(int(args.params), args.steps, only, not args.no_small, log)
         print(table(results))
     if precisions:
-        results["state_precision"] = run_state_precision(int(args.params), args.steps, precisions, log)
+        results["state_precision"] = run_state_precision(int(args.params), args.steps, precisions, log,
+                                                         not args.no_libraries)
         rows = results["state_precision"]["rows"]
         others = [k[len("speedup_vs_"):] for k in rows[0] if k.startswith("speedup_vs_") and k != "speedup_vs_torch_fused"]
         print("\n| AdamW | ms/step | state B/param | × vs torch fused fp32 |" + "".join(f" × vs {o} |" for o in others))
