@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -164,10 +163,7 @@ class Optimizer:
                     state[f"{k}.absmax"][bad] = kept[f"{k}.absmax"][bad]
                 skipped += int(bad.sum())
         if skipped:
-            warnings.warn(f"{self.rule.name}: {skipped} block(s) of {_states.BLOCK} elements with 8-bit states had "
-                          f"non-finite gradients (inf or nan) and were left unchanged (params and states); the "
-                          f"rest of the step was applied. check_finite=True refuses such steps whole.",
-                          RuntimeWarning, stacklevel=2)
+            _states.warn_skipped_blocks(self.rule.name, skipped)
 
     def zero_grad(self) -> None:
         """Nothing to clear: gradients are passed to :meth:`step`. Present for symmetry with torch."""

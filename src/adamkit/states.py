@@ -234,6 +234,14 @@ def nonfinite_blocks(g: Any) -> Any:
     return ~_blocks(torch.isfinite(flat), True).all(dim=1)
 
 
+def warn_skipped_blocks(name: str, count: int) -> None:
+    """The warning of a ``check_finite=False`` step that left ``count`` 8-bit blocks unchanged."""
+    import warnings
+    warnings.warn(f"{name}: {count} block(s) of {BLOCK} elements with 8-bit states had non-finite gradients (inf or "
+                  f"nan) and were left unchanged (params and states); the rest of the step was applied. "
+                  f"check_finite=True refuses such steps whole.", RuntimeWarning, stacklevel=4)
+
+
 def restore_blocks(new: Any, old: Any, bad: Any) -> None:
     """Copy ``old`` back into ``new`` (same shape, in place, any strides) over the blocks flagged in ``bad``
     (blocks of the row-major flattening, as :func:`quantize` makes them)."""

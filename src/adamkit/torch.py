@@ -33,7 +33,6 @@ from __future__ import annotations
 import inspect
 import itertools
 import operator
-import warnings
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -201,10 +200,7 @@ class Optimizer(_optim.Optimizer):
         for group, p in reference:
             skipped += self._reference_step(group, p)
         if skipped:
-            warnings.warn(f"{self.rule.name}: {skipped} block(s) of {_states.BLOCK} elements with 8-bit states had "
-                          f"non-finite gradients (inf or nan) and were left unchanged (params and states); the "
-                          f"rest of the step was applied. check_finite=True refuses such steps whole.",
-                          RuntimeWarning, stacklevel=2)
+            _states.warn_skipped_blocks(self.rule.name, skipped)
         return loss
 
     def _check_grad(self, gi: int, p: torch.Tensor) -> None:
