@@ -208,16 +208,16 @@ def _coefficients(rule: _rules.Rule, h: dict, b: _Batch, floats: list, bools: li
     flags = np.empty((n, len(bools)), dtype=np.uint8)
     new = np.empty((n, len(scalar_names)), dtype=np.float64)
     if n and (not scalar_names or (b.scalars == b.scalars[0]).all()):
-        rows, inverse = b.scalars[:1], np.zeros(n, dtype=np.int64)
+        rows, inverse = b.scalars[:1], slice(None)  # the common case: every tensor at the same step
     else:
         rows, inverse = np.unique(b.scalars, axis=0, return_inverse=True)
         inverse = inverse.reshape(-1)
     for r, row in enumerate(rows):
         c, s = _rules.step_coefficients(rule, h, dict(zip(scalar_names, row.tolist())), b.fresh, scalar_dtype)
-        mask = inverse == r
-        coef[mask] = [c[f] for f in floats]
-        flags[mask] = [c[x] for x in bools]
-        new[mask] = [s[k] for k in scalar_names]
+        where = inverse if isinstance(inverse, slice) else inverse == r
+        coef[where] = [c[f] for f in floats]
+        flags[where] = [c[x] for x in bools]
+        new[where] = [s[k] for k in scalar_names]
     return coef, flags, new
 
 
