@@ -13,7 +13,9 @@ Differences from torch.optim, all deliberate:
 
 * ``check_finite=True`` (keyword, default): a step whose gradients hold inf or nan raises
   ``FloatingPointError`` naming the parameter, before any parameter or state changes. AMP's ``GradScaler``
-  skips such steps itself, so it is unaffected.
+  skips such steps itself, so it is unaffected. With ``check_finite=False`` and ``state_precision="int8"``, a
+  block of 256 elements whose gradient is not finite keeps its params and 8-bit states (one nan would poison the
+  block's scale); the rest of the step is applied and a ``RuntimeWarning`` gives the count.
 * ``capturable=True`` and ``differentiable=True`` are refused with ``ValueError``; ``foreach`` is accepted
   and has no effect (adamkit picks its own multi-tensor path).
 
