@@ -308,12 +308,15 @@ def main(argv: list[str] | None = None) -> int:
         results["state_precision"] = run_state_precision(int(args.params), args.steps, precisions, log,
                                                          not args.no_libraries)
         rows = results["state_precision"]["rows"]
-        others = [k[len("speedup_vs_"):] for k in rows[0] if k.startswith("speedup_vs_") and k != "speedup_vs_torch_fused"]
-        print("\n| AdamW | ms/step | state B/param | × vs torch fused fp32 |" + "".join(f" × vs {o} |" for o in others))
+        others = [k[len("speedup_vs_"):] for k in rows[0]
+                  if k.startswith("speedup_vs_") and k != "speedup_vs_torch_fused"]
+        print("\n| AdamW | ms/step | state B/param | × vs torch fused fp32 |"
+              + "".join(f" × vs {o} |" for o in others))
         print("|---|---|---|---|" + "---|" * len(others))
         for r in rows:
             print(f"| {r['optimizer']} | {r['ms']:.2f} | {r['state_bytes_per_param']:.2f} | "
-                  f"{r['speedup_vs_torch_fused']:.2f}× |" + "".join(f" {r[f'speedup_vs_{o}']:.1f}× |" for o in others))
+                  f"{r['speedup_vs_torch_fused']:.2f}× |"
+                  + "".join(f" {r[f'speedup_vs_{o}']:.1f}× |" for o in others))
         if args.memory:
             mem = peak_memory(int(args.params), ["torch", "None", *precisions])
             results["peak_memory"] = mem

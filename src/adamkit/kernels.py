@@ -57,20 +57,13 @@ def cache_dir() -> Path:
 
 def _source_hash() -> str:
     """Changes whenever the rules, the state formats or this module change, so stale machine code is never
-    loaded. Read once, when this module is imported: it names the code this process runs, even if the files
-    are edited later."""
-    global _SOURCE_HASH
-    if _SOURCE_HASH:
-        return _SOURCE_HASH
+    loaded. Taken once, at import (see the end of this module): it names the code this process runs, even if
+    the files are edited later."""
     h = hashlib.sha256()
     for mod in (_rules, _states, sys.modules[__name__]):
         h.update(Path(inspect.getfile(mod)).read_bytes())
     h.update(numba.__version__.encode())
-    _SOURCE_HASH = h.hexdigest()[:16]
-    return _SOURCE_HASH
-
-
-_SOURCE_HASH = ""
+    return h.hexdigest()[:16]
 
 
 # -- pieces used by the generated modules ------------------------------------------------------------------------
@@ -372,7 +365,7 @@ def kernel(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic: b
         if key in _kernels:
             return _kernels[key]
         source = _generate(rule, present, fmt, stochastic, kinds)
-        tag = hashlib.sha256((source + _source_hash()).encode()).hexdigest()[:16]
+        tag = hashlib.sha256((source + _SOURCE_HASH).encode()).hexdigest()[:16]
         directory = cache_dir() / "kernels"
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{rule.name.lower()}_{fmt}_{tag}.py"
@@ -440,4 +433,4 @@ def chunk_table(sizes: Sequence[int], chunk: int = CHUNK) -> tuple[np.ndarray, n
     return tensor, start, stop
 
 
-_source_hash()
+_SOURCE_HASH = _source_hash()

@@ -142,13 +142,7 @@ class Optimizer:
             arrays = {k: real(_states.load(state, k, p.dtype)) for k in self.rule.update_states if k in state}
             arrays.update({k: np.full_like(real(p), v) for k, v in missing.items()})
             arrays.update({k: state[k] for k in self.rule.scalar_states})
-            quantized = [k for k in self.rule.update_states if f"{k}.absmax" in state]
-            bad = _states.nonfinite_blocks(g) if quantized and not self.check_finite else None
-            if bad is not None and bad.any():  # blocks with inf/nan keep their params and 8-bit states
-                kept = {"param": p.copy(), **{k: state[k].copy() for k in quantized},
-                        **{f"{k}.absmax": state[f"{k}.absmax"].copy() for k in quantized}}
-            else:
-                bad = None
+            guard = _states.BlockGuard.take(p, g, state, self.rule.update_states, self.check_finite)
             theta, new_arrays, scalars = _rules.step_tensor(self.rule, h, real(p), real(g), arrays, self._update,
                                                            fresh=bool(missing))
             real(p)[...] = theta
@@ -156,12 +150,7 @@ class Optimizer:
                 full = np.array(v, dtype=real(p).dtype).view(p.dtype) if np.iscomplexobj(p) else np.asarray(v, p.dtype)
                 _states.store(state, k, full.reshape(p.shape), self.state_precision, self._rng)
             state.update(scalars)
-            if bad is not None:
-                _states.restore_blocks(p, kept["param"], bad)
-                for k in quantized:
-                    _states.restore_blocks(state[k], kept[k], bad)
-                    state[f"{k}.absmax"][bad] = kept[f"{k}.absmax"][bad]
-                skipped += int(bad.sum())
+            skipped += guard.restore() if guard else 0
         if skipped:
             _states.warn_skipped_blocks(self.rule.name, skipped)
 

@@ -16,7 +16,8 @@ Within a binade the codes are 12.5 % apart, so the relative rounding error is at
 *nearest* code: adding half a code step to the float32 bits of ``x/absmax`` and truncating rounds to nearest within
 and across binades (an exact tie goes to the larger code), and between zero and the smallest code the closer one,
 except that a non-negative state that is not zero never stores as code 0 (Adam would divide by √0 + ε). Everything
-is integer work on the float's bits, in 32-bit lanes: no table lookups, no transcendental functions. Tensors under :data:`MIN_QUANTIZED` elements stay in
+is integer work on the float's bits, in 32-bit lanes: no table lookups, no transcendental functions. Tensors under
+:data:`MIN_QUANTIZED` elements stay in
 full precision.
 
 The element functions here are written once, like the rules: the compiled kernels run them on scalars, the
@@ -252,6 +253,34 @@ def restore_blocks(new: Any, old: Any, bad: Any) -> None:
         import torch
         elements = torch.repeat_interleave(bad, BLOCK)[:n].reshape(new.shape)
     new[elements] = old[elements]
+
+
+class BlockGuard:
+    """Keeps the 8-bit blocks of one parameter whose gradient is not finite as they were (``check_finite=False``):
+    take it before the step, :meth:`restore` after it. NumPy arrays and torch tensors alike."""
+
+    def __init__(self, param: Any, state: dict, keys: list[str], bad: Any) -> None:
+        copy = (lambda x: x.copy()) if isinstance(param, np.ndarray) else (lambda x: x.clone())
+        self.param, self.state, self.keys, self.bad = param, state, keys, bad
+        self.kept = {"param": copy(param), **{k: copy(state[k]) for k in keys},
+                     **{f"{k}.absmax": copy(state[f"{k}.absmax"]) for k in keys}}
+
+    @classmethod
+    def take(cls, param: Any, grad: Any, state: dict, keys: Any, check_finite: bool) -> "BlockGuard | None":
+        """A guard when ``param`` has 8-bit states, no finite check ran, and some block's gradient is not finite."""
+        quantized = [k for k in keys if f"{k}.absmax" in state]
+        if check_finite or not quantized:
+            return None
+        bad = nonfinite_blocks(grad)
+        return cls(param, state, quantized, bad) if bool(bad.any()) else None
+
+    def restore(self) -> int:
+        """Put the guarded blocks back (params, codes, absmax); return how many blocks that was."""
+        restore_blocks(self.param, self.kept["param"], self.bad)
+        for k in self.keys:  # the state's current tensors: the step may have replaced them
+            restore_blocks(self.state[k], self.kept[k], self.bad)
+            self.state[f"{k}.absmax"][self.bad] = self.kept[f"{k}.absmax"][self.bad]
+        return int(self.bad.sum())
 
 
 # -- storing and loading a state array in a given precision (shared by the engines) -----------------------------

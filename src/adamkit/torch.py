@@ -219,13 +219,7 @@ class Optimizer(_optim.Optimizer):
         h = self._math(group)
         fresh = self._init_state(p, group)
         state = self.state[p]
-        quantized = [k for k in self.rule.update_states if f"{k}.absmax" in state]
-        bad = _states.nonfinite_blocks(p.grad) if quantized and not self.check_finite else None
-        if bad is not None and bool(bad.any()):  # keep those blocks as they are (see step)
-            kept = {"param": p.detach().clone(), **{k: state[k].clone() for k in quantized},
-                    **{f"{k}.absmax": state[f"{k}.absmax"].clone() for k in quantized}}
-        else:
-            bad = None
+        guard = _states.BlockGuard.take(p.detach(), p.grad, state, self.rule.update_states, self.check_finite)
         real = torch.view_as_real if p.is_complex() else (lambda t: t)
         arrays = {k: real(self._load_state(p, state, k)) for k in self.rule.update_states if k in state}
         arrays.update({k: state[k].item() for k in self.rule.scalar_states})
@@ -240,13 +234,7 @@ class Optimizer(_optim.Optimizer):
                 self._store_state(p, state, k, v, group.get("state_precision"))
         for k, v in scalars.items():
             state[k].fill_(v)
-        if bad is None:
-            return 0
-        _states.restore_blocks(p.detach(), kept["param"], bad)
-        for k in quantized:
-            _states.restore_blocks(state[k], kept[k], bad)
-            state[f"{k}.absmax"][bad] = kept[f"{k}.absmax"][bad]
-        return int(bad.sum())
+        return guard.restore() if guard else 0
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
