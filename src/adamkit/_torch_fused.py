@@ -9,6 +9,7 @@ parameters with gradients, the hyperparameters that decide which states exist, o
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import numpy as np
@@ -49,26 +50,36 @@ class _Batch:
         self.addresses: np.ndarray | None = None  # filled once states exist
         self.scalar_tensors: list[list[torch.Tensor]] = []
         self.scalars: np.ndarray | None = None  # mirror of the per-tensor scalar states (step, mu_product)
+        self.uniform = False  # every row of ``scalars`` is the same (all tensors at the same step)
         self.fresh = False
+        self.kernel: Any = None  # the compiled loop, once the states are known
 
 
 class _Plan:
-    def __init__(self, key: tuple, groups: list[tuple[int, dict, list[_Batch]]], reference: list[tuple[dict, Any]]):
-        self.key, self.groups, self.reference = key, groups, reference
+    def __init__(self, key: tuple, params: list[list], groups: list[tuple[int, dict, list[_Batch]]],
+                 reference: list[tuple[dict, Any]]):
+        self.key, self.params, self.groups, self.reference = key, params, groups, reference
         self.ready = False
 
+    def fits(self, key: tuple, work: list) -> bool:
+        """Whether this plan still describes ``work``: same groups, options and parameter objects (compared by
+        identity, without touching the tensors), and no parameter moved to other memory (``p.data = ...``)."""
+        return (self.key == key and len(self.params) == len(work)
+                and all(len(mine) == len(w[1]) and all(map(operator.is_, mine, w[1]))
+                        for mine, w in zip(self.params, work))
+                and all(b.param_ptrs == list(map(_data_ptr, b.params)) for _, _, bs in self.groups for b in bs))
 
-def _key(opt: Any, work: list[tuple[dict, list, list]]) -> tuple:
+
+def _key(opt: Any, work: list[tuple[dict, list, list, dict]]) -> tuple:
     rule = opt.rule
     return (opt._plan_version,) + tuple(
-        (id(group), group.get("fused"), tuple(rule.states(opt._math(group))), tuple(map(id, params)))
-        for group, params, _ in work)
+        (id(group), group.get("fused"), tuple(rule.states(h))) for group, _, _, h in work)
 
 
-def _build(opt: Any, work: list[tuple[dict, list, list]], key: tuple) -> _Plan:
+def _build(opt: Any, work: list[tuple[dict, list, list, dict]], key: tuple) -> _Plan:
     rule = opt.rule
     groups, reference = [], []
-    for gi, (group, params, _) in enumerate(work):
+    for gi, (group, params, _, _) in enumerate(work):
         for p in params:
             if p.grad.is_sparse:
                 opt._check_grad(gi, p)  # raises a clear error before anything changes
@@ -87,7 +98,7 @@ def _build(opt: Any, work: list[tuple[dict, list, list]], key: tuple) -> _Plan:
             by_format.setdefault(fmt, []).append((i, p))
         groups.append((gi, group, [_Batch(fmt, (), [p for _, p in items], (), [i for i, _ in items], len(params))
                                    for fmt, items in by_format.items()]))
-    return _Plan(key, groups, reference)
+    return _Plan(key, [list(w[1]) for w in work], groups, reference)
 
 
 def _prepare_states(opt: Any, plan: _Plan) -> None:
@@ -121,22 +132,25 @@ def _prepare_states(opt: Any, plan: _Plan) -> None:
                                     else None for col in b.scalar_tensors]
                 b.scalars = (torch.stack([torch.stack(col).to(torch.float64) for col in b.scalar_tensors], dim=1)
                              .numpy().copy() if b.scalar_tensors else np.zeros((len(ps), 0)))
+                b.uniform = bool((b.scalars == b.scalars[:1]).all())
+                b.kernel = kernels.kernel(rule, present, b.fmt, opt.stochastic_rounding and b.fmt == "bfloat16",
+                                          kinds)
                 split.append(b)
         plan.groups[index] = (gi, group, split)
     plan.ready = True
 
 
-def step(opt: Any, work: list[tuple[dict, list, list]], check_finite: bool) -> tuple[list[tuple[dict, Any]], int]:
+def step(opt: Any, work: list[tuple[dict, list, list, dict]],
+         check_finite: bool) -> tuple[list[tuple[dict, Any]], int]:
     """Step every parameter the kernels can take; return the (group, param) pairs left for the reference path
     and the number of 8-bit blocks left unchanged because their gradient was not finite.
 
-    ``work`` holds (group, params with gradients, their gradients). With ``check_finite``, every gradient
-    (compiled or not) is scanned before anything changes.
+    ``work`` holds (group, params with gradients, their gradients, the group's validated hyperparameters).
+    With ``check_finite``, every gradient (compiled or not) is scanned before anything changes.
     """
     key = _key(opt, work)
     plan = opt._kernel_plan
-    if plan is None or plan.key != key or any(b.param_ptrs != list(map(_data_ptr, b.params))
-                                              for _, _, batches in plan.groups for b in batches):
+    if plan is None or not plan.fits(key, work):
         plan = opt._kernel_plan = _build(opt, work, key)
     grad_ptrs = _grad_addresses(plan, work)
     if grad_ptrs is None:  # a non-contiguous (or sparse) gradient: plan again, routing it elsewhere
@@ -171,16 +185,15 @@ def _step_plan(opt: Any, plan: _Plan, check_finite: bool, work: list,
     floats, bools = kernels.coefficient_names(rule)
     scalar_names = list(rule.scalar_states)
     index = skipped = 0
-    for _, group, bs in plan.groups:
-        h = opt._math(group)
+    for gi, _, bs in plan.groups:
+        h = work[gi][3]
         for b in bs:
             b.addresses[:, 1] = grad_ptrs[index]
             index += 1
             coef, flags, new = _coefficients(rule, h, b, floats, bools, scalar_names)
             rounding = opt.stochastic_rounding or "bf16" in b.kinds
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=opt._rounding_generator)) if rounding else 0
-            skipped += kernels.kernel(rule, b.present, b.fmt, opt.stochastic_rounding and b.fmt == "bfloat16",
-                                      b.kinds)(*b.table, b.sizes, b.addresses, coef, flags, seed)
+            skipped += b.kernel(*b.table, b.sizes, b.addresses, coef, flags, seed)
             b.fresh = False
             if scalar_names:
                 _write_scalars(b, new, scalar_names)
@@ -207,7 +220,7 @@ def _coefficients(rule: _rules.Rule, h: dict, b: _Batch, floats: list, bools: li
     coef = np.empty((n, len(floats)), dtype=np.float64)
     flags = np.empty((n, len(bools)), dtype=np.uint8)
     new = np.empty((n, len(scalar_names)), dtype=np.float64)
-    if n and (not scalar_names or (b.scalars == b.scalars[0]).all()):
+    if n and (not scalar_names or b.uniform):
         rows, inverse = b.scalars[:1], slice(None)  # the common case: every tensor at the same step
     else:
         rows, inverse = np.unique(b.scalars, axis=0, return_inverse=True)
@@ -229,4 +242,4 @@ def _write_scalars(b: _Batch, new: np.ndarray, scalar_names: list) -> None:
         else:
             values = torch.from_numpy(new[:, j]).to(tensors[0].dtype)
             torch._foreach_copy_(tensors, list(values.to(tensors[0].device).unbind()))
-    b.scalars = new
+    b.scalars = new  # one step each: rows that were all equal stay equal, distinct ones stay distinct

@@ -87,6 +87,7 @@ class Optimizer(_optim.Optimizer):
         self._reference_update = _rules.bind(self.rule.update, TORCH_OPS)
         self._kernel_plan = None  # the compiled path's cached batches (adamkit._torch_fused)
         self._plan_version = 0
+        self._last_valid_math: dict[str, Any] | None = None
         self._rounding_generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,))))
 
     def __getstate__(self) -> dict[str, Any]:
@@ -112,6 +113,7 @@ class Optimizer(_optim.Optimizer):
         if not hasattr(self, "_reference_update"):
             self._init_engine()
         self._plan_version = getattr(self, "_plan_version", 0) + 1
+        self._last_valid_math = None
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
@@ -120,6 +122,17 @@ class Optimizer(_optim.Optimizer):
 
     def _math(self, group: Mapping[str, Any]) -> dict[str, Any]:
         return {k: group[k] for k in self.defaults if k not in _ENGINE_KEYS and k in group}
+
+    def _validated_math(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        """The group's hyperparameters, validated unless they equal the last values validated (a step's
+        common case: validity depends on the values alone, so equal values need no second check)."""
+        h = self._math(group)
+        if h != self._last_valid_math:
+            self.rule.validate(h)
+            # a tensor value (a tensor lr, say) can change in place while comparing equal: never remembered
+            if not any(isinstance(v, torch.Tensor) for v in h.values()):
+                self._last_valid_math = h
+        return h
 
     def _init_state(self, p: torch.Tensor, group: Mapping[str, Any]) -> bool:
         """Create the state ``group`` needs that ``p`` lacks; return whether the array states were new."""
@@ -186,9 +199,9 @@ class Optimizer(_optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work: list[tuple[dict, list[torch.Tensor], list[torch.Tensor]]] = []
-        for gi, group in enumerate(self.param_groups):
-            self.rule.validate(self._math(group))
+        work: list[tuple[dict, list[torch.Tensor], list[torch.Tensor], dict[str, Any]]] = []
+        for group in self.param_groups:
+            h = self._validated_math(group)
             grads = list(map(_GRAD, group["params"]))  # the one pass that reads .grad
             if any(map(operator.is_, grads, itertools.repeat(None))):
                 params = [p for p, g in zip(group["params"], grads) if g is not None]
@@ -196,7 +209,7 @@ class Optimizer(_optim.Optimizer):
             else:
                 params = group["params"]
             if params:
-                work.append((group, params, grads))
+                work.append((group, params, grads, h))
         from . import _torch_fused  # imported on first step: importing adamkit compiles nothing
         reference, skipped = _torch_fused.step(self, work, self.check_finite)
         for group, p in reference:
@@ -216,7 +229,7 @@ class Optimizer(_optim.Optimizer):
 
     def _reference_step(self, group: dict[str, Any], p: torch.Tensor) -> int:
         """Step ``p`` with torch ops; return how many 8-bit blocks were left unchanged (non-finite gradient)."""
-        h = self._math(group)
+        h = self._validated_math(group)
         fresh = self._init_state(p, group)
         state = self.state[p]
         guard = _states.BlockGuard.take(p.detach(), p.grad, state, self.rule.update_states, self.check_finite)
