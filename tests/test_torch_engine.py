@@ -186,3 +186,41 @@ def test_lr_as_tensor_and_model_training():
         opt.step()
         first = first if first is not None else float(loss)
     assert float(loss) < 0.02 * first
+
+
+def test_compiled_plan_follows_changes_between_steps():
+    """The compiled path caches its plan; every change torch.optim allows between steps is followed exactly:
+    a new lr (and a rejected invalid one), a parameter whose memory moved (``p.data = ...``), a parameter
+    replaced in its group's list, a missing gradient, and a non-contiguous gradient."""
+    torch.manual_seed(0)
+    shapes = [(64, 80), (5000,), (33,)]
+    ours = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt, oracle = akt.Adam(ours, lr=1e-2), torch.optim.Adam(theirs, lr=1e-2, foreach=False)
+
+    def both(change=lambda ps, o: None, grads=None):
+        for ps, o in ((ours, opt), (theirs, oracle)):
+            change(ps, o)
+            for i, p in enumerate(o.param_groups[0]["params"]):
+                p.grad = None if grads is not None and grads[i] is None else \
+                    (grads[i] if grads is not None else torch.sin(p.detach() * (i + 1))).clone()
+            o.step()
+        for a, b in zip(opt.param_groups[0]["params"], oracle.param_groups[0]["params"]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+    both()
+    both(lambda ps, o: o.param_groups[0].__setitem__("lr", 3e-3))
+    snapshot = [p.detach().clone() for p in ours]
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="learning rate"):
+        opt.step()
+    assert all(torch.equal(p, s) for p, s in zip(ours, snapshot))
+    opt.param_groups[0]["lr"] = 3e-3
+    both(lambda ps, o: setattr(o.param_groups[0]["params"][1], "data", o.param_groups[0]["params"][1].data.clone()))
+    fresh = [torch.nn.Parameter(torch.randn(7, dtype=torch.float64))]
+    fresh.append(torch.nn.Parameter(fresh[0].detach().clone()))
+    both(lambda ps, o: o.param_groups[0]["params"].__setitem__(2, fresh[0] if o is opt else fresh[1]))
+    both(grads=[torch.ones(64, 80, dtype=torch.float64), None, torch.ones(7, dtype=torch.float64)])
+    both(grads=[torch.ones(80, 64, dtype=torch.float64).t(), torch.full((5000,), 0.5, dtype=torch.float64),
+                torch.ones(7, dtype=torch.float64)])
+    both()
