@@ -156,3 +156,27 @@ def test_bfloat16_stochastic_rounding_keeps_tiny_updates():
     expected = float(ref.mean())  # 1 - 200 * 1e-4 = 0.98
     assert abs(float(stochastic.float().mean()) - expected) < 1e-3
     assert abs(expected - 0.98) < 1e-5
+
+
+def test_rounding_noise_is_uniform_and_streams_independent():
+    """The stochastic-rounding noise: 16 bits per element, uniform over its range for every key, and the streams of
+    two tensors (or of one tensor in two steps) uncorrelated."""
+    import numba
+
+    @numba.njit
+    def noise(seed, tensor, stream, n):
+        key = kernels.stream_key(seed, tensor, stream)
+        out = np.empty(n, np.float64)
+        for i in range(n):
+            out[i] = kernels.random16(key, i)
+        return out
+
+    n = 1 << 18
+    a, b, c = noise(1, 0, 1, n), noise(1, 1, 1, n), noise(2, 0, 1, n)
+    for x in (a, b, c):
+        assert x.min() >= 0 and x.max() <= 0xFFFF
+        counts = np.bincount((x // 256).astype(np.int64), minlength=256)  # 256 bins of 1,024 expected each
+        assert np.abs(counts - n / 256).max() < 6 * np.sqrt(n / 256)
+        assert abs(x.mean() / 0xFFFF - 0.5) < 0.005
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.01 and abs(np.corrcoef(a, c)[0, 1]) < 0.01
+    assert abs(np.corrcoef(a[:-1], a[1:])[0, 1]) < 0.01  # neighbours within a stream

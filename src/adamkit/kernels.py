@@ -110,7 +110,7 @@ def bf16_store(value, noise):
     (as torch's ``.to(torch.bfloat16)``); uniform random 16 bits is stochastic rounding (unbiased)."""
     if value != value:
         return np.uint16(0x7FC0)
-    return np.uint16((_f32_as_u32(value) + noise) >> np.uint32(16))
+    return np.uint16(np.uint32(_f32_as_u32(value) + np.uint32(noise)) >> np.uint32(16))
 
 
 @numba.njit(inline="always")
@@ -119,16 +119,31 @@ def nearest_even(value):
 
 
 @numba.njit(inline="always")
-def random16(seed, tensor, index, stream):
-    """16 random bits from a counter-based hash (splitmix64 finalizer) of (seed, tensor, index, stream)."""
+def stream_key(seed, tensor, stream):
+    """A 32-bit key for one tensor's stochastic-rounding stream in one step (splitmix64 finalizer of (seed, tensor,
+    stream)); computed once per chunk, outside the element loop."""
     x = np.uint64(seed) ^ (np.uint64(tensor) * np.uint64(0x9E3779B97F4A7C15)) \
-        ^ (np.uint64(index) * np.uint64(0xBF58476D1CE4E5B9)) ^ (np.uint64(stream) * np.uint64(0x94D049BB133111EB))
+        ^ (np.uint64(stream) * np.uint64(0x94D049BB133111EB))
     x ^= x >> np.uint64(31)
     x *= np.uint64(0xBF58476D1CE4E5B9)
     x ^= x >> np.uint64(27)
     x *= np.uint64(0x94D049BB133111EB)
     x ^= x >> np.uint64(33)
-    return np.uint32(x & np.uint64(0xFFFF))
+    return np.uint32(x & np.uint64(0xFFFFFFFF))
+
+
+@numba.njit(inline="always")
+def random16(key, index):
+    """16 random bits for element ``index`` of the stream ``key``: a 32-bit integer hash (Wellons' lowbias32, a
+    bijection with full avalanche) of the index mixed with the key; every step is cast back to 32 bits, since
+    numba widens 32-bit arithmetic to 64."""
+    x = np.uint32(np.uint32(index) ^ key)
+    x = np.uint32(x ^ (x >> np.uint32(16)))
+    x = np.uint32(x * np.uint32(0x7FEB352D))
+    x = np.uint32(x ^ (x >> np.uint32(15)))
+    x = np.uint32(x * np.uint32(0x846CA68B))
+    x = np.uint32(x ^ (x >> np.uint32(16)))
+    return np.uint32(x >> np.uint32(16))
 
 
 _scalar_updates: dict[str, Callable] = {}
@@ -209,7 +224,7 @@ def _generate(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic
     def store(kind: str, target: str, value: str, stream: int, index: str = "lo + i") -> str:
         if kind == "bf16" or (kind == "plain" and bf16_param):
             sr = kind == "bf16" or stochastic
-            noise = f"random16(seed, k, {index}, {stream})" if sr else f"nearest_even(np.float32({value}))"
+            noise = f"random16(key{stream}, {index})" if sr else f"nearest_even(np.float32({value}))"
             return f"{target} = bf16_store(np.float32({value}), {noise})"
         return f"{target} = {value}"
 
@@ -219,7 +234,8 @@ def _generate(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic
         "# A loop that loads, calls the rule, and stores; the math lives in adamkit.rules and adamkit.states.",
         "import numpy as np",
         "from numba import njit, prange, carray",
-        "from adamkit.kernels import address_as_pointer, scalar_update, bf16_load, bf16_store, nearest_even, random16",
+        "from adamkit.kernels import address_as_pointer, scalar_update, bf16_load, bf16_store, nearest_even",
+        "from adamkit.kernels import random16, stream_key",
         "from adamkit.kernels import scalar_state_functions, _f32_as_u32 as f32_bits, _u32_as_f32 as bits_f32",
         "dequantize_signed, dequantize_unsigned, quantize_signed, quantize_unsigned, inverse_scale = "
         "scalar_state_functions()",
@@ -256,6 +272,11 @@ def _generate(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic
         L.append(f"        {n} = DT(coefficients[k, {j}])")
     for j, n in enumerate(bools):
         L.append(f"        {n} = flags[k, {j}] != 0")
+    # one stochastic-rounding key per stored stream (0: the parameter, j + 1: state j), hoisted out of the loop
+    rounded = ([0] if stochastic and bf16_param else []) + [j + 1 for j, _, kind in on if kind == "bf16"
+                                                            or (kind == "plain" and bf16_param and stochastic)]
+    for stream in rounded:
+        L.append(f"        key{stream} = stream_key(seed, k, {stream})")
     call = [load("plain", "", "theta_[i]"), load("plain", "", "g_[i]")]
     present_kind = {s: kind for _, s, kind in on}
     for s in rule.update_states:
