@@ -96,6 +96,9 @@ def interleaved_medians(steps_by_name: dict[str, Callable[[], Any]], rounds: int
                         warmup: int = 6) -> dict[str, float]:
     """Median ms of each callable, timed round-robin (one call of each per round) so drift hits all alike.
 
+    Each round starts one place further along the list, so every callable runs equally often right after each
+    other one (the first call after a cache-flushing one pays for code and data that the later ones find warm).
+
     ``warmup`` untimed rounds come first: first-use compiles and lazy state, and on this VM freshly allocated
     memory streams slowly for the first few passes (a new int8 AdamW's first ~6 steps took 11–17 ms, then
     7 ms), while a training run lives in the steady state.
@@ -104,8 +107,9 @@ def interleaved_medians(steps_by_name: dict[str, Callable[[], Any]], rounds: int
         for fn in steps_by_name.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in steps_by_name}
-    for _ in range(rounds):
-        for name, fn in steps_by_name.items():
+    order = list(steps_by_name.items())
+    for r in range(rounds):
+        for name, fn in order[r % len(order):] + order[:r % len(order)]:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
