@@ -224,3 +224,23 @@ def test_compiled_plan_follows_changes_between_steps():
     both(grads=[torch.ones(80, 64, dtype=torch.float64).t(), torch.full((5000,), 0.5, dtype=torch.float64),
                 torch.ones(7, dtype=torch.float64)])
     both()
+
+
+def test_hyperparameters_are_checked_in_every_group_and_as_tensors():
+    a, b = torch.nn.Parameter(torch.ones(5000)), torch.nn.Parameter(torch.ones(5000))
+    opt = akt.Adam([{"params": [a], "lr": 1e-2}, {"params": [b], "lr": 1e-3}])
+    for _ in range(2):
+        a.grad, b.grad = torch.ones(5000), torch.ones(5000)
+        opt.step()
+    opt.param_groups[1]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match="beta"):
+        opt.step()
+    opt.param_groups[1]["betas"] = (0.9, 0.999)
+    opt.param_groups[0]["lr"] = torch.tensor(1e-2)
+    opt.step()
+    opt.param_groups[0]["lr"].fill_(-1.0)  # changed in place: still caught
+    with pytest.raises(ValueError, match="learning rate"):
+        opt.step()
+    opt.param_groups[0]["lr"] = torch.tensor([1e-2, 1e-3])
+    with pytest.raises(ValueError, match="learning rate"):
+        opt.step()

@@ -87,7 +87,7 @@ class Optimizer(_optim.Optimizer):
         self._reference_update = _rules.bind(self.rule.update, TORCH_OPS)
         self._kernel_plan = None  # the compiled path's cached batches (adamkit._torch_fused)
         self._plan_version = 0
-        self._last_valid_math: dict[str, Any] | None = None
+        self._valid_maths: list[dict[str, Any]] = []  # hyperparameter sets already validated (one per group)
         self._rounding_generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,))))
 
     def __getstate__(self) -> dict[str, Any]:
@@ -113,7 +113,7 @@ class Optimizer(_optim.Optimizer):
         if not hasattr(self, "_reference_update"):
             self._init_engine()
         self._plan_version = getattr(self, "_plan_version", 0) + 1
-        self._last_valid_math = None
+        self._valid_maths = []
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
@@ -124,14 +124,14 @@ class Optimizer(_optim.Optimizer):
         return {k: group[k] for k in self.defaults if k not in _ENGINE_KEYS and k in group}
 
     def _validated_math(self, group: Mapping[str, Any]) -> dict[str, Any]:
-        """The group's hyperparameters, validated unless they equal the last values validated (a step's
-        common case: validity depends on the values alone, so equal values need no second check)."""
+        """The group's hyperparameters, validated unless they equal values validated before (a step's common
+        case: validity depends on the values alone, so equal values need no second check)."""
         h = self._math(group)
-        if h != self._last_valid_math:
+        if any(isinstance(v, torch.Tensor) for v in h.values()):
+            self.rule.validate(h)  # a tensor value (a tensor lr, say) can change in place: checked every step
+        elif h not in self._valid_maths:
             self.rule.validate(h)
-            # a tensor value (a tensor lr, say) can change in place while comparing equal: never remembered
-            if not any(isinstance(v, torch.Tensor) for v in h.values()):
-                self._last_valid_math = h
+            self._valid_maths = [h, *self._valid_maths[:len(self.param_groups) - 1]]
         return h
 
     def _init_state(self, p: torch.Tensor, group: Mapping[str, Any]) -> bool:
