@@ -221,10 +221,14 @@ def _generate(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic
             return f"DT(bf16_load({x}))"
         return x
 
+    def rounds_stochastically(kind: str) -> bool:
+        """bf16 states always; bf16 params (and states stored like them) when ``stochastic``."""
+        return kind == "bf16" or (kind == "plain" and bf16_param and stochastic)
+
     def store(kind: str, target: str, value: str, stream: int, index: str = "lo + i") -> str:
         if kind == "bf16" or (kind == "plain" and bf16_param):
-            sr = kind == "bf16" or stochastic
-            noise = f"random16(key{stream}, {index})" if sr else f"nearest_even(np.float32({value}))"
+            noise = (f"random16(key{stream}, {index})" if rounds_stochastically(kind)
+                     else f"nearest_even(np.float32({value}))")
             return f"{target} = bf16_store(np.float32({value}), {noise})"
         return f"{target} = {value}"
 
@@ -273,9 +277,8 @@ def _generate(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic
     for j, n in enumerate(bools):
         L.append(f"        {n} = flags[k, {j}] != 0")
     # one stochastic-rounding key per stored stream (0: the parameter, j + 1: state j), hoisted out of the loop
-    rounded = ([0] if stochastic and bf16_param else []) + [j + 1 for j, _, kind in on if kind == "bf16"
-                                                            or (kind == "plain" and bf16_param and stochastic)]
-    for stream in rounded:
+    streams = [(0, "plain")] + [(j + 1, kind) for j, _, kind in on]
+    for stream in (stream for stream, kind in streams if rounds_stochastically(kind)):
         L.append(f"        key{stream} = stream_key(seed, k, {stream})")
     call = [load("plain", "", "theta_[i]"), load("plain", "", "g_[i]")]
     present_kind = {s: kind for _, s, kind in on}
