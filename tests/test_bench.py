@@ -28,5 +28,27 @@ def test_bench_writes_a_consistent_table(tmp_path, capsys):
     # on this tiny model the biases and norms (< 4,096 elements) keep fp32 states: a little over 2 and 4 B/param
     assert 2.0 < sp["adamkit int8"]["state_bytes_per_param"] <= 2.2
     assert 4.0 <= sp["adamkit bf16"]["state_bytes_per_param"] <= 4.1
+    # each row is set against the memory floor of its own storage, measured in the same run
+    floors = results["state_precision"]["floors_ms"]
+    assert set(floors) == {"fp32", "bf16", "int8"} and all(v > 0 for v in floors.values())
+    assert [sp[k]["floor"] for k in ("adamkit fp32", "adamkit bf16", "adamkit int8")] == ["fp32", "bf16", "int8"]
+    assert sp["adamkit int8"]["pct_of_floor"] == pytest.approx(100 * floors["int8"] / sp["adamkit int8"]["ms"])
     printed = capsys.readouterr().out
-    assert "| AdamW | ms/step | state B/param | × vs torch fused fp32 |" in printed
+    assert "| AdamW | ms/step | state B/param | × vs torch fused fp32 | % of its floor |" in printed
+
+
+def test_floor_step_touches_every_stream_once_per_call():
+    """The floor loop reads and writes each of its streams: float32 ones scaled and added to, narrow ones counted."""
+    np = pytest.importorskip("numpy")
+    step = bench.floor_step([(3000,), (70,)], 1, 2, np.uint16)
+    for _ in range(3):
+        step()
+    g, theta, m, v = step.keep_alive[0]
+    assert np.all(g == 1)
+    expected = 1.0
+    for _ in range(3):
+        expected = np.float32(np.float32(expected) * np.float32(0.999) + np.float32(1))
+    assert np.all(theta == expected)
+    assert m.dtype == np.uint16 and np.all(m == 3) and np.all(v == 3)
+    g2, theta2, m2, v2 = step.keep_alive[1]  # a second tensor, smaller than a chunk, is covered too
+    assert np.all(theta2 == expected) and np.all(m2 == 3) and np.all(v2 == 3)

@@ -48,13 +48,15 @@ def transformer_shapes(total: int, d: int | None = None) -> list[tuple[int, ...]
 
 
 def _stream_kernel():
-    """The floor loop: read a gradient once, read-modify-write ``n_rmw`` arrays once (compiled on first use)."""
+    """The floor loop: read a gradient once, read-modify-write ``n_rmw`` float32 arrays and ``n_narrow`` arrays of
+    ``narrow``'s dtype (8- or 16-bit state codes) once (compiled on first use)."""
     import numba
     from numba import prange
     from . import kernels
 
     @numba.njit(parallel=True, nogil=True, error_model="numpy")
-    def stream(tensor, start, stop, sizes, addresses, n_rmw):
+    def stream(tensor, start, stop, sizes, addresses, n_rmw, narrow, n_narrow):
+        one = narrow[0]
         for c in prange(tensor.shape[0]):
             k = tensor[c]
             lo, hi = start[c], stop[c]
@@ -63,21 +65,31 @@ def _stream_kernel():
                 a = numba.carray(kernels.address_as_pointer(addresses[k, 1 + s]), sizes[k], dtype=np.float32)[lo:hi]
                 for i in range(a.size):
                     a[i] = a[i] * np.float32(0.999) + g[i]
+            for s in range(n_narrow):
+                b = numba.carray(kernels.address_as_pointer(addresses[k, 1 + n_rmw + s]), sizes[k],
+                                 dtype=narrow.dtype)[lo:hi]
+                for i in range(b.size):
+                    b[i] = b[i] + one
 
     return stream
 
 
-def floor_step(shapes: list[tuple[int, ...]], rmw_streams: int) -> Callable[[], None]:
-    """A callable with the memory traffic of a step: one read stream and ``rmw_streams`` read-modify-write ones."""
+def floor_step(shapes: list[tuple[int, ...]], rmw_streams: int, narrow_streams: int = 0,
+               narrow_dtype: Any = np.uint8) -> Callable[[], None]:
+    """A callable with the memory traffic of a step: one float32 read stream, ``rmw_streams`` float32
+    read-modify-write ones and ``narrow_streams`` read-modify-write ones of ``narrow_dtype`` (low-precision states:
+    uint16 for bf16, uint8 for 8-bit codes, whose per-block absmax adds 1/64 of their bytes and is left out)."""
     from . import kernels
     stream = _stream_kernel()
     sizes = np.array([int(np.prod(s)) for s in shapes], dtype=np.int64)
-    arrays = [[np.ones(n, dtype=np.float32) for _ in range(1 + rmw_streams)] for n in sizes]
+    arrays = [[np.ones(n, dtype=np.float32) for _ in range(1 + rmw_streams)]
+              + [np.zeros(n, dtype=narrow_dtype) for _ in range(narrow_streams)] for n in sizes]
     addresses = np.array([[a.ctypes.data for a in row] for row in arrays], dtype=np.int64)
     table = kernels.chunk_table(sizes)
+    narrow = np.ones(1, dtype=narrow_dtype)
 
     def step() -> None:
-        stream(*table, sizes, addresses, rmw_streams)
+        stream(*table, sizes, addresses, rmw_streams, narrow, narrow_streams)
 
     step.keep_alive = arrays  # type: ignore[attr-defined]
     return step
@@ -216,24 +228,38 @@ def run_state_precision(total: int, steps: int, precisions: list[str], log: Call
         makers["torchao AdamW8bit"] = lambda ps: AdamW8bit(ps)
     log(f"[state precision] AdamW, {len(shapes)} tensors, {n / 1e6:.1f} M params, median of {steps} rounds "
         f"(adamkit rows check_finite=False unless marked)")
-    calls, optimizers = {}, {}
+    # each storage's memory floor, in the same round-robin: param read-modify-write, gradient read, two states
+    floors = {"fp32": floor_step(shapes, 3)}
+    if "bf16" in precisions:
+        floors["bf16"] = floor_step(shapes, 1, 2, np.uint16)
+    if "int8" in precisions or any(k.endswith("AdamW8bit") for k in makers):
+        floors["int8"] = floor_step(shapes, 1, 2, np.uint8)
+    calls: dict[str, Callable[[], Any]] = {f"floor {k}": f for k, f in floors.items()}
+    optimizers = {}
     for label, make in makers.items():
         opt = make(_params(shapes))
         calls[label], optimizers[label] = opt.step, opt
     ms = interleaved_medians(calls, steps)
+    floor_ms = {k: ms.pop(f"floor {k}") for k in floors}
+    log("  floors (same streams, no math): " + "  ".join(
+        f"{k} {v:.2f} ms ({ms['torch fused fp32'] / v:.2f}x vs torch fused fp32)" for k, v in floor_ms.items()))
     rows = []
     eight_bit = [k for k in ms if k.endswith("AdamW8bit")]
     for label, value in ms.items():
         b = state_bytes(optimizers[label]) / n
+        storage = "int8" if ("int8" in label or label.endswith("AdamW8bit")) else "bf16" if "bf16" in label \
+            else "fp32"
         row = {"optimizer": label, "ms": value, "state_bytes_per_param": b,
-               "speedup_vs_torch_fused": ms["torch fused fp32"] / value}
+               "speedup_vs_torch_fused": ms["torch fused fp32"] / value, "floor": storage,
+               "floor_ms": floor_ms[storage], "pct_of_floor": 100 * floor_ms[storage] / value}
         row.update({f"speedup_vs_{k.split()[0]}": ms[k] / value for k in eight_bit})
         rows.append(row)
         others = "  ".join(f"{ms[k] / value:6.1f}x vs {k.split()[0]}" for k in eight_bit)
         log(f"  {label:34s} {value:8.2f} ms  {b:5.2f} B/param state  "
-            f"{ms['torch fused fp32'] / value:5.2f}x vs torch fused fp32  {others}")
+            f"{ms['torch fused fp32'] / value:5.2f}x vs torch fused fp32  {row['pct_of_floor']:4.0f} % of "
+            f"{storage} floor  {others}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"params": n, "rows": rows, "process_peak_mib": peak}
+    return {"params": n, "rows": rows, "floors_ms": floor_ms, "process_peak_mib": peak}
 
 
 def peak_memory(total: int, precisions: list[str | None]) -> dict[str, dict[str, float]]:
@@ -314,13 +340,18 @@ def main(argv: list[str] | None = None) -> int:
         rows = results["state_precision"]["rows"]
         others = [k[len("speedup_vs_"):] for k in rows[0]
                   if k.startswith("speedup_vs_") and k != "speedup_vs_torch_fused"]
-        print("\n| AdamW | ms/step | state B/param | × vs torch fused fp32 |"
+        floors = results["state_precision"]["floors_ms"]
+        print("\n| AdamW | ms/step | state B/param | × vs torch fused fp32 | % of its floor |"
               + "".join(f" × vs {o} |" for o in others))
-        print("|---|---|---|---|" + "---|" * len(others))
+        print("|---|---|---|---|---|" + "---|" * len(others))
         for r in rows:
             print(f"| {r['optimizer']} | {r['ms']:.2f} | {r['state_bytes_per_param']:.2f} | "
-                  f"{r['speedup_vs_torch_fused']:.2f}× |"
+                  f"{r['speedup_vs_torch_fused']:.2f}× | {r['pct_of_floor']:.0f} % ({r['floor']}) |"
                   + "".join(f" {r[f'speedup_vs_{o}']:.1f}× |" for o in others))
+        torch_ms = next(r["ms"] for r in rows if r["optimizer"] == "torch fused fp32")
+        print("\nFloors (same memory streams, no math): " + ", ".join(
+            f"{k} {v:.2f} ms = {torch_ms / v:.2f}× torch fused fp32" for k, v in floors.items())
+            + " — the most any step of that storage could reach in this run.")
         if args.memory:
             mem = peak_memory(int(args.params), ["torch", "None", *precisions])
             results["peak_memory"] = mem
