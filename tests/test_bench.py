@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -39,7 +40,6 @@ def test_bench_writes_a_consistent_table(tmp_path, capsys):
 
 def test_floor_step_touches_every_stream_once_per_call():
     """The floor loop reads and writes each of its streams: float32 ones scaled and added to, narrow ones counted."""
-    np = pytest.importorskip("numpy")
     step = bench.floor_step([(3000,), (70,)], 1, 2, np.uint16)
     for _ in range(3):
         step()
