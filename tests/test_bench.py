@@ -52,3 +52,15 @@ def test_floor_step_touches_every_stream_once_per_call():
     assert m.dtype == np.uint16 and np.all(m == 3) and np.all(v == 3)
     g2, theta2, m2, v2 = step.keep_alive[1]  # a second tensor, smaller than a chunk, is covered too
     assert np.all(theta2 == expected) and np.all(m2 == 3) and np.all(v2 == 3)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("only", "name the precisions to compare too"),
+    ("int4", "unknown precision(s) int4"),
+    ("bf16,fp8,only", "unknown precision(s) fp8"),
+])
+def test_state_precision_option_rejects_what_would_silently_do_nothing_or_fail_late(value, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--params", "3e5", "--state-precision", value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

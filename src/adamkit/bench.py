@@ -326,12 +326,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-libraries", action="store_true", help="with --state-precision: leave out "
                         "bitsandbytes and torchao even when installed")
     parser.add_argument("--state-precision", default="", help="also compare AdamW with these state precisions "
-                        "(comma-separated: bf16,int8) against torch fused fp32; 'only' skips the other tables")
+                        "(comma-separated: bf16,int8) against torch fused fp32; add 'only' to skip the other tables "
+                        "(e.g. bf16,int8,only)")
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()] or None
     log = lambda s: print(s, flush=True)  # noqa: E731
-    precisions = [p.strip() for p in args.state_precision.split(",") if p.strip() and p.strip() != "only"]
-    if "only" in args.state_precision:
+    names = [p.strip() for p in args.state_precision.split(",") if p.strip()]
+    precisions = [p for p in names if p != "only"]
+    unknown = [p for p in precisions if p not in ("bf16", "int8")]
+    if unknown:
+        parser.error(f"--state-precision: unknown precision(s) {', '.join(unknown)} (choose from bf16, int8)")
+    if "only" in names and not precisions:
+        parser.error("--state-precision only: name the precisions to compare too, e.g. --state-precision "
+                     "bf16,int8,only")
+    if "only" in names:
         results = {"machine": {}, "suites": {}}
     else:
         results = run(int(args.params), args.steps, only, not args.no_small, log)
