@@ -82,3 +82,12 @@ def gradient(p: torch.Tensor, target: torch.Tensor, t: int, i: int) -> torch.Ten
 def has_grad(t: int, i: int) -> bool:
     """Parameter 1 has no gradient every third step (its step count must not advance)."""
     return not (i == 1 and t % 3 == 1)
+
+
+def stepped_once(cls: Any, numel: int, **options: Any) -> tuple[torch.nn.Parameter, Any]:
+    """A parameter of ``numel`` random values and an optimizer ``cls(**options)`` that has taken one step on it."""
+    p = torch.nn.Parameter(torch.randn(numel))
+    opt = cls([p], **options)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    return p, opt

@@ -14,6 +14,7 @@ from hypothesis.extra import numpy as hnp
 
 import adamkit.torch as akt
 from adamkit import states as S
+from conftest import stepped_once
 
 
 def _check_nearest(x: np.ndarray, signed: bool) -> None:
@@ -171,10 +172,7 @@ def test_checkpoints_int8_native_and_torch_format_both_ways():
 
 
 def test_nonfinite_gradients_never_reach_quantized_blocks():
-    p = torch.nn.Parameter(torch.randn(8192))
-    opt = akt.Adam([p], state_precision="int8")
-    p.grad = torch.randn_like(p)
-    opt.step()
+    p, opt = stepped_once(akt.Adam, 8192, state_precision="int8")
     before = copy.deepcopy(opt.state_dict())
     p.grad[100] = float("nan")
     with pytest.raises(FloatingPointError):
@@ -360,3 +358,37 @@ def test_bf16_states_round_stochastically_so_small_decays_survive(fused):
     expected = 1e-3 * 0.999 ** 200  # 8.19e-4; nearest rounding would leave 1e-3
     assert opt.state[p]["exp_avg_sq"].dtype == torch.bfloat16
     assert abs(v - expected) < 0.01 * expected, (v, expected)
+
+
+def test_numpy_engine_refuses_corrupt_int8_checkpoints_and_reads_torch_bf16_ones():
+    import adamkit.numpy as akn
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=10000).astype(np.float32)
+    opt = akn.AdamW([w], state_precision="int8")
+    opt.step([rng.normal(size=10000).astype(np.float32)])
+    good = opt.state_dict()
+    cases = [
+        (lambda st: st["exp_avg.absmax"].__setitem__(2, np.nan), "'exp_avg.absmax' must be finite"),
+        (lambda st: st.__setitem__("exp_avg", st["exp_avg"].astype(np.float32)), "must hold int8 codes"),
+        (lambda st: st["exp_avg_sq"].__setitem__(0, 250), "outside its map"),
+        (lambda st: st.pop("exp_avg_sq.absmax"), "no 'exp_avg_sq.absmax'"),
+    ]
+    for edit, match in cases:
+        sd = copy.deepcopy(good)
+        edit(sd["state"][0])
+        target = akn.AdamW([w.copy()], state_precision="int8")
+        fresh = target.state_dict()
+        with pytest.raises(ValueError, match=match):
+            target.load_state_dict(sd)
+        assert target.state_dict() == fresh  # nothing half-loaded
+    with pytest.raises(ValueError, match="per optimizer"):
+        akn.AdamW([{"params": [w], "state_precision": "int8"}])
+    # a torch engine checkpoint with bfloat16 states (NumPy has no bfloat16) loads into the NumPy engine exactly
+    p = torch.nn.Parameter(torch.randn(8192))
+    torch_opt = akt.AdamW([p], state_precision="bf16")
+    p.grad = torch.randn_like(p)
+    torch_opt.step()
+    numpy_opt = akn.AdamW([p.detach().numpy().copy()])
+    numpy_opt.load_state_dict(torch_opt.state_dict())
+    assert np.array_equal(numpy_opt.state_dict()["state"][0]["exp_avg"],
+                          torch_opt.state[p]["exp_avg"].float().numpy())

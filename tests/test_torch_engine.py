@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import adamkit.torch as akt
-from conftest import gradient, make_problem
+from conftest import gradient, make_problem, stepped_once
 
 CONFIGS = {"SGD": dict(lr=0.05, momentum=0.9, nesterov=True), "Adagrad": dict(lr=0.05, lr_decay=0.01),
            "RMSprop": dict(momentum=0.5, centered=True), "Adam": dict(amsgrad=True, weight_decay=0.1),
@@ -138,6 +138,75 @@ def test_bad_gradients_raise_and_leave_params_and_state_untouched():
     b.grad = torch.tensor([float("nan"), 0.0, 0.0])
     opt2.step()
     assert torch.isnan(b[0])
+
+
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("precision", [None, "int8"])
+def test_a_gradient_of_another_dtype_raises_before_anything_changes(fused, precision):
+    """torch lets a gradient differ from its parameter's dtype only after ``p.grad_dtype = None``; the kernels
+    would read its memory as the parameter's dtype, so adamkit refuses it (torch.optim errors too)."""
+    a, b = torch.nn.Parameter(torch.randn(8192)), torch.nn.Parameter(torch.randn(100))
+    opt = akt.AdamW([a, b], state_precision=precision, fused=fused)
+    a.grad, b.grad = torch.randn(8192), torch.randn(100)
+    opt.step()
+    snapshot = copy.deepcopy((a.detach(), b.detach(), opt.state_dict()))
+    b.grad_dtype = None
+    a.grad, b.grad = torch.randn(8192), torch.randn(100, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"shape \(100,\) has dtype torch.float64, the parameter torch.float32"):
+        opt.step()
+    assert torch.equal(a, snapshot[0]) and torch.equal(b, snapshot[1])
+    now = opt.state_dict()
+    assert all(torch.equal(now["state"][i][k], v) for i in now["state"] for k, v in snapshot[2]["state"][i].items())
+
+
+@pytest.mark.parametrize("group, match", [
+    ({"state_precision": "fp8"}, "Invalid state_precision: 'fp8'"),
+    ({"state_precision": 8}, "Invalid state_precision: 8"),
+    ({"fused": "yes"}, "Invalid fused: 'yes'"),
+    ({"capturable": True}, "capturable=True is not supported"),
+    ({"differentiable": True}, "differentiable=True is not supported"),
+])
+def test_engine_options_are_validated_per_group(group, match):
+    p, q = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match=match):
+        akt.AdamW([{"params": [p], **group}])
+    opt = akt.AdamW([p])
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group({"params": [q], **group})
+    assert len(opt.param_groups) == 1
+
+
+def test_corrupt_int8_checkpoints_raise_and_leave_optimizer_unchanged():
+    p, opt = stepped_once(akt.AdamW, 10000, state_precision="int8")
+    good = copy.deepcopy(opt.state_dict())
+
+    def broken(edit):
+        sd = copy.deepcopy(good)
+        edit(sd["state"][0])
+        return sd
+
+    cases = [
+        (lambda st: st["exp_avg.absmax"].__setitem__(3, float("nan")), "'exp_avg.absmax' must be finite"),
+        (lambda st: st["exp_avg_sq.absmax"].__setitem__(0, float("inf")), "'exp_avg_sq.absmax' must be finite"),
+        (lambda st: st["exp_avg.absmax"].__setitem__(1, -1.0), "non-negative"),
+        (lambda st: st.__setitem__("exp_avg.absmax", st["exp_avg.absmax"][:-1]), r"one scale per block .* holds 39"),
+        (lambda st: st.__setitem__("exp_avg", st["exp_avg"].to(torch.int16)), "must hold int8 codes"),
+        (lambda st: st.__setitem__("exp_avg_sq", st["exp_avg_sq"].to(torch.int8)), "must hold uint8 codes"),
+        (lambda st: st["exp_avg_sq"].__setitem__(0, 255), r"outside its map \(\|code\| ≤ 248\)"),
+        (lambda st: st["exp_avg"].__setitem__(0, -128), r"outside its map \(\|code\| ≤ 120\)"),
+        (lambda st: st.pop("exp_avg.absmax"), "no 'exp_avg.absmax'"),
+        (lambda st: st.pop("exp_avg"), "missing"),
+    ]
+    for edit, match in cases:
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(broken(edit))
+        now = opt.state_dict()
+        assert all(torch.equal(now["state"][0][k], v) for k, v in good["state"][0].items())
+    # the same corruptions are refused by a fresh optimizer of another precision (nothing is half-loaded)
+    fresh = akt.AdamW([torch.nn.Parameter(p.detach().clone())])
+    with pytest.raises(ValueError, match="must be finite"):
+        fresh.load_state_dict(broken(cases[0][0]))
+    assert not fresh.state
 
 
 def test_torch_machinery_hooks_schedulers_closure_deepcopy_repr():

@@ -9,6 +9,7 @@ parameters with gradients, the hyperparameters that decide which states exist, o
 
 from __future__ import annotations
 
+import itertools
 import operator
 from typing import Any
 
@@ -21,6 +22,7 @@ from . import rules as _rules
 FORMAT_OF = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}
 # unbound methods, mapped over lists of tensors (C-level iteration: the per-step passes over 1,000s of tensors)
 _data_ptr, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.is_contiguous
+_dtype = operator.attrgetter("dtype")
 
 
 def _kinds(rule: _rules.Rule, p: torch.Tensor, state: dict) -> tuple[str, ...]:
@@ -47,6 +49,7 @@ class _Batch:
         self.sizes = np.array([p.numel() for p in params], dtype=np.int64)
         self.table = kernels.chunk_table(self.sizes)
         self.param_ptrs = list(map(_data_ptr, params))
+        self.dtype = params[0].dtype if params else None  # every parameter's (and gradient's) dtype
         self.addresses: np.ndarray | None = None  # filled once states exist
         self.scalar_tensors: list[list[torch.Tensor]] = []
         self.scalars: np.ndarray | None = None  # mirror of the per-tensor scalar states (step, mu_product)
@@ -152,15 +155,30 @@ def step(opt: Any, work: list[tuple[dict, list, list, dict]],
     plan = opt._kernel_plan
     if plan is None or not plan.fits(key, work):
         plan = opt._kernel_plan = _build(opt, work, key)
-    grad_ptrs = _grad_addresses(plan, work)
+    grad_ptrs = _grad_addresses(plan, work, opt.rule.name)
     if grad_ptrs is None:  # a non-contiguous (or sparse) gradient: plan again, routing it elsewhere
         plan = opt._kernel_plan = _build(opt, work, key)
-        grad_ptrs = _grad_addresses(plan, work)
+        grad_ptrs = _grad_addresses(plan, work, opt.rule.name)
+    _check_grad_dtypes(opt.rule.name, [p for _, p in plan.reference], [p.grad for _, p in plan.reference])
     return _step_plan(opt, plan, check_finite, work, grad_ptrs)
 
 
-def _grad_addresses(plan: _Plan, work: list) -> list[np.ndarray] | None:
-    """The gradients' addresses per batch (one pass over the gradient tensors), or None if one is not contiguous."""
+def _check_grad_dtypes(name: str, params: list[torch.Tensor], grads: list[torch.Tensor],
+                       dtype: torch.dtype | None = None) -> None:
+    """Raise a ``TypeError`` (before anything changes) if a gradient's dtype differs from its parameter's — possible
+    only where ``p.grad_dtype`` was changed; the kernels would read its memory as the parameter's dtype. ``dtype``:
+    the dtype every parameter has (one C-level pass over the gradients instead of two)."""
+    expected = itertools.repeat(dtype) if dtype is not None else map(_dtype, params)
+    if all(map(operator.is_, map(_dtype, grads), expected)):
+        return
+    p, g = next((p, g) for p, g in zip(params, grads) if g.dtype != p.dtype)
+    raise TypeError(f"{name}: the gradient of a parameter of shape {tuple(p.shape)} has dtype {g.dtype}, the "
+                    f"parameter {p.dtype}; they must match (as in torch.optim); no parameter or state was changed")
+
+
+def _grad_addresses(plan: _Plan, work: list, name: str) -> list[np.ndarray] | None:
+    """The gradients' addresses per batch (one pass over the gradient tensors), or None if one is not contiguous;
+    a gradient whose dtype is not its parameter's raises (``name``: the optimizer's, for the message)."""
     out = []
     for gi, _, batches in plan.groups:
         grads = work[gi][2]
@@ -168,6 +186,7 @@ def _grad_addresses(plan: _Plan, work: list) -> list[np.ndarray] | None:
             gs = grads if b.positions is None else [grads[i] for i in b.positions]
             if not all(map(_is_contiguous, gs)):
                 return None
+            _check_grad_dtypes(name, b.params, gs, b.dtype)
             out.append(np.array(list(map(_data_ptr, gs)), dtype=np.int64))
     return out
 
@@ -180,7 +199,7 @@ def _step_plan(opt: Any, plan: _Plan, check_finite: bool, work: list,
     if not plan.ready:
         _prepare_states(opt, plan)
         batches = [b for _, _, bs in plan.groups for b in bs]
-        grad_ptrs = _grad_addresses(plan, work)
+        grad_ptrs = _grad_addresses(plan, work, opt.rule.name)
     rule = opt.rule
     floats, bools = kernels.coefficient_names(rule)
     scalar_names = list(rule.scalar_states)

@@ -78,6 +78,10 @@ class Optimizer:
         if any(id(p) in seen for p in params):
             raise ValueError("some parameters appear in more than one parameter group")
         hypers = {k: v for k, v in group.items() if k != "params"}
+        if hypers.get("state_precision", self.state_precision) != self.state_precision:
+            raise ValueError(f"a parameter group asks for state_precision={hypers['state_precision']!r}: "
+                             f"adamkit.numpy sets it per optimizer ({self.state_precision!r}), not per group")
+        hypers.pop("state_precision", None)
         h = {**self.defaults, **hypers}
         self.rule.validate(h)
         first = sum(len(g["params"]) for g in self.param_groups)
@@ -214,12 +218,20 @@ class Optimizer:
         for k, v in entry.items():
             if k in array_keys:
                 if f"{k}.absmax" in entry:  # 8-bit codes: read them as written, then store in this precision
-                    full = _states.dequantize(np.asarray(_to_numpy(v)), np.asarray(_to_numpy(entry[f"{k}.absmax"])),
-                                              k in _states.SIGNED_STATES, p.dtype)
+                    codes, absmax = np.asarray(_to_numpy(v)), np.asarray(_to_numpy(entry[f"{k}.absmax"]))
+                    try:
+                        _states.check_codes(k, codes, absmax, p.size)
+                    except ValueError as e:
+                        raise ValueError(f"parameter {index}: {e}") from None
+                    full = _states.dequantize(codes, absmax, k in _states.SIGNED_STATES, p.dtype)
                 elif entry.get(f"{k}.bf16"):
                     full = _states.bf16_values(np.asarray(_to_numpy(v)), p.dtype)
                 else:
-                    full = np.array(_to_numpy(v), dtype=p.dtype, copy=True)
+                    raw = np.asarray(_to_numpy(v))
+                    if raw.dtype.kind not in "fc":
+                        raise ValueError(f"state '{k}' of parameter {index} has dtype {raw.dtype} and no "
+                                         f"'{k}.absmax': integer codes cannot be read without their scales")
+                    full = np.array(raw, dtype=p.dtype, copy=True)
                 if full.shape != p.shape:
                     raise ValueError(f"state '{k}' of parameter {index} has shape {full.shape}, parameter {p.shape}")
                 _states.store(out, k, full, self.state_precision, self._rng)
@@ -244,8 +256,9 @@ def _real_view(a: np.ndarray) -> np.ndarray:
 
 
 def _to_numpy(v: Any) -> Any:
-    if hasattr(v, "detach"):  # a torch tensor
-        return v.detach().cpu().numpy()
+    if hasattr(v, "detach"):  # a torch tensor (bfloat16, which NumPy lacks, widens exactly to float32)
+        v = v.detach().cpu()
+        return (v.float() if str(v.dtype) == "torch.bfloat16" else v).numpy()
     return v
 
 

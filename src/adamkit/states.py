@@ -163,6 +163,33 @@ def exact_nearest_code(x: np.ndarray, absmax: float, signed: bool) -> np.ndarray
 
 # -- whole-tensor forms (reference path and checkpoints), for NumPy arrays and torch tensors ------------------------
 
+def check_codes(key: str, codes: Any, absmax: Any, numel: int) -> None:
+    """Raise ``ValueError`` naming the problem unless ``codes`` and ``absmax`` (NumPy arrays or torch tensors) are
+    a well-formed 8-bit state ``key`` of a tensor of ``numel`` elements: int8 codes for signed states, uint8 for
+    the others, every code inside its map, one finite non-negative absmax per block. Used on checkpoints before
+    anything is loaded (a corrupt scale or code would otherwise become a wrong moment silently)."""
+    signed = key in SIGNED_STATES
+    kind = "int8" if signed else "uint8"
+    if str(getattr(codes, "dtype", "")).replace("torch.", "") != kind:
+        raise ValueError(f"state '{key}' has '{key}.absmax', so it must hold {kind} codes; it has dtype "
+                         f"{getattr(codes, 'dtype', type(codes).__name__)}")
+    scale_dtype = str(getattr(absmax, "dtype", "")).replace("torch.", "")
+    if scale_dtype not in ("float32", "float64", "float16", "bfloat16"):
+        raise ValueError(f"state '{key}.absmax' must be floating point, got "
+                         f"{getattr(absmax, 'dtype', type(absmax).__name__)}")
+    count = absmax.numel() if hasattr(absmax, "numel") and callable(absmax.numel) else absmax.size
+    if count != n_blocks(numel):
+        raise ValueError(f"state '{key}.absmax' must hold one scale per block of {BLOCK} elements "
+                         f"({n_blocks(numel)}), it holds {count}")
+    scales = np.asarray(absmax.detach().cpu().double() if hasattr(absmax, "detach") else absmax, dtype=np.float64)
+    if not np.isfinite(scales).all() or (scales < 0).any():
+        raise ValueError(f"state '{key}.absmax' must be finite and non-negative (a block's largest magnitude)")
+    values = np.asarray(codes.detach().cpu() if hasattr(codes, "detach") else codes)
+    top = int(SIGNED_MAX if signed else UNSIGNED_MAX)
+    if values.size and max(int(values.max()), -int(values.min())) > top:
+        raise ValueError(f"state '{key}' holds codes outside its map (|code| ≤ {top}): not written by adamkit")
+
+
 def _ops_for(x: Any) -> dict[str, Any]:
     if isinstance(x, np.ndarray):
         return {"f32_bits": f32_bits, "bits_f32": bits_f32, "minimum": np.minimum, "maximum": np.maximum,

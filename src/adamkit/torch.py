@@ -71,13 +71,6 @@ class Optimizer(_optim.Optimizer):
         self.check_finite: bool = bool(values.pop("check_finite"))
         self.stochastic_rounding: bool = bool(values.pop("stochastic_rounding"))
         engine = {k: values.pop(k) for k in _ENGINE_KEYS if k in values}
-        if engine.get("capturable"):
-            raise ValueError("capturable=True is not supported by adamkit (CUDA-graph capture of the step)")
-        if engine.get("differentiable"):
-            raise ValueError("differentiable=True is not supported by adamkit")
-        if engine.get("fused") not in (None, True, False):
-            raise ValueError(f"Invalid fused: {engine['fused']!r} (must be None, True or False)")
-        _states.validate_precision(engine.get("state_precision"))
         defaults = self.rule.hyperparameters(**values)
         defaults.update(engine)
         self._init_engine()
@@ -96,9 +89,17 @@ class Optimizer(_optim.Optimizer):
         return state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As torch.optim's, with the group's hyperparameters validated before it is added."""
+        """As torch.optim's, with the group's hyperparameters and engine options (``fused``, ``state_precision``)
+        validated before it is added (the constructor's groups come through here too)."""
         h = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         self.rule.validate(self._math(h))
+        if h.get("capturable"):
+            raise ValueError("capturable=True is not supported by adamkit (CUDA-graph capture of the step)")
+        if h.get("differentiable"):
+            raise ValueError("differentiable=True is not supported by adamkit")
+        _states.validate_precision(h.get("state_precision"))
+        if h.get("fused") not in (None, True, False):
+            raise ValueError(f"Invalid fused: {h['fused']!r} (must be None, True or False)")
         super().add_param_group(param_group)
         self._plan_version = getattr(self, "_plan_version", 0) + 1
         if self.rule.name == "Adagrad":  # torch.optim.Adagrad creates its state at construction
@@ -315,15 +316,24 @@ class Optimizer(_optim.Optimizer):
                         raise ValueError(f"state of parameter {index} (group {gi}) has unknown keys {sorted(unknown)} "
                                          f"for {self.rule.name}")
                     for k, v in entry.items():
+                        where = f"parameter {index} (group {gi})"
                         if k in self.rule.update_states:
                             if not torch.is_tensor(v) or v.shape != p.shape:
                                 shape = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
-                                raise ValueError(f"state '{k}' of parameter {index} (group {gi}) has shape {shape}, "
+                                raise ValueError(f"state '{k}' of {where} has shape {shape}, "
                                                  f"the parameter has shape {tuple(p.shape)}")
+                            if f"{k}.absmax" in entry:
+                                try:
+                                    _states.check_codes(k, v, entry[f"{k}.absmax"], p.numel())
+                                except ValueError as e:
+                                    raise ValueError(f"{where}: {e}") from None
+                            elif not (v.is_floating_point() or v.is_complex()):
+                                raise ValueError(f"state '{k}' of {where} has dtype {v.dtype} and no '{k}.absmax': "
+                                                 f"integer codes cannot be read without their scales")
                         elif k.endswith(".absmax"):
-                            if not torch.is_tensor(v) or v.numel() != _states.n_blocks(p.numel()):
-                                raise ValueError(f"state '{k}' of parameter {index} must hold one scale per block of "
-                                                 f"{_states.BLOCK} elements ({_states.n_blocks(p.numel())})")
+                            if k[:-len(".absmax")] not in entry or not torch.is_tensor(v):
+                                raise ValueError(f"state of {where} has '{k}' (a tensor of scales) without the "
+                                                 f"codes '{k[:-len('.absmax')]}'")
                         elif torch.is_tensor(v) and v.numel() != 1:
                             raise ValueError(f"state '{k}' of parameter {index} must be a scalar")
                 index += 1
