@@ -130,6 +130,10 @@ def test_bad_gradients_raise_and_leave_params_and_state_untouched():
     b.grad = torch.ones(3).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
+    meta = torch.nn.Parameter(torch.ones(3, device="meta"))
+    meta.grad = torch.ones(3, device="meta")
+    with pytest.raises(RuntimeError, match="meta device"):
+        akt.AdamW([meta]).step()
     assert torch.equal(a, snapshot[0]) and torch.equal(b, snapshot[1])
     assert float(opt.state[a]["step"]) == 1.0 and torch.equal(opt.state[a]["exp_avg"],
                                                               snapshot[2]["state"][0]["exp_avg"])

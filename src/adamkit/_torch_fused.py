@@ -84,7 +84,7 @@ def _build(opt: Any, work: list[tuple[dict, list, list, dict]], key: tuple) -> _
     groups, reference = [], []
     for gi, (group, params, _, _) in enumerate(work):
         for p in params:
-            if p.grad.is_sparse:
+            if p.grad.is_sparse or p.is_meta:
                 opt._check_grad(gi, p)  # raises a clear error before anything changes
         if group.get("fused") is False:
             reference.extend((group, p) for p in params)

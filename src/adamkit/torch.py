@@ -225,6 +225,9 @@ class Optimizer(_optim.Optimizer):
         if g.is_sparse:
             raise RuntimeError(f"{where} has a sparse gradient; adamkit.torch.{self.rule.name} supports dense "
                                f"gradients only (torch.optim.SparseAdam handles sparse ones)")
+        if p.is_meta:
+            raise RuntimeError(f"{where} is on the meta device: it holds no values to update (materialize the "
+                               f"model, e.g. with to_empty(), before stepping)")
         if not (p.is_floating_point() or p.is_complex()):
             raise TypeError(f"{where} has dtype {p.dtype}; optimizers need floating or complex parameters")
 
