@@ -113,6 +113,8 @@ def test_minimize_bounds_callback_ftol_and_finite_differences():
         adamkit.minimize(rosen, [0.0, 0.0], options={"learning_rate": 0.1})
     with pytest.raises(ValueError, match="unknown method"):
         adamkit.minimize(rosen, [0.0, 0.0], method="lbfgs")
+    with pytest.raises(ValueError, match="x0 must be finite"):
+        adamkit.minimize(rosen, [np.nan, 0.0])
 
 
 @pytest.mark.parametrize("name", list(akn.OPTIMIZERS))

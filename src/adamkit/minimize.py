@@ -74,6 +74,8 @@ def minimize(fun: Callable[..., Any], x0: Sequence[float] | np.ndarray, args: tu
 
     x = np.array(x0, dtype=np.float64, copy=True).reshape(-1) if np.ndim(x0) else np.array([x0], dtype=np.float64)
     shape = np.shape(x0)
+    if not np.isfinite(x).all():
+        raise ValueError("x0 must be finite: it holds inf or nan")
     low, high = _bounds(bounds, x.size)
     np.clip(x, low, high, out=x)
     counts = {"nfev": 0, "njev": 0}
