@@ -166,7 +166,7 @@ def step(opt: Any, work: list[tuple[dict, list, list, dict]],
 def _check_grad_dtypes(name: str, params: list[torch.Tensor], grads: list[torch.Tensor],
                        dtype: torch.dtype | None = None) -> None:
     """Raise a ``TypeError`` (before anything changes) if a gradient's dtype differs from its parameter's — possible
-    only where ``p.grad_dtype`` was changed; the kernels would read its memory as the parameter's dtype. ``dtype``:
+    after ``p.grad_dtype = None`` or ``p.grad.data = ...``; the kernels would read its memory as the parameter's dtype. ``dtype``:
     the dtype every parameter has (one C-level pass over the gradients instead of two)."""
     expected = itertools.repeat(dtype) if dtype is not None else map(_dtype, params)
     if all(map(operator.is_, map(_dtype, grads), expected)):

@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .states import PRECISIONS
+
 CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("SGD momentum", "SGD", dict(lr=0.01, momentum=0.9)),
     ("SGD Nesterov", "SGD", dict(lr=0.01, momentum=0.9, nesterov=True)),
@@ -333,9 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda s: print(s, flush=True)  # noqa: E731
     names = [p.strip() for p in args.state_precision.split(",") if p.strip()]
     precisions = [p for p in names if p != "only"]
-    unknown = [p for p in precisions if p not in ("bf16", "int8")]
+    choices = [p for p in PRECISIONS if p]
+    unknown = [p for p in precisions if p not in choices]
     if unknown:
-        parser.error(f"--state-precision: unknown precision(s) {', '.join(unknown)} (choose from bf16, int8)")
+        parser.error(f"--state-precision: unknown precision(s) {', '.join(unknown)} (choose from "
+                     f"{', '.join(choices)})")
     if "only" in names and not precisions:
         parser.error("--state-precision only: name the precisions to compare too, e.g. --state-precision "
                      "bf16,int8,only")
