@@ -159,7 +159,8 @@ def step(opt: Any, work: list[tuple[dict, list, list, dict]],
     if grad_ptrs is None:  # a non-contiguous (or sparse) gradient: plan again, routing it elsewhere
         plan = opt._kernel_plan = _build(opt, work, key)
         grad_ptrs = _grad_addresses(plan, work, opt.rule.name)
-    _check_grad_dtypes(opt.rule.name, [p for _, p in plan.reference], [p.grad for _, p in plan.reference])
+    if plan.reference:  # the kernels' batches were checked with their addresses
+        _check_grad_dtypes(opt.rule.name, [p for _, p in plan.reference], [p.grad for _, p in plan.reference])
     return _step_plan(opt, plan, check_finite, work, grad_ptrs)
 
 
