@@ -1,10 +1,20 @@
 """The compiled path of :mod:`adamkit.torch`: batches of CPU tensors stepped by :mod:`adamkit.kernels`.
 
-Per step the Python work is a handful of list comprehensions over the parameters (their gradients' addresses
-and a check that no parameter moved); everything else — which tensors go together, their sizes, the chunk table,
-the addresses of parameters and states, the step counts — lives in a plan that is rebuilt only when the set of
-parameters with gradients, the hyperparameters that decide which states exist, or the state itself (on
-``load_state_dict``) changes.
+The kernels reach tensors through raw addresses, so this module is where memory safety is decided. The rule:
+**a kernel never touches an address that was not validated for this call.**
+
+* When a plan is built, every tensor a kernel will touch — parameter, gradient, each state, the step counters —
+  is checked against what the kernel reads: its kind (a plain strided tensor with real storage, or a DTensor's
+  local shard; never a fake, meta or other subclass), dtype, device, number of elements and layout. Anything
+  else goes to the reference path, or gets a clear error before anything changes.
+* On every step, the parts that can change between steps without the plan noticing are checked again, in C-level
+  passes over the tensors: each gradient's address, dtype, layout and size; each parameter's (and each DTensor's
+  local shard's) address and size; each state tensor's address; and the state mapping itself, which is a
+  :class:`TrackedState` whose every mutation (``opt.state[p][k] = ...``, ``opt.state.clear()``, a new
+  ``opt.state``) is counted. The plan keeps a reference to every tensor it validated, so memory it checked
+  cannot be freed and reused under it.
+* Step counts are read from the ``step`` tensors themselves on every step (an in-place ``fill_(0)`` restarts
+  warm-up, as with torch.optim) and written back to them.
 """
 
 from __future__ import annotations
@@ -18,59 +28,73 @@ import torch
 
 from . import kernels
 from . import rules as _rules
+from ._tensors import TrackedState, is_dtensor, kind_of, local_view, tracked
 
 FORMAT_OF = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}
+SCALAR_FORMAT_OF = {torch.float32: "float32", torch.float64: "float64"}
 # unbound methods, mapped over lists of tensors (C-level iteration: the per-step passes over 1,000s of tensors)
-_data_ptr, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.is_contiguous
+_data_ptr, _numel, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.is_contiguous
 _dtype = operator.attrgetter("dtype")
-
-
-def _kinds(rule: _rules.Rule, p: torch.Tensor, state: dict) -> tuple[str, ...]:
-    """How each state of ``p`` is stored, as the kernels name it."""
-    out = []
-    for s in rule.update_states:
-        if f"{s}.absmax" in state:
-            out.append("q8")
-        elif s in state and state[s].dtype == torch.bfloat16 and p.dtype != torch.bfloat16:
-            out.append("bf16")
-        else:
-            out.append("plain")
-    return tuple(out)
+_local = operator.attrgetter("_local_tensor")
 
 
 class _Batch:
     """Tensors of one group with the same storage format and states: one kernel call per step."""
 
-    def __init__(self, fmt: str, present: tuple[bool, ...], params: list[torch.Tensor],
-                 kinds: tuple[str, ...] = (), positions: list[int] | None = None, group_size: int = 0):
-        self.fmt, self.present, self.params, self.kinds = fmt, present, params, kinds
+    def __init__(self, fmt: str, params: list[torch.Tensor], locals_: list[torch.Tensor],
+                 positions: list[int] | None, group_size: int):
+        self.fmt, self.params, self.locals = fmt, params, locals_
+        self.dtensor = any(map(is_dtensor, params))
         # where each param sits among its group's params with gradients (None: all of them, in order)
         self.positions = None if positions is None or positions == list(range(group_size)) else positions
-        self.sizes = np.array([p.numel() for p in params], dtype=np.int64)
+        self.size_list = list(map(_numel, locals_))
+        self.sizes = np.array(self.size_list, dtype=np.int64)
         self.table = kernels.chunk_table(self.sizes)
-        self.param_ptrs = list(map(_data_ptr, params))
-        self.dtype = params[0].dtype if params else None  # every parameter's (and gradient's) dtype
-        self.addresses: np.ndarray | None = None  # filled once states exist
+        self.param_ptrs = list(map(_data_ptr, locals_))
+        self.dtype = locals_[0].dtype if locals_ else None  # every parameter's (and gradient's) dtype
+        self.present: tuple[bool, ...] = ()
+        self.kinds: tuple[str, ...] = ()
+        self.states: list[list[torch.Tensor]] = []  # the state tensors a kernel touches, column by column
+        self.state_ptrs: list[list[int]] = []
+        self.addresses: np.ndarray | None = None
         self.scalar_tensors: list[list[torch.Tensor]] = []
-        self.scalars: np.ndarray | None = None  # mirror of the per-tensor scalar states (step, mu_product)
-        self.uniform = False  # every row of ``scalars`` is the same (all tensors at the same step)
+        self.scalar_ptrs: list[np.ndarray] = []
+        self.scalar_formats: list[str] = []
         self.fresh = False
-        self.kernel: Any = None  # the compiled loop, once the states are known
+        self.kernel: Any = None
+
+    def unchanged(self) -> bool:
+        """Whether every parameter (or DTensor shard) and state tensor still has the address and size validated
+        when the plan was made."""
+        locals_ = self.locals
+        if self.dtensor and not all(map(operator.is_, map(_local, self.params), locals_)):
+            return False  # a DTensor whose local shard was replaced
+        return (list(map(_data_ptr, locals_)) == self.param_ptrs and list(map(_numel, locals_)) == self.size_list
+                and all(list(map(_data_ptr, col)) == ptrs for col, ptrs in zip(self.states, self.state_ptrs)))
 
 
 class _Plan:
+    """Which tensors go together, their sizes, chunk tables, addresses and kernels: rebuilt only when the set of
+    parameters with gradients, the options that decide which states exist, or the state mapping changes."""
+
     def __init__(self, key: tuple, params: list[list], groups: list[tuple[int, dict, list[_Batch]]],
-                 reference: list[tuple[dict, Any]]):
+                 reference: list[tuple[dict, Any]], state: TrackedState):
         self.key, self.params, self.groups, self.reference = key, params, groups, reference
+        self.state, self.generation = state, -1
         self.ready = False
 
-    def fits(self, key: tuple, work: list) -> bool:
+    def batches(self) -> list[_Batch]:
+        return [b for _, _, bs in self.groups for b in bs]
+
+    def fits(self, key: tuple, work: list, state: TrackedState) -> bool:
         """Whether this plan still describes ``work``: same groups, options and parameter objects (compared by
-        identity, without touching the tensors), and no parameter moved to other memory (``p.data = ...``)."""
-        return (self.key == key and len(self.params) == len(work)
+        identity), the same state mapping with no mutation since it was validated, and every parameter and state
+        tensor at the address and size it was validated with."""
+        return (self.key == key and state is self.state and (not self.ready or state.generation == self.generation)
+                and len(self.params) == len(work)
                 and all(len(mine) == len(w[1]) and all(map(operator.is_, mine, w[1]))
                         for mine, w in zip(self.params, work))
-                and all(b.param_ptrs == list(map(_data_ptr, b.params)) for _, _, bs in self.groups for b in bs))
+                and all(b.unchanged() for b in self.batches()))
 
 
 def _key(opt: Any, work: list[tuple[dict, list, list, dict]]) -> tuple:
@@ -79,68 +103,90 @@ def _key(opt: Any, work: list[tuple[dict, list, list, dict]]) -> tuple:
         (id(group), group.get("fused"), tuple(rule.states(h))) for group, _, _, h in work)
 
 
-def _build(opt: Any, work: list[tuple[dict, list, list, dict]], key: tuple) -> _Plan:
-    rule = opt.rule
+def _compiled_view(p: torch.Tensor) -> tuple[str | None, torch.Tensor | None, str]:
+    """(format, local tensor, reason) for a parameter the kernels can step; format None with the reason otherwise."""
+    local, g = local_view(p), p.grad
+    glocal = local_view(g) if local is not None and is_dtensor(g) == is_dtensor(p) else None
+    if local is None or glocal is None:
+        return None, None, "it is not a plain strided tensor (or a DTensor of one) with real storage"
+    fmt = FORMAT_OF.get(local.dtype)
+    if fmt is None or not local.is_cpu:
+        return None, None, f"dtype {local.dtype} on {local.device} (kernels take float32/float64/bfloat16 on CPU)"
+    if not (local.is_contiguous() and glocal.is_contiguous()) or local.numel() == 0:
+        return None, None, "it or its gradient is not contiguous, or it is empty"
+    return fmt, local, ""
+
+
+def _build(opt: Any, work: list[tuple[dict, list, list, dict]], key: tuple, state: TrackedState) -> _Plan:
     groups, reference = [], []
     for gi, (group, params, _, _) in enumerate(work):
         for p in params:
-            if p.grad.is_sparse or p.is_meta:
-                opt._check_grad(gi, p)  # raises a clear error before anything changes
+            opt._check_grad(gi, p)  # raises a clear error (before anything changes) for what no path can step
         if group.get("fused") is False:
             reference.extend((group, p) for p in params)
             continue
         by_format: dict[str, list] = {}
         for i, p in enumerate(params):
-            fmt = FORMAT_OF.get(p.dtype)
-            if fmt is None or not p.is_cpu or not p.is_contiguous() or not p.grad.is_contiguous():
+            fmt, local, reason = _compiled_view(p)
+            if fmt is None:
                 if group.get("fused") is True:
-                    raise RuntimeError(f"fused=True: {rule.name} has no compiled kernel for a parameter of dtype "
-                                       f"{p.dtype} on {p.device} (contiguous float32/float64/bfloat16 CPU tensors)")
+                    raise RuntimeError(f"`fused=True` requires all the params to be floating point Tensors of "
+                                       f"supported devices: {opt.rule.name} has no compiled kernel for a parameter "
+                                       f"of shape {tuple(p.shape)}: {reason}")
                 reference.append((group, p))
                 continue
-            by_format.setdefault(fmt, []).append((i, p))
-        groups.append((gi, group, [_Batch(fmt, (), [p for _, p in items], (), [i for i, _ in items], len(params))
+            by_format.setdefault(fmt, []).append((i, p, local))
+        groups.append((gi, group, [_Batch(fmt, [p for _, p, _ in items], [t for _, _, t in items],
+                                          [i for i, _, _ in items], len(params))
                                    for fmt, items in by_format.items()]))
-    return _Plan(key, [list(w[1]) for w in work], groups, reference)
+    return _Plan(key, [list(w[1]) for w in work], groups, reference, state)
 
 
 def _prepare_states(opt: Any, plan: _Plan) -> None:
-    """Create missing states, split batches by the states present, and record addresses and step counts."""
-    rule = opt.rule
+    """Validate every existing state against its parameter (all of them, before anything is created), create the
+    missing ones, split batches by the states present, and record every address a kernel will touch."""
+    for gi, _, batches in plan.groups:
+        for b in batches:
+            for p in b.params:
+                opt._validate_state(gi, p)
     for index, (gi, group, batches) in enumerate(plan.groups):
         split: list[_Batch] = []
         for batch in batches:
-            by_present: dict[tuple, list] = {}
-            fresh: dict[tuple, bool] = {}
             positions = batch.positions if batch.positions is not None else list(range(len(batch.params)))
             size = len(batch.params) if batch.positions is None else -1
-            for position, p in zip(positions, batch.params):
+            layouts: dict[tuple, list] = {}
+            for position, p, local in zip(positions, batch.params, batch.locals):
                 new = opt._init_state(p, group)
                 state = opt.state[p]
-                present = tuple(s in state for s in rule.update_states)
-                layout = (present, _kinds(rule, p, state))
-                by_present.setdefault(layout, []).append((position, p))
-                fresh[layout] = fresh.get(layout, False) or new
-            for (present, kinds), items in by_present.items():
-                ps = [p for _, p in items]
-                b = _Batch(batch.fmt, present, ps, kinds, [i for i, _ in items], size)
-                b.fresh = fresh[(present, kinds)]
-                columns = kernels.address_columns(rule, present, kinds)[2:]
-                b.addresses = np.array([[p.data_ptr(), 0, *(opt.state[p][c].data_ptr() for c in columns)]
-                                        for p in ps], dtype=np.int64)
-                b.scalar_tensors = [[opt.state[p][k] for p in ps] for k in rule.scalar_states]
-                b.scalar_ptrs = [np.array([t.data_ptr() for t in col], dtype=np.int64) for col in b.scalar_tensors]
-                b.scalar_formats = [("float64" if col[0].dtype == torch.float64 else "float32")
-                                    if all(t.is_cpu and t.numel() == 1 and t.dtype == col[0].dtype for t in col)
-                                    else None for col in b.scalar_tensors]
-                b.scalars = (torch.stack([torch.stack(col).to(torch.float64) for col in b.scalar_tensors], dim=1)
-                             .numpy().copy() if b.scalar_tensors else np.zeros((len(ps), 0)))
-                b.uniform = bool((b.scalars == b.scalars[:1]).all())
-                b.kernel = kernels.kernel(rule, present, b.fmt, opt.stochastic_rounding and b.fmt == "bfloat16",
-                                          kinds)
-                split.append(b)
+                present = tuple(s in state for s in opt.rule.update_states)
+                kinds = tuple(kind_of(state, s, p) if s in state else "plain" for s in opt.rule.update_states)
+                layouts.setdefault((present, kinds), []).append((position, p, local, new))
+            for (present, kinds), items in layouts.items():
+                split.append(_ready_batch(opt, batch.fmt, present, kinds, items, size))
         plan.groups[index] = (gi, group, split)
+    plan.generation = plan.state.generation
     plan.ready = True
+
+
+def _ready_batch(opt: Any, fmt: str, present: tuple, kinds: tuple, items: list, size: int) -> _Batch:
+    """A batch whose states exist: the state tensors it touches, their addresses, its step tensors and kernel."""
+    rule = opt.rule
+    b = _Batch(fmt, [p for _, p, _, _ in items], [t for _, _, t, _ in items], [i for i, _, _, _ in items], size)
+    b.present, b.kinds, b.fresh = present, kinds, any(new for *_, new in items)
+    columns = kernels.address_columns(rule, present, kinds)[2:]
+    b.states = [[local_view(opt.state[p][c]) for p in b.params] for c in columns]
+    b.state_ptrs = [list(map(_data_ptr, col)) for col in b.states]
+    b.addresses = np.zeros((len(b.params), 2 + len(columns)), dtype=np.int64)
+    b.addresses[:, 0] = b.param_ptrs
+    for j, ptrs in enumerate(b.state_ptrs):
+        b.addresses[:, 2 + j] = ptrs
+    b.scalar_tensors = [[opt.state[p][k] for p in b.params] for k in rule.scalar_states]
+    b.scalar_ptrs = [np.array(list(map(_data_ptr, col)), dtype=np.int64) for col in b.scalar_tensors]
+    b.scalar_formats = [SCALAR_FORMAT_OF[col[0].dtype] for col in b.scalar_tensors]
+    if any(t.dtype != col[0].dtype for col in b.scalar_tensors for t in col):
+        raise RuntimeError(f"{rule.name}: scalar states of one group mix float32 and float64 tensors")
+    b.kernel = kernels.kernel(rule, present, fmt, opt.stochastic_rounding and fmt == "bfloat16", kinds)
+    return b
 
 
 def step(opt: Any, work: list[tuple[dict, list, list, dict]],
@@ -149,58 +195,66 @@ def step(opt: Any, work: list[tuple[dict, list, list, dict]],
     and the number of 8-bit blocks left unchanged because their gradient was not finite.
 
     ``work`` holds (group, params with gradients, their gradients, the group's validated hyperparameters).
-    With ``check_finite``, every gradient (compiled or not) is scanned before anything changes.
+    Everything is validated before the first kernel runs; with ``check_finite``, every gradient (compiled or
+    not) is scanned too.
     """
+    state = tracked(opt)
     key = _key(opt, work)
     plan = opt._kernel_plan
-    if plan is None or not plan.fits(key, work):
-        plan = opt._kernel_plan = _build(opt, work, key)
-    grad_ptrs = _grad_addresses(plan, work, opt.rule.name)
-    if grad_ptrs is None:  # a non-contiguous (or sparse) gradient: plan again, routing it elsewhere
-        plan = opt._kernel_plan = _build(opt, work, key)
-        grad_ptrs = _grad_addresses(plan, work, opt.rule.name)
-    if plan.reference:  # the kernels' batches were checked with their addresses
-        _check_grad_dtypes(opt.rule.name, [p for _, p in plan.reference], [p.grad for _, p in plan.reference])
-    return _step_plan(opt, plan, check_finite, work, grad_ptrs)
+    if plan is None or not plan.fits(key, work, state):
+        plan = opt._kernel_plan = _build(opt, work, key, state)
+    grad_ptrs = _grad_addresses(plan, work)
+    if grad_ptrs is None:  # a gradient changed kind, dtype, layout or size: plan again (routes it, or raises)
+        plan = opt._kernel_plan = _build(opt, work, key, state)
+        grad_ptrs = _grad_addresses(plan, work)
+        if grad_ptrs is None:
+            raise RuntimeError(f"{opt.rule.name}: a gradient does not match its parameter")
+    if plan.reference:  # the reference path's parameters, checked every step (the kernels' were above)
+        index = {id(w[0]): gi for gi, w in enumerate(work)}
+        for group, p in plan.reference:
+            opt._check_grad(index[id(group)], p)
+            opt._validate_state(index[id(group)], p)
+    if check_finite:
+        _check_finite(opt, plan, grad_ptrs)
+    if not plan.ready:
+        _prepare_states(opt, plan)
+        grad_ptrs = _grad_addresses(plan, work)
+    return plan.reference, _run(opt, plan, work, grad_ptrs)
 
 
-def _check_grad_dtypes(name: str, params: list[torch.Tensor], grads: list[torch.Tensor],
-                       dtype: torch.dtype | None = None) -> None:
-    """Raise a ``TypeError`` (before anything changes) if a gradient's dtype differs from its parameter's — possible
-    after ``p.grad_dtype = None`` or ``p.grad.data = ...``; the kernels would read its memory as the parameter's dtype. ``dtype``:
-    the dtype every parameter has (one C-level pass over the gradients instead of two)."""
-    expected = itertools.repeat(dtype) if dtype is not None else map(_dtype, params)
-    if all(map(operator.is_, map(_dtype, grads), expected)):
-        return
-    p, g = next((p, g) for p, g in zip(params, grads) if g.dtype != p.dtype)
-    raise TypeError(f"{name}: the gradient of a parameter of shape {tuple(p.shape)} has dtype {g.dtype}, the "
-                    f"parameter {p.dtype}; they must match (as in torch.optim); no parameter or state was changed")
-
-
-def _grad_addresses(plan: _Plan, work: list, name: str) -> list[np.ndarray] | None:
-    """The gradients' addresses per batch (one pass over the gradient tensors), or None if one is not contiguous;
-    a gradient whose dtype is not its parameter's raises (``name``: the optimizer's, for the message)."""
+def _grad_addresses(plan: _Plan, work: list) -> list[np.ndarray] | None:
+    """The gradients' addresses per batch, after checking each gradient is what its kernel reads (kind, dtype,
+    layout, size, real storage): one C-level pass over the gradients per property. None if one is not."""
     out = []
-    for gi, _, batches in plan.groups:
-        grads = work[gi][2]
-        for b in batches:
-            gs = grads if b.positions is None else [grads[i] for i in b.positions]
-            if not all(map(_is_contiguous, gs)):
-                return None
-            _check_grad_dtypes(name, b.params, gs, b.dtype)
-            out.append(np.array(list(map(_data_ptr, gs)), dtype=np.int64))
+    try:
+        for gi, _, batches in plan.groups:
+            grads = work[gi][2]
+            for b in batches:
+                gs = grads if b.positions is None else [grads[i] for i in b.positions]
+                if b.dtensor:
+                    gs = _dtensor_grads(b, gs)
+                    if gs is None:
+                        return None
+                ptrs = list(map(_data_ptr, gs))
+                if not (all(map(operator.is_, map(_dtype, gs), itertools.repeat(b.dtype)))
+                        and all(map(_is_contiguous, gs)) and list(map(_numel, gs)) == b.size_list
+                        and 0 not in ptrs):
+                    return None
+                out.append(np.array(ptrs, dtype=np.int64))
+    except (RuntimeError, TypeError, AttributeError):  # a tensor without storage (fake, sparse, ...)
+        return None
     return out
 
 
-def _step_plan(opt: Any, plan: _Plan, check_finite: bool, work: list,
-               grad_ptrs: list[np.ndarray]) -> tuple[list, int]:
-    batches = [b for _, _, bs in plan.groups for b in bs]
-    if check_finite:
-        _check_finite(opt, plan, batches, grad_ptrs)
-    if not plan.ready:
-        _prepare_states(opt, plan)
-        batches = [b for _, _, bs in plan.groups for b in bs]
-        grad_ptrs = _grad_addresses(plan, work, opt.rule.name)
+def _dtensor_grads(b: _Batch, grads: list) -> list[torch.Tensor] | None:
+    """The local shards of DTensor gradients laid out like their parameters (None if one is not)."""
+    for p, g in zip(b.params, grads):
+        if type(g) is not type(p) or g.placements != p.placements or g.device_mesh != p.device_mesh:
+            return None
+    return [local_view(g) for g in grads]
+
+
+def _run(opt: Any, plan: _Plan, work: list, grad_ptrs: list[np.ndarray]) -> int:
     rule = opt.rule
     floats, bools = kernels.coefficient_names(rule)
     scalar_names = list(rule.scalar_states)
@@ -215,14 +269,14 @@ def _step_plan(opt: Any, plan: _Plan, check_finite: bool, work: list,
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=opt._rounding_generator)) if rounding else 0
             skipped += b.kernel(*b.table, b.sizes, b.addresses, coef, flags, seed)
             b.fresh = False
-            if scalar_names:
-                _write_scalars(b, new, scalar_names)
-    return plan.reference, skipped
+            for j in range(len(scalar_names)):
+                kernels.write_scalars(b.scalar_ptrs[j], new[:, j], b.scalar_formats[j])
+    return skipped
 
 
-def _check_finite(opt: Any, plan: _Plan, batches: list[_Batch], grad_ptrs: list[np.ndarray]) -> None:
+def _check_finite(opt: Any, plan: _Plan, grad_ptrs: list[np.ndarray]) -> None:
     ordered: list[Any] = []
-    for b, ptrs in zip(batches, grad_ptrs):
+    for b, ptrs in zip(plan.batches(), grad_ptrs):
         if kernels.count_nonfinite(b.fmt, b.table, b.sizes, ptrs):
             ordered.extend(p for p in b.params if not bool(torch.isfinite(p.grad).all()))
     ordered.extend(p for _, p in plan.reference if not bool(torch.isfinite(p.grad).all()))
@@ -234,16 +288,20 @@ def _check_finite(opt: Any, plan: _Plan, batches: list[_Batch], grad_ptrs: list[
 
 
 def _coefficients(rule: _rules.Rule, h: dict, b: _Batch, floats: list, bools: list, scalar_names: list):
-    """Per-tensor coefficient rows; tensors at the same step share one computation."""
+    """Per-tensor coefficient rows from the scalar states read from their tensors now (an in-place edit of
+    ``state['step']`` counts); tensors at the same step share one computation."""
     n = len(b.params)
-    scalar_dtype = np.float64 if b.scalar_tensors and b.scalar_tensors[0][0].dtype == torch.float64 else np.float32
+    scalar_dtype = np.float64 if b.scalar_formats and b.scalar_formats[0] == "float64" else np.float32
+    scalars = np.empty((n, len(scalar_names)), dtype=np.float64)
+    for j in range(len(scalar_names)):
+        scalars[:, j] = kernels.read_scalars(b.scalar_ptrs[j], b.scalar_formats[j])
     coef = np.empty((n, len(floats)), dtype=np.float64)
     flags = np.empty((n, len(bools)), dtype=np.uint8)
     new = np.empty((n, len(scalar_names)), dtype=np.float64)
-    if n and (not scalar_names or b.uniform):
-        rows, inverse = b.scalars[:1], slice(None)  # the common case: every tensor at the same step
+    if n and (not scalar_names or (scalars == scalars[:1]).all()):
+        rows, inverse = scalars[:1], slice(None)  # the common case: every tensor at the same step
     else:
-        rows, inverse = np.unique(b.scalars, axis=0, return_inverse=True)
+        rows, inverse = np.unique(scalars, axis=0, return_inverse=True)
         inverse = inverse.reshape(-1)
     for r, row in enumerate(rows):
         c, s = _rules.step_coefficients(rule, h, dict(zip(scalar_names, row.tolist())), b.fresh, scalar_dtype)
@@ -252,14 +310,3 @@ def _coefficients(rule: _rules.Rule, h: dict, b: _Batch, floats: list, bools: li
         flags[where] = [c[x] for x in bools]
         new[where] = [s[k] for k in scalar_names]
     return coef, flags, new
-
-
-def _write_scalars(b: _Batch, new: np.ndarray, scalar_names: list) -> None:
-    for j, tensors in enumerate(b.scalar_tensors):
-        fmt = b.scalar_formats[j]
-        if fmt is not None:  # CPU scalar tensors (torch's default for these states): written in one compiled loop
-            kernels.write_scalars(b.scalar_ptrs[j], new[:, j], fmt)
-        else:
-            values = torch.from_numpy(new[:, j]).to(tensors[0].dtype)
-            torch._foreach_copy_(tensors, list(values.to(tensors[0].device).unbind()))
-    b.scalars = new  # one step each: rows that were all equal stay equal, distinct ones stay distinct

@@ -445,6 +445,27 @@ def write_scalars(addresses: np.ndarray, values: np.ndarray, fmt: str) -> None:
     (_write_f32 if fmt == "float32" else _write_f64)(addresses, np.ascontiguousarray(values, dtype=np.float64))
 
 
+@numba.njit(nogil=True, cache=True)
+def _read_f32(addresses):
+    out = np.empty(addresses.shape[0], dtype=np.float64)
+    for k in range(addresses.shape[0]):
+        out[k] = numba.carray(address_as_pointer(addresses[k]), 1, dtype=np.float32)[0]
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _read_f64(addresses):
+    out = np.empty(addresses.shape[0], dtype=np.float64)
+    for k in range(addresses.shape[0]):
+        out[k] = numba.carray(address_as_pointer(addresses[k]), 1, dtype=np.float64)[0]
+    return out
+
+
+def read_scalars(addresses: np.ndarray, fmt: str) -> np.ndarray:
+    """The values of the one-element tensors at ``addresses`` as float64: the counterpart of :func:`write_scalars`."""
+    return (_read_f32 if fmt == "float32" else _read_f64)(addresses)
+
+
 def chunk_table(sizes: Sequence[int], chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split tensors of the given sizes into chunks of at most ``chunk`` elements: (tensor, start, stop)."""
     sizes_arr = np.asarray(sizes, dtype=np.int64)

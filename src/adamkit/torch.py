@@ -43,6 +43,7 @@ import torch.optim as _optim
 
 from . import rules as _rules
 from . import states as _states
+from . import _tensors
 from ._signature import bind as _bind
 
 _GRAD = operator.attrgetter("grad")
@@ -75,6 +76,7 @@ class Optimizer(_optim.Optimizer):
         defaults.update(engine)
         self._init_engine()
         super().__init__(params, defaults)
+        self.state = _tensors.TrackedState.of(self.state)
 
     def _init_engine(self) -> None:
         self._reference_update = _rules.bind(self.rule.update, TORCH_OPS)
@@ -108,6 +110,8 @@ class Optimizer(_optim.Optimizer):
                 self._init_state(p, group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "state" in state:  # torch.optim's load_state_dict sets a plain defaultdict: track its mutations
+            state["state"] = _tensors.TrackedState.of(state["state"])
         self.check_finite = state.pop("check_finite", getattr(self, "check_finite", True))
         self.stochastic_rounding = state.pop("stochastic_rounding", getattr(self, "stochastic_rounding", False))
         super().__setstate__(state)
@@ -136,16 +140,24 @@ class Optimizer(_optim.Optimizer):
         return h
 
     def _init_state(self, p: torch.Tensor, group: Mapping[str, Any]) -> bool:
-        """Create the state ``group`` needs that ``p`` lacks; return whether the array states were new."""
+        """Create the state ``group`` needs that ``p`` lacks, and bring scalar states to torch's form (a number
+        from an old checkpoint, or a tensor of another dtype, becomes a float tensor as torch.optim makes it);
+        return whether the array states were new. Call :meth:`_validate_state` first."""
         state = self.state[p]
         for k, v in self.rule.scalar_states.items():
-            if k not in state:
-                state[k] = torch.tensor(v, dtype=_scalar_dtype())
+            value = state.get(k, v)
+            if not (type(value) is torch.Tensor and value.dtype in (torch.float32, torch.float64)
+                    and value.numel() == 1 and value.is_cpu and value.is_contiguous()):
+                value = float(value.item() if torch.is_tensor(value) else value)
+                state[k] = torch.tensor(value, dtype=_scalar_dtype())
         missing = {k: v for k, v in self.rule.states(self._math(group)).items() if k not in state}
         precision = group.get("state_precision")
         for k, v in missing.items():
             # constant initial values: built directly in the stored format, no full-precision temporaries
             if _states.is_quantized(precision, p.numel()) and not p.is_complex():
+                if _tensors.is_dtensor(p):
+                    raise NotImplementedError(f"{self.rule.name}: state_precision='int8' does not support DTensor "
+                                              f"parameters (FSDP2, tensor parallelism) yet; use None or 'bf16'")
                 signed = k in _states.SIGNED_STATES
                 code, scale = _states.constant_code(v, signed)
                 state[k] = torch.full(p.shape, code, dtype=torch.int8 if signed else torch.uint8, device=p.device)
@@ -156,6 +168,32 @@ class Optimizer(_optim.Optimizer):
             else:
                 state[k] = torch.full_like(p, v, memory_format=torch.preserve_format)
         return bool(missing)
+
+    def _validate_state(self, gi: int, p: torch.Tensor) -> None:
+        """Raise a clear error, before anything changes, if ``p``'s existing state cannot be stepped: a state
+        tensor replaced by one of another dtype, size, device or kind (or the parameter converted after the state
+        was made, e.g. by ``model.double()``), or a scalar state (``step``) that is not a finite number >= 0."""
+        state = self.state.get(p)
+        if not state:
+            return
+        where = f"{self.rule.name}: parameter of shape {tuple(p.shape)} in group {gi}"
+        for k in self.rule.scalar_states:
+            if k in state:
+                _check_scalar_state(where, k, state[k])
+        local = _tensors.local_view(p)
+        if local is None:
+            return  # a fake or functional tensor: torch ops check it
+        for s in self.rule.update_states:
+            if s in state:
+                kind = _tensors.kind_of(state, s, p)
+                _tensors.check_state_tensor(s, where, state[s], local, kind, s in _states.SIGNED_STATES)
+                if kind == "q8":
+                    scales = state[f"{s}.absmax"]
+                    if not (type(scales) in (torch.Tensor,) and scales.dtype == torch.float32
+                            and scales.shape == (_states.n_blocks(local.numel()),) and scales.is_contiguous()
+                            and scales.device == local.device):
+                        raise RuntimeError(f"{where}: state '{s}.absmax' must be a contiguous float32 tensor of "
+                                           f"shape ({_states.n_blocks(local.numel())},) on {local.device}")
 
     @staticmethod
     def _low_precision(p: torch.Tensor, precision: str | None) -> bool:
@@ -211,8 +249,7 @@ class Optimizer(_optim.Optimizer):
                 params = group["params"]
             if params:
                 work.append((group, params, grads, h))
-        from . import _torch_fused  # imported on first step: importing adamkit compiles nothing
-        reference, skipped = _torch_fused.step(self, work, self.check_finite)
+        reference, skipped = _torch_fused_module().step(self, work, self.check_finite)
         for group, p in reference:
             skipped += self._reference_step(group, p)
         if skipped:
@@ -220,6 +257,7 @@ class Optimizer(_optim.Optimizer):
         return loss
 
     def _check_grad(self, gi: int, p: torch.Tensor) -> None:
+        """Raise a clear error, before anything changes, for a gradient no path can step with its parameter."""
         g = p.grad
         where = f"{self.rule.name}: parameter of shape {tuple(p.shape)} in group {gi}"
         if g.is_sparse:
@@ -230,6 +268,14 @@ class Optimizer(_optim.Optimizer):
                                f"model, e.g. with to_empty(), before stepping)")
         if not (p.is_floating_point() or p.is_complex()):
             raise TypeError(f"{where} has dtype {p.dtype}; optimizers need floating or complex parameters")
+        if g.dtype != p.dtype:
+            raise TypeError(f"{self.rule.name}: the gradient of a parameter of shape {tuple(p.shape)} has dtype "
+                            f"{g.dtype}, the parameter {p.dtype}; they must match (as in torch.optim); no parameter "
+                            f"or state was changed")
+        if g.shape != p.shape or g.device != p.device:
+            raise RuntimeError(f"{where}: its gradient has shape {tuple(g.shape)} on {g.device}; it must have the "
+                               f"parameter's shape and device (was p.grad.data reassigned?); no parameter or state "
+                               f"was changed")
 
     def _reference_step(self, group: dict[str, Any], p: torch.Tensor) -> int:
         """Step ``p`` with torch ops; return how many 8-bit blocks were left unchanged (non-finite gradient)."""
@@ -280,6 +326,12 @@ class Optimizer(_optim.Optimizer):
                 else:  # stored as this optimizer keeps it, laid out like its parameter
                     self._store_state(p, state, k, state[k].contiguous() if p.is_contiguous() else state[k],
                                       precision)
+
+    def state_dict(self) -> dict[str, Any]:
+        """As torch.optim's: per-parameter states as plain dicts (``torch.load(weights_only=True)`` reads them)."""
+        out = super().state_dict()
+        out["state"] = {k: dict(v) for k, v in out["state"].items()}
+        return out
 
     def torch_state_dict(self) -> dict[str, Any]:
         """The state in torch.optim's own format: full-precision states in the parameter's dtype, no adamkit
@@ -340,6 +392,26 @@ class Optimizer(_optim.Optimizer):
                         elif torch.is_tensor(v) and v.numel() != 1:
                             raise ValueError(f"state '{k}' of parameter {index} must be a scalar")
                 index += 1
+
+
+def _torch_fused_module():
+    from . import _torch_fused  # imported when first needed: importing adamkit compiles nothing
+    return _torch_fused
+
+
+def _check_scalar_state(where: str, key: str, value: Any) -> None:
+    """A scalar state (``step``, ``mu_product``) must be one finite real number, >= 0 for ``step``: anything else
+    (a string, a bool, several elements, nan, a negative count) would fail or mislead the next step."""
+    if torch.is_tensor(value):
+        ok = value.numel() == 1 and not (value.dtype == torch.bool or value.is_complex()) and value.device.type != "meta"
+        number = float(value.detach().reshape(()).to("cpu", torch.float64)) if ok else None
+    else:
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+        number = float(value) if ok else None
+    if number is None or not np.isfinite(number) or (key == "step" and number < 0):
+        shown = value if not torch.is_tensor(value) else f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+        raise RuntimeError(f"{where}: state '{key}' is {shown!s:.80}; it must be one finite real number"
+                           f"{' >= 0' if key == 'step' else ''}")
 
 
 def _full_precision(state_dict: Mapping[str, Any], rule: _rules.Rule, drop_engine_keys: bool = False) -> dict:

@@ -1,0 +1,149 @@
+"""What the compiled path may touch, decided in one place (no numba here: the reference path uses it too).
+
+* :class:`TrackedState`: ``opt.state`` as a ``defaultdict`` whose every mutation, and its entries', is counted,
+  so a plan knows when a state tensor may have been replaced or removed.
+* :func:`local_view`: the tensor whose memory a kernel may read for a parameter, gradient or state — the tensor
+  itself if it is a plain strided tensor with real storage, a DTensor's local shard — or None.
+* :func:`check_state_tensor`: a state tensor is what a kernel stepping its parameter reads (dtype, size, device,
+  layout), or a clear error.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable
+
+import torch
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+# -- the state mapping: every mutation counted ---------------------------------------------------------------------
+
+class _Counter:
+    """A shared mutation count (one object for a state mapping and all its entries)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+def _counting(cls: type) -> type:
+    """Make every mutating method of the dict subclass ``cls`` bump ``self._counter`` first."""
+    def wrap(name: str) -> Callable:
+        base = getattr(dict, name)
+
+        def method(self, *args, **kwargs):
+            self._counter.value += 1
+            return base(self, *args, **kwargs)
+        method.__name__ = name
+        return method
+
+    for name in ("__setitem__", "__delitem__", "clear", "pop", "popitem", "setdefault", "update", "__ior__"):
+        setattr(cls, name, wrap(name))
+    return cls
+
+
+@_counting
+class TrackedEntry(dict):
+    """One parameter's state (``opt.state[p]``): a dict whose mutations are counted."""
+
+    def __init__(self, counter: _Counter | None = None, *args: Any, **kwargs: Any) -> None:
+        self._counter = counter if counter is not None else _Counter()
+        dict.__init__(self, *args, **kwargs)
+
+    def __reduce__(self):
+        return TrackedEntry, (self._counter,), None, None, iter(self.items())
+
+
+@_counting
+class TrackedState(collections.defaultdict):
+    """``opt.state``: a ``defaultdict`` of :class:`TrackedEntry` whose mutations, and its entries', are counted, so
+    the compiled path knows when a state tensor may have been replaced or removed."""
+
+    def __init__(self, default_factory: Any = None, *args: Any, **kwargs: Any) -> None:
+        self._counter = _Counter()
+        collections.defaultdict.__init__(self, None, *args, **kwargs)
+
+    def __missing__(self, key: Any) -> TrackedEntry:
+        entry = self[key] = TrackedEntry(self._counter)
+        return entry
+
+    @property
+    def generation(self) -> int:
+        """How many mutations this mapping and its entries have seen."""
+        return self._counter.value
+
+    @classmethod
+    def of(cls, state: Any) -> "TrackedState":
+        """``state`` as a TrackedState (itself if it already is one)."""
+        if type(state) is cls:
+            return state
+        tracked = cls()
+        for key, entry in dict(state).items():
+            tracked[key] = TrackedEntry(tracked._counter, entry)
+        return tracked
+
+    def __reduce__(self):
+        return TrackedState.of, (dict(self),)
+
+
+def tracked(opt: Any) -> TrackedState:
+    """``opt.state`` as a :class:`TrackedState` (converted in place if code replaced it with a plain mapping)."""
+    if type(opt.state) is not TrackedState:
+        opt.state = TrackedState.of(opt.state)
+    elif any(type(e) is not TrackedEntry for e in dict.values(opt.state)):
+        for key, entry in list(dict.items(opt.state)):
+            if type(entry) is not TrackedEntry:
+                opt.state[key] = TrackedEntry(opt.state._counter, entry)
+    return opt.state
+
+
+# -- what a kernel may touch -----------------------------------------------------------------------------------
+
+def is_dtensor(t: Any) -> bool:
+    cls = type(t)
+    return cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed")
+
+
+def local_view(t: torch.Tensor) -> torch.Tensor | None:
+    """The tensor whose memory a kernel may read for ``t``: ``t`` itself if it is a plain strided tensor with real
+    storage, a DTensor's local shard if that is one; None for anything else (fake, functional, meta, sparse, other
+    subclasses), which the reference path handles with torch ops."""
+    if type(t) in _PLAIN:
+        return t if t.layout == torch.strided and not t.is_meta else None
+    if is_dtensor(t):
+        return local_view(t._local_tensor)
+    return None
+
+
+def kind_of(state: dict, s: str, p: torch.Tensor) -> str:
+    if f"{s}.absmax" in state:
+        return "q8"
+    if state[s].dtype == torch.bfloat16 and p.dtype != torch.bfloat16:
+        return "bf16"
+    return "plain"
+
+
+_STORAGE_DTYPES = {"q8": (torch.int8, torch.uint8), "bf16": (torch.bfloat16,)}
+
+
+def check_state_tensor(name: str, where: str, value: Any, p_local: torch.Tensor, kind: str,
+                       signed: bool = False) -> torch.Tensor:
+    """The local tensor of state ``name`` after checking it is what a kernel stepping ``p_local`` reads; raise
+    ``RuntimeError`` naming the mismatch otherwise (a state replaced, or a parameter whose dtype, size or device
+    changed after the state was made)."""
+    local = local_view(value) if torch.is_tensor(value) else None
+    if local is None:
+        raise RuntimeError(f"{where}: state '{name}' is {type(value).__name__}, not a tensor the step can update")
+    expected = {"q8": torch.int8 if signed else torch.uint8, "bf16": torch.bfloat16}.get(kind, p_local.dtype)
+    if local.dtype != expected:
+        raise RuntimeError(f"{where}: expected dtype {expected} for state '{name}' but got dtype {local.dtype} "
+                           f"(the parameter is {p_local.dtype}; was it converted, e.g. by model.double(), after "
+                           f"the optimizer made its state?)")
+    if local.numel() != p_local.numel() or local.device != p_local.device or not local.is_contiguous():
+        raise RuntimeError(f"{where}: state '{name}' has {local.numel()} elements on {local.device} "
+                           f"(contiguous: {local.is_contiguous()}), the parameter {p_local.numel()} on "
+                           f"{p_local.device}; they must match")
+    return local

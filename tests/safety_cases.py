@@ -1,0 +1,315 @@
+"""Ways to change things under an optimizer, each run by ``test_memory_safety.py`` in a child process.
+
+``python tests/safety_cases.py NAME...`` runs the named cases in order and prints one ``RESULT <json>`` line per
+case. Each case does the same thing to an adamkit optimizer and to torch.optim's, on identical parameters, and
+reports either ``stepped`` with the largest difference between the two afterwards (parameters and states), or
+``refused`` with the exception adamkit raised and whether everything was left bit for bit as it was (torch's
+own outcome is reported beside it). A crash ends the process: the parent test sees no RESULT for that case.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import sys
+import traceback
+from typing import Any, Callable
+
+import torch
+
+import adamkit.torch as ak
+
+CASES: dict[str, Callable[[], dict]] = {}
+
+
+def case(fn: Callable[[], dict]) -> Callable[[], dict]:
+    CASES[fn.__name__] = fn
+    return fn
+
+
+def twins(name: str = "Adam", shapes=((64, 80), (5000,)), fused: Any = None, dtype=torch.float32, **kw: Any):
+    """The same parameters and gradients under adamkit's and torch.optim's ``name``."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(*s, dtype=dtype)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    return ours, getattr(ak, name)(ours, fused=fused, **kw), theirs, getattr(torch.optim, name)(theirs, **kw)
+
+
+def grads(params: list, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+
+
+def snapshot(params: list, opt: Any) -> list[torch.Tensor]:
+    out = [p.detach().clone() for p in params]
+    for s in opt.state.values():
+        out.extend(v.detach().clone() for v in s.values() if torch.is_tensor(v))
+    return out
+
+
+def same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    def bits(x: torch.Tensor) -> torch.Tensor:  # nan == nan, bit for bit
+        return x.detach().reshape(-1).view(torch.uint8)
+    return len(a) == len(b) and all(x.dtype == y.dtype and x.shape == y.shape and torch.equal(bits(x), bits(y))
+                                    for x, y in zip(a, b))
+
+
+def difference(ours: list, opt: Any, theirs: list, ref: Any) -> float:
+    """Largest difference, relative to each tensor's scale, over parameters and every state tensor."""
+    worst = 0.0
+    pairs = list(zip(ours, theirs))
+    for p, q in zip(ours, theirs):
+        a, b = opt.state.get(p, {}), ref.state.get(q, {})
+        if set(a) != set(b):
+            return float("inf")
+        pairs += [(a[k], b[k]) for k in a if torch.is_tensor(a[k])]
+    for x, y in pairs:
+        x, y = torch.as_tensor(x).detach().double(), torch.as_tensor(y).detach().double()
+        if x.shape != y.shape:
+            return float("inf")
+        scale = float(y.abs().max()) if y.numel() else 0.0
+        worst = max(worst, float((x - y).abs().max()) / (scale or 1.0) if y.numel() else 0.0)
+    return worst
+
+
+def outcome(ours: list, opt: Any, theirs: list, ref: Any, change: Callable[[list, Any], None], steps: int = 2) -> dict:
+    """Step both ``steps`` times, apply ``change`` to each, then step again; report what happened."""
+    for t in range(steps):
+        grads(ours, t), grads(theirs, t)
+        opt.step(), ref.step()
+    change(ours, opt), change(theirs, ref)
+    grads(ours, 99), grads(theirs, 99)
+    try:
+        ref.step()
+        torch_outcome = "stepped"
+    except Exception as e:  # noqa: BLE001 - torch's own outcome, for the record
+        torch_outcome = f"{type(e).__name__}: {e}"[:200]
+    before = snapshot(ours, opt)
+    try:
+        opt.step()
+    except Exception as e:  # noqa: BLE001 - the error adamkit gives is the result
+        return {"outcome": "refused", "error": f"{type(e).__name__}: {e}"[:300], "torch": torch_outcome,
+                "unchanged": same_bits(before, snapshot(ours, opt))}
+    return {"outcome": "stepped", "torch": torch_outcome, "difference": difference(ours, opt, theirs, ref)}
+
+
+def both_paths(change: Callable[[list, Any], None], name: str = "Adam", **kw: Any) -> dict:
+    """``change`` on the compiled path (fused=None) and the reference path (fused=False)."""
+    return {str(fused): outcome(*twins(name, fused=fused, **kw), change) for fused in (None, False)}
+
+
+# -- state replaced, cleared, re-created ---------------------------------------------------------------------------
+
+@case
+def state_tensor_replaced():
+    return both_paths(lambda ps, o: o.state[ps[0]].__setitem__("exp_avg", torch.zeros_like(ps[0])))
+
+
+@case
+def state_tensor_replaced_wrong_dtype():
+    return both_paths(lambda ps, o: o.state[ps[1]].__setitem__("exp_avg_sq", torch.zeros_like(ps[1], dtype=torch.float64)))
+
+
+@case
+def state_tensor_replaced_wrong_size():
+    return both_paths(lambda ps, o: o.state[ps[1]].__setitem__("exp_avg", torch.zeros(10)))
+
+
+@case
+def state_tensor_data_reassigned():
+    return both_paths(lambda ps, o: setattr(o.state[ps[1]]["exp_avg"], "data", torch.zeros(7)))
+
+
+@case
+def state_tensor_set_empty():
+    return both_paths(lambda ps, o: o.state[ps[1]]["exp_avg_sq"].set_())
+
+
+@case
+def state_cleared():
+    return both_paths(lambda ps, o: o.state.clear())
+
+
+@case
+def state_recreated():
+    return both_paths(lambda ps, o: setattr(o, "state", collections.defaultdict(dict)))
+
+
+@case
+def state_entry_replaced_by_copy():
+    return both_paths(lambda ps, o: o.state.__setitem__(ps[0], copy.deepcopy(dict(o.state[ps[0]]))))
+
+
+# -- step counters ---------------------------------------------------------------------------------------------
+
+@case
+def step_fill_zero():
+    return both_paths(lambda ps, o: [s["step"].fill_(0) for s in o.state.values()], amsgrad=True)
+
+
+@case
+def step_counters_of_every_dtype():
+    out = {}
+    for dtype in (torch.int64, torch.int32, torch.float16, torch.bfloat16, torch.uint8, torch.float64):
+        def change(ps, o, dtype=dtype):
+            sd = o.state_dict()
+            for s in sd["state"].values():
+                s["step"] = s["step"].to(dtype)
+            o.load_state_dict(sd)
+        out[str(dtype)] = both_paths(change, "NAdam")
+    return out
+
+
+@case
+def step_counters_unusable():
+    out = {}
+    for label, value in (("negative", torch.tensor(-3.0)), ("huge negative", torch.tensor(-1e308, dtype=torch.float64)),
+                         ("nan", torch.tensor(float("nan"))), ("string", "7"), ("bool", torch.tensor(True)),
+                         ("two elements", torch.tensor([1.0, 2.0]))):
+        def change(ps, o, value=value):
+            o.state[ps[1]]["step"] = value
+        out[label] = both_paths(change)
+    return out
+
+
+@case
+def step_as_plain_number():
+    def change(ps, o):
+        sd = o.state_dict()
+        for s in sd["state"].values():
+            s["step"] = float(s["step"])
+        o.load_state_dict(sd)
+    return both_paths(change, "RAdam")
+
+
+# -- parameters and gradients changed ------------------------------------------------------------------------------
+
+@case
+def model_double():
+    return both_paths(lambda ps, o: [setattr(p, "data", p.data.double()) for p in ps])
+
+
+@case
+def model_bfloat16():
+    return both_paths(lambda ps, o: [setattr(p, "data", p.data.to(torch.bfloat16)) for p in ps])
+
+
+@case
+def param_data_smaller():
+    return both_paths(lambda ps, o: setattr(ps[1], "data", ps[1].data[:100]))
+
+
+@case
+def param_data_transposed():
+    return both_paths(lambda ps, o: setattr(ps[0], "data", ps[0].data.t().contiguous().t()))
+
+
+@case
+def param_data_new_memory():
+    return both_paths(lambda ps, o: setattr(ps[1], "data", ps[1].data.clone()))
+
+
+@case
+def grad_data_smaller():
+    def change(ps, o):
+        grads(ps, 99)
+        ps[1].grad.data = torch.randn(100)
+    out = {}
+    for fused in (None, False):
+        ours, opt, theirs, ref = twins(fused=fused)
+        grads(ours, 0), grads(theirs, 0)
+        opt.step(), ref.step()
+        change(ours, opt)
+        before = snapshot(ours, opt)
+        try:
+            opt.step()
+            out[str(fused)] = {"outcome": "stepped", "torch": "?", "difference": float("inf")}
+        except Exception as e:  # noqa: BLE001
+            out[str(fused)] = {"outcome": "refused", "error": f"{type(e).__name__}: {e}"[:300], "torch": "refused",
+                               "unchanged": same_bits(before, snapshot(ours, opt))}
+    return out
+
+
+@case
+def grad_expanded():
+    def change(ps, o):
+        ps[1].grad = torch.ones(1).expand(5000)
+    return both_paths(change)
+
+
+@case
+def params_swapped_in_group():
+    def change(ps, o):
+        o.param_groups[0]["params"].reverse()
+        ps.reverse()
+    return both_paths(change, "AdamW")
+
+
+@case
+def int8_state_model_double():
+    """8-bit states do not depend on the parameter's dtype: after model.double() the compiled path must step exactly
+    as the reference path does (or refuse cleanly)."""
+    def run(fused):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(64, 80)), torch.nn.Parameter(torch.randn(5000))]
+        opt = ak.AdamW(ps, state_precision="int8", fused=fused)
+        for t in range(2):
+            grads(ps, t)
+            opt.step()
+        for p in ps:
+            p.data = p.data.double()
+        grads(ps, 99)
+        opt.step()
+        return ps, opt
+    ours, opt = run(None)
+    theirs, ref = run(False)
+    return {"outcome": "stepped", "torch": "n/a", "difference": difference(ours, opt, theirs, ref)}
+
+
+@case
+def zero_redundancy_reload():
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        results = []
+        for cls in (ak.Adam, torch.optim.Adam):
+            torch.manual_seed(0)
+            ps = [torch.nn.Parameter(torch.randn(64, 80)), torch.nn.Parameter(torch.randn(5000))]
+            zero = ZeroRedundancyOptimizer(ps, optimizer_class=cls, lr=1e-2)
+            grads(ps, 0)
+            zero.step()
+            zero.consolidate_state_dict(0)
+            saved = copy.deepcopy(zero.state_dict())
+            for t in (1, 2):
+                grads(ps, t)
+                zero.step()
+            zero.load_state_dict(saved)  # roll back a stepped ZeRO optimizer
+            grads(ps, 3)
+            zero.step()
+            results.append([p.detach().clone() for p in ps])
+        diff = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(*results))
+        return {"outcome": "stepped", "torch": "stepped", "difference": diff}
+    finally:
+        dist.destroy_process_group()
+
+
+def main(names: list[str]) -> None:
+    for name in names:
+        print(f"START {name}", flush=True)
+        try:
+            result = CASES[name]()
+        except Exception:  # noqa: BLE001 - an unexpected failure of the case itself is a result too
+            result = {"outcome": "case failed", "error": traceback.format_exc()[-1500:]}
+        print("RESULT " + json.dumps({"name": name, "result": result}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or list(CASES))
