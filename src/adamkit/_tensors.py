@@ -107,6 +107,16 @@ def is_dtensor(t: Any) -> bool:
     return cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed")
 
 
+def on_local(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+    """``fn`` applied to ``t``, or to a DTensor's local shard and wrapped back with the same mesh and placements
+    (element-wise storage work — rounding, quantizing — is local to each shard)."""
+    if not is_dtensor(t):
+        return fn(t)
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(fn(t._local_tensor), t.device_mesh, t.placements, run_check=False, shape=t.shape,
+                              stride=t.stride())
+
+
 def local_view(t: torch.Tensor) -> torch.Tensor | None:
     """The tensor whose memory a kernel may read for ``t``: ``t`` itself if it is a plain strided tensor with real
     storage, a DTensor's local shard if that is one; None for anything else (fake, functional, meta, sparse, other

@@ -156,8 +156,7 @@ class Optimizer(_optim.Optimizer):
             # constant initial values: built directly in the stored format, no full-precision temporaries
             if _states.is_quantized(precision, p.numel()) and not p.is_complex():
                 if _tensors.is_dtensor(p):
-                    raise NotImplementedError(f"{self.rule.name}: state_precision='int8' does not support DTensor "
-                                              f"parameters (FSDP2, tensor parallelism) yet; use None or 'bf16'")
+                    raise NotImplementedError(_INT8_DTENSOR.format(self.rule.name))
                 signed = k in _states.SIGNED_STATES
                 code, scale = _states.constant_code(v, signed)
                 state[k] = torch.full(p.shape, code, dtype=torch.int8 if signed else torch.uint8, device=p.device)
@@ -207,10 +206,12 @@ class Optimizer(_optim.Optimizer):
         """Store a state array given in full precision in the group's format (codes + absmax for int8)."""
         state.pop(f"{key}.absmax", None)
         if _states.is_quantized(precision, p.numel()) and not p.is_complex():
+            if _tensors.is_dtensor(p):
+                raise NotImplementedError(_INT8_DTENSOR.format(self.rule.name))
             codes, absmax = _states.quantize(values.detach(), key in _states.SIGNED_STATES)
             state[key], state[f"{key}.absmax"] = codes.contiguous(), absmax
         elif self._low_precision(p, precision):
-            state[key] = self._bf16_stochastic(values)
+            state[key] = _tensors.on_local(self._bf16_stochastic, values)
         else:
             state[key] = values.to(p.dtype)
 
@@ -392,6 +393,10 @@ class Optimizer(_optim.Optimizer):
                         elif torch.is_tensor(v) and v.numel() != 1:
                             raise ValueError(f"state '{k}' of parameter {index} must be a scalar")
                 index += 1
+
+
+_INT8_DTENSOR = ("{}: state_precision='int8' does not support DTensor parameters (FSDP2, tensor parallelism) yet; "
+                 "use None or 'bf16'")
 
 
 def _torch_fused_module():

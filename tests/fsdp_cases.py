@@ -1,0 +1,112 @@
+"""FSDP2 (``fully_shard``) on 2 CPU processes with gloo: adamkit against torch.optim on DTensor shards.
+
+``python tests/fsdp_cases.py OUT.json`` runs every case on 2 ranks and writes rank 0's results to OUT.json;
+``test_distributed.py`` runs it in a child process with a time limit, so a crash or a hang is one failed test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+STEPS = 20
+CLASSES = {"SGD": dict(lr=0.05, momentum=0.9), "Adagrad": dict(lr=0.05), "RMSprop": dict(lr=0.01, centered=True),
+           "Adam": dict(lr=1e-2, amsgrad=True), "AdamW": dict(lr=1e-2), "Adamax": dict(lr=1e-2),
+           "NAdam": dict(lr=1e-2), "RAdam": dict(lr=1e-2)}
+
+
+def model(dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(96, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10)).to(dtype)
+
+
+def sharded(dtype: torch.dtype) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+    m = model(dtype)
+    for layer in m:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    return fully_shard(m)
+
+
+def train(m: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, dtype: torch.dtype, start: int = 0) -> None:
+    rank = dist.get_rank()
+    for t in range(start, start + steps):
+        g = torch.Generator().manual_seed(1000 * t + rank)
+        x = torch.randn(8, 96, generator=g, dtype=dtype)
+        loss = m(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def full(m: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.full_tensor().detach().clone() for p in m.parameters()]
+
+
+def rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(a, b))
+
+
+def parity(dtype: torch.dtype) -> dict[str, float]:
+    import adamkit.torch as ak
+    out = {}
+    for name, kw in CLASSES.items():
+        ours, theirs = sharded(dtype), sharded(dtype)
+        opt = getattr(ak, name)(ours.parameters(), **kw)
+        ref = getattr(torch.optim, name)(theirs.parameters(), **kw)
+        train(ours, opt, STEPS, dtype), train(theirs, ref, STEPS, dtype)
+        batches = [b for _, _, bs in opt._kernel_plan.groups for b in bs]
+        out[name] = {"difference": rel(full(ours), full(theirs)),
+                     "compiled_tensors": sum(len(b.params) for b in batches),
+                     "reference_tensors": len(opt._kernel_plan.reference)}
+    return out
+
+
+def dcp_resume(precision: str | None) -> dict:
+    """Train 4 steps, save with DCP, train 4 more; a fresh model and optimizer loaded from the save and trained the
+    same 4 steps must end bit for bit where the first did."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    import adamkit.torch as ak
+    path = os.environ["FSDP_CASES_DIR"] + f"/ckpt-{precision}"
+    m = sharded(torch.float32)
+    opt = ak.AdamW(m.parameters(), lr=1e-2, state_precision=precision)
+    train(m, opt, 4, torch.float32)
+    model_sd, optim_sd = get_state_dict(m, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    train(m, opt, 4, torch.float32, start=4)
+    m2 = sharded(torch.float32)
+    opt2 = ak.AdamW(m2.parameters(), lr=1e-2, state_precision=precision)
+    model_sd, optim_sd = get_state_dict(m2, opt2)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(m2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(m2, opt2, 4, torch.float32, start=4)
+    same = all(torch.equal(a, b) for a, b in zip(full(m), full(m2)))
+    return {"bit_for_bit": same, "difference": rel(full(m2), full(m))}
+
+
+def run(rank: int, out: str, store_dir: str) -> None:
+    os.environ["FSDP_CASES_DIR"] = store_dir
+    store = dist.FileStore(os.path.join(store_dir, "store"), 2)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    try:
+        results = {"float32": parity(torch.float32), "float64": parity(torch.float64),
+                   "dcp_fp32": dcp_resume(None), "dcp_bf16": dcp_resume("bf16")}
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(results, f)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(run, args=(sys.argv[1], tempfile.mkdtemp()), nprocs=2, join=True)
