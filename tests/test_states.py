@@ -172,7 +172,7 @@ def test_checkpoints_int8_native_and_torch_format_both_ways():
 
 
 def test_nonfinite_gradients_never_reach_quantized_blocks():
-    p, opt = stepped_once(akt.Adam, 8192, state_precision="int8")
+    p, opt = stepped_once(akt.Adam, 8192, state_precision="int8", check_finite=True)
     before = copy.deepcopy(opt.state_dict())
     p.grad[100] = float("nan")
     with pytest.raises(FloatingPointError):

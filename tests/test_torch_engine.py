@@ -120,7 +120,7 @@ def test_mismatched_state_dicts_raise_and_leave_optimizer_unchanged():
 
 def test_bad_gradients_raise_and_leave_params_and_state_untouched():
     a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(3))
-    opt = akt.AdamW([a, b], lr=0.1)
+    opt = akt.AdamW([a, b], lr=0.1, check_finite=True)
     a.grad, b.grad = torch.ones(4), torch.ones(3)
     opt.step()
     snapshot = copy.deepcopy((a.detach(), b.detach(), opt.state_dict()))
@@ -317,3 +317,30 @@ def test_hyperparameters_are_checked_in_every_group_and_as_tensors():
     opt.param_groups[0]["lr"] = torch.tensor([1e-2, 1e-3])
     with pytest.raises(ValueError, match="learning rate"):
         opt.step()
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_sgd_without_momentum_keeps_no_state_entries(fused):
+    ps = [torch.nn.Parameter(torch.ones(5000)), torch.nn.Parameter(torch.ones(3))]
+    opt = akt.SGD(ps, lr=0.1, fused=fused)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert opt.state_dict()["state"] == {} and len(opt.state) == 0
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_complex_adagrad_initial_accumulator_steps_like_its_real_view(fused):
+    z = torch.nn.Parameter(torch.randn(4096, dtype=torch.complex64))
+    r = torch.nn.Parameter(torch.view_as_real(z.detach()).clone())
+    opts = [akt.Adagrad([z], lr=0.1, initial_accumulator_value=0.3, fused=fused),
+            torch.optim.Adagrad([r], lr=0.1, initial_accumulator_value=0.3)]
+    for t in range(3):
+        g = torch.randn(4096, 2, generator=torch.Generator().manual_seed(t))
+        z.grad, r.grad = torch.view_as_complex(g.clone()), g.clone()
+        for o in opts:
+            o.step()
+    assert torch.allclose(torch.view_as_real(z.detach()), r.detach(), rtol=2e-6, atol=1e-7)
+    # torch starts a complex accumulator at complex(v, v): the real view's both halves start at v
+    assert torch.allclose(torch.view_as_real(opts[0].state[z]["sum"]), opts[1].state[r]["sum"], rtol=2e-6)

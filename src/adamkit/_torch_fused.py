@@ -157,7 +157,7 @@ def _prepare_states(opt: Any, plan: _Plan) -> None:
             layouts: dict[tuple, list] = {}
             for position, p, local in zip(positions, batch.params, batch.locals):
                 new = opt._init_state(p, group)
-                state = opt.state[p]
+                state = opt.state.get(p, {})
                 present = tuple(s in state for s in opt.rule.update_states)
                 kinds = tuple(kind_of(state, s, p) if s in state else "plain" for s in opt.rule.update_states)
                 layouts.setdefault((present, kinds), []).append((position, p, local, new))

@@ -11,11 +11,12 @@ selects the reference path, which runs the rule on whole tensors with torch ops 
 
 Differences from torch.optim, all deliberate:
 
-* ``check_finite=True`` (keyword, default): a step whose gradients hold inf or nan raises
-  ``FloatingPointError`` naming the parameter, before any parameter or state changes. AMP's ``GradScaler``
-  skips such steps itself, so it is unaffected. With ``check_finite=False`` and ``state_precision="int8"``, a
-  block of 256 elements whose gradient is not finite keeps its params and 8-bit states (one nan would poison the
-  block's scale); the rest of the step is applied and a ``RuntimeWarning`` gives the count.
+* ``check_finite=False`` (keyword, default) steps on inf or nan gradients as torch.optim does.
+  ``check_finite=True`` (opt-in) scans every gradient first and raises ``FloatingPointError`` naming the
+  parameter, before any parameter or state changes. With ``state_precision="int8"``, a block of 256 elements
+  whose gradient is not finite always keeps its params and 8-bit states (one nan would poison the block's scale;
+  the guard reads each block while it is in cache, no extra scan); the rest of the step is applied and a
+  ``RuntimeWarning`` gives the count.
 * ``capturable=True`` and ``differentiable=True`` are refused with ``ValueError``; ``foreach`` is accepted
   and has no effect (adamkit picks its own multi-tensor path).
 
@@ -112,7 +113,7 @@ class Optimizer(_optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         if "state" in state:  # torch.optim's load_state_dict sets a plain defaultdict: track its mutations
             state["state"] = _tensors.TrackedState.of(state["state"])
-        self.check_finite = state.pop("check_finite", getattr(self, "check_finite", True))
+        self.check_finite = state.pop("check_finite", getattr(self, "check_finite", False))
         self.stochastic_rounding = state.pop("stochastic_rounding", getattr(self, "stochastic_rounding", False))
         super().__setstate__(state)
         if not hasattr(self, "_reference_update"):
@@ -143,6 +144,9 @@ class Optimizer(_optim.Optimizer):
         """Create the state ``group`` needs that ``p`` lacks, and bring scalar states to torch's form (a number
         from an old checkpoint, or a tensor of another dtype, becomes a float tensor as torch.optim makes it);
         return whether the array states were new. Call :meth:`_validate_state` first."""
+        missing = {k: v for k, v in self.rule.states(self._math(group)).items() if k not in self.state.get(p, ())}
+        if not missing and not self.rule.scalar_states:
+            return False  # nothing to keep (SGD without momentum): no empty entry, as torch.optim
         state = self.state[p]
         for k, v in self.rule.scalar_states.items():
             value = state.get(k, v)
@@ -150,7 +154,6 @@ class Optimizer(_optim.Optimizer):
                     and value.numel() == 1 and value.is_cpu and value.is_contiguous()):
                 value = float(value.item() if torch.is_tensor(value) else value)
                 state[k] = torch.tensor(value, dtype=_scalar_dtype())
-        missing = {k: v for k, v in self.rule.states(self._math(group)).items() if k not in state}
         precision = group.get("state_precision")
         for k, v in missing.items():
             # constant initial values: built directly in the stored format, no full-precision temporaries
@@ -164,8 +167,9 @@ class Optimizer(_optim.Optimizer):
                                                   device=p.device)
             elif self._low_precision(p, precision):
                 state[k] = torch.full_like(p, v, dtype=torch.bfloat16, memory_format=torch.preserve_format)
-            else:
-                state[k] = torch.full_like(p, v, memory_format=torch.preserve_format)
+            else:  # a complex parameter steps like its view_as_real: both parts start at v
+                state[k] = torch.full_like(p, complex(v, v) if p.is_complex() else v,
+                                           memory_format=torch.preserve_format)
         return bool(missing)
 
     def _validate_state(self, gi: int, p: torch.Tensor) -> None:
@@ -282,7 +286,7 @@ class Optimizer(_optim.Optimizer):
         """Step ``p`` with torch ops; return how many 8-bit blocks were left unchanged (non-finite gradient)."""
         h = self._validated_math(group)
         fresh = self._init_state(p, group)
-        state = self.state[p]
+        state = self.state[p] if p in self.state else {}  # SGD without momentum keeps no entry
         guard = _states.BlockGuard.take(p.detach(), p.grad, state, self.rule.update_states, self.check_finite)
         real = torch.view_as_real if p.is_complex() else (lambda t: t)
         arrays = {k: real(self._load_state(p, state, k)) for k in self.rule.update_states if k in state}
@@ -450,7 +454,7 @@ def _make(rule: _rules.Rule) -> type[Optimizer]:
     if "fused" not in sig.parameters:  # torch has no fused kernel for this class; adamkit does
         params.append(inspect.Parameter("fused", inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=bool | None))
-    params.append(inspect.Parameter("check_finite", inspect.Parameter.KEYWORD_ONLY, default=True,
+    params.append(inspect.Parameter("check_finite", inspect.Parameter.KEYWORD_ONLY, default=False,
                                     annotation=bool))
     params.append(inspect.Parameter("stochastic_rounding", inspect.Parameter.KEYWORD_ONLY, default=False,
                                     annotation=bool))
