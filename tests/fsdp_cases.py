@@ -94,13 +94,79 @@ def dcp_resume(precision: str | None) -> dict:
     return {"bit_for_bit": same, "difference": rel(full(m2), full(m))}
 
 
+def int8_training() -> dict:
+    """int8 states on shards: bytes per parameter, and the final loss against fp32 states."""
+    import adamkit.torch as ak
+    losses, nbytes = {}, 0
+    for precision in (None, "int8"):
+        m = sharded(torch.float32)
+        opt = ak.AdamW(m.parameters(), lr=1e-2, state_precision=precision)
+        train(m, opt, STEPS, torch.float32)
+        x = torch.randn(64, 96, generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            losses[str(precision)] = float(m(x).square().mean())
+        if precision:  # state bytes per parameter over the shards stored in 8 bits (>= 4096 local elements)
+            big = [p for p in m.parameters() if p._local_tensor.numel() >= 4096]
+            nbytes = sum(v._local_tensor.nbytes if hasattr(v, "_local_tensor") else v.nbytes
+                         for p in big for k, v in opt.state[p].items() if k != "step")
+            nbytes /= sum(p._local_tensor.numel() for p in big)
+    return {"losses": losses, "bytes_per_param": nbytes}
+
+
+def nonfinite_on_one_rank() -> dict:
+    """check_finite=True with a nan in rank 1's shard only: every rank refuses the step, nothing changes."""
+    import adamkit.torch as ak
+    m = sharded(torch.float32)
+    opt = ak.Adam(m.parameters(), lr=1e-2, check_finite=True)
+    train(m, opt, 2, torch.float32)
+    before = full(m)
+    m(torch.randn(8, 96)).square().mean().backward()
+    if dist.get_rank() == 1:
+        next(m.parameters()).grad._local_tensor[0] = float("nan")
+    try:
+        opt.step()
+        refused = False
+    except FloatingPointError:
+        refused = True
+    flags = [None, None]
+    dist.all_gather_object(flags, refused)
+    return {"refused_on_every_rank": all(flags), "unchanged": all(torch.equal(a, b) for a, b in zip(before, full(m)))}
+
+
+def mixed_precision_and_clipping() -> dict:
+    """MixedPrecisionPolicy (bf16 compute, fp32 shards) and clip_grad_norm_ over DTensor gradients, against
+    torch.optim doing the same."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    import adamkit.torch as ak
+    runs = []
+    for cls in (ak.AdamW, torch.optim.AdamW):
+        m = model(torch.float32)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in m:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mp_policy=policy)
+        fully_shard(m, mp_policy=policy)
+        opt = cls(m.parameters(), lr=1e-2)
+        for t in range(5):
+            x = torch.randn(8, 96, generator=torch.Generator().manual_seed(t))
+            opt.zero_grad()
+            m(x.to(torch.bfloat16)).float().square().mean().backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.1)
+            opt.step()
+        runs.append(full(m))
+    return {"difference": rel(*runs)}
+
+
 def run(rank: int, out: str, store_dir: str) -> None:
     os.environ["FSDP_CASES_DIR"] = store_dir
     store = dist.FileStore(os.path.join(store_dir, "store"), 2)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
     try:
         results = {"float32": parity(torch.float32), "float64": parity(torch.float64),
-                   "dcp_fp32": dcp_resume(None), "dcp_bf16": dcp_resume("bf16")}
+                   "dcp_fp32": dcp_resume(None), "dcp_bf16": dcp_resume("bf16"), "dcp_int8": dcp_resume("int8"),
+                   "int8": int8_training(), "nonfinite": nonfinite_on_one_rank(),
+                   "mixed_precision": mixed_precision_and_clipping()}
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(results, f)

@@ -42,3 +42,21 @@ def test_fsdp2_dcp_resume_is_bit_for_bit_with_fp32_states(results):
 def test_fsdp2_dcp_resume_with_bf16_states_stays_within_rounding_noise(results):
     # the stochastic-rounding stream restarts on resume, so bf16 states differ by rounding noise only
     assert results["dcp_bf16"]["difference"] < 5e-3, results["dcp_bf16"]
+
+
+def test_fsdp2_dcp_resume_is_bit_for_bit_with_int8_states(results):
+    assert results["dcp_int8"]["bit_for_bit"], results["dcp_int8"]
+
+
+def test_fsdp2_int8_states_take_about_2_bytes_per_parameter_and_train_like_fp32(results):
+    r = results["int8"]
+    assert r["bytes_per_param"] <= 2.1, r  # 2 codes of 1 byte + 2 float32 scales per 256 elements = 2.03
+    assert abs(r["losses"]["int8"] - r["losses"]["None"]) <= 0.02 * r["losses"]["None"], r
+
+
+def test_fsdp2_check_finite_decides_the_same_on_every_rank(results):
+    assert results["nonfinite"] == {"refused_on_every_rank": True, "unchanged": True}
+
+
+def test_fsdp2_mixed_precision_policy_and_gradient_clipping_match_torch(results):
+    assert results["mixed_precision"]["difference"] <= 2e-6, results["mixed_precision"]

@@ -117,6 +117,11 @@ def on_local(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor) -> tor
                               stride=t.stride())
 
 
+def local_numel(t: torch.Tensor) -> int:
+    """Elements of ``t`` on this rank (a DTensor's local shard)."""
+    return t._local_tensor.numel() if is_dtensor(t) else t.numel()
+
+
 def local_view(t: torch.Tensor) -> torch.Tensor | None:
     """The tensor whose memory a kernel may read for ``t``: ``t`` itself if it is a plain strided tensor with real
     storage, a DTensor's local shard if that is one; None for anything else (fake, functional, meta, sparse, other

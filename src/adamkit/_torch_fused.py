@@ -278,13 +278,29 @@ def _check_finite(opt: Any, plan: _Plan, grad_ptrs: list[np.ndarray]) -> None:
     ordered: list[Any] = []
     for b, ptrs in zip(plan.batches(), grad_ptrs):
         if kernels.count_nonfinite(b.fmt, b.table, b.sizes, ptrs):
-            ordered.extend(p for p in b.params if not bool(torch.isfinite(p.grad).all()))
-    ordered.extend(p for _, p in plan.reference if not bool(torch.isfinite(p.grad).all()))
-    if ordered:
-        p = ordered[0]
-        raise FloatingPointError(
-            f"{opt.rule.name}: the gradient of a parameter of shape {tuple(p.shape)} has non-finite values "
-            f"(inf or nan); no parameter or state was changed")
+            ordered.extend(p for p in b.params if not bool(torch.isfinite(local_view(p.grad)).all()))
+    ordered.extend(p for _, p in plan.reference if not bool(torch.isfinite(_local_or_self(p.grad)).all()))
+    shards = [p for b in plan.batches() if b.dtensor for p in b.params[:1]]
+    if _any_rank(bool(ordered), shards[0] if shards else None):
+        where = f"a parameter of shape {tuple(ordered[0].shape)}" if ordered else "a parameter's shard on another rank"
+        raise FloatingPointError(f"{opt.rule.name}: the gradient of {where} has non-finite values (inf or nan); no "
+                                 f"parameter or state was changed")
+
+
+def _local_or_self(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if is_dtensor(t) else t
+
+
+def _any_rank(flag: bool, dtensor: Any) -> bool:
+    """``flag`` or-ed over every rank of ``dtensor``'s mesh (one small all-reduce per mesh dimension), so every
+    rank takes the same decision; ``flag`` itself without a DTensor."""
+    if dtensor is None:
+        return flag
+    import torch.distributed as dist
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    for dim in range(dtensor.device_mesh.ndim):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=dtensor.device_mesh.get_group(dim))
+    return bool(t.item())
 
 
 def _coefficients(rule: _rules.Rule, h: dict, b: _Batch, floats: list, bools: list, scalar_names: list):

@@ -158,13 +158,14 @@ class Optimizer(_optim.Optimizer):
         for k, v in missing.items():
             # constant initial values: built directly in the stored format, no full-precision temporaries
             if _states.is_quantized(precision, p.numel()) and not p.is_complex():
-                if _tensors.is_dtensor(p):
-                    raise NotImplementedError(_INT8_DTENSOR.format(self.rule.name))
+                # codes laid out like the parameter (a DTensor's: same mesh and placements); one scale per block
+                # of the local shard, a plain tensor of this rank (blocks never straddle two ranks)
                 signed = k in _states.SIGNED_STATES
                 code, scale = _states.constant_code(v, signed)
-                state[k] = torch.full(p.shape, code, dtype=torch.int8 if signed else torch.uint8, device=p.device)
-                state[f"{k}.absmax"] = torch.full((_states.n_blocks(p.numel()),), scale, dtype=torch.float32,
-                                                  device=p.device)
+                state[k] = torch.full_like(p, code, dtype=torch.int8 if signed else torch.uint8,
+                                           memory_format=torch.contiguous_format)
+                state[f"{k}.absmax"] = torch.full((_states.n_blocks(_tensors.local_numel(p)),), scale,
+                                                  dtype=torch.float32, device=p.device)
             elif self._low_precision(p, precision):
                 state[k] = torch.full_like(p, v, dtype=torch.bfloat16, memory_format=torch.preserve_format)
             else:  # a complex parameter steps like its view_as_real: both parts start at v
@@ -210,10 +211,14 @@ class Optimizer(_optim.Optimizer):
         """Store a state array given in full precision in the group's format (codes + absmax for int8)."""
         state.pop(f"{key}.absmax", None)
         if _states.is_quantized(precision, p.numel()) and not p.is_complex():
-            if _tensors.is_dtensor(p):
-                raise NotImplementedError(_INT8_DTENSOR.format(self.rule.name))
-            codes, absmax = _states.quantize(values.detach(), key in _states.SIGNED_STATES)
-            state[key], state[f"{key}.absmax"] = codes.contiguous(), absmax
+            scales = []
+
+            def quantize(local: torch.Tensor) -> torch.Tensor:
+                codes, absmax = _states.quantize(local.detach(), key in _states.SIGNED_STATES)
+                scales.append(absmax)
+                return codes.contiguous()
+            state[key] = _tensors.on_local(quantize, values)
+            state[f"{key}.absmax"] = scales[0]
         elif self._low_precision(p, precision):
             state[key] = _tensors.on_local(self._bf16_stochastic, values)
         else:
@@ -232,7 +237,8 @@ class Optimizer(_optim.Optimizer):
         """A state array in the parameter's dtype, whatever its storage."""
         value = state[key]
         if f"{key}.absmax" in state:
-            return _states.dequantize(value, state[f"{key}.absmax"], key in _states.SIGNED_STATES, p.dtype)
+            return _tensors.on_local(lambda codes: _states.dequantize(
+                codes, state[f"{key}.absmax"], key in _states.SIGNED_STATES, p.dtype), value)
         return value if value.dtype == p.dtype else value.to(p.dtype)
 
     # -- the step ------------------------------------------------------------------------------------------
@@ -335,7 +341,7 @@ class Optimizer(_optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """As torch.optim's: per-parameter states as plain dicts (``torch.load(weights_only=True)`` reads them)."""
         out = super().state_dict()
-        out["state"] = {k: dict(v) for k, v in out["state"].items()}
+        out["state"] = {k: _distributable(dict(v)) for k, v in out["state"].items()}
         return out
 
     def torch_state_dict(self) -> dict[str, Any]:
@@ -399,8 +405,15 @@ class Optimizer(_optim.Optimizer):
                 index += 1
 
 
-_INT8_DTENSOR = ("{}: state_precision='int8' does not support DTensor parameters (FSDP2, tensor parallelism) yet; "
-                 "use None or 'bf16'")
+def _distributable(entry: dict[str, Any]) -> dict[str, Any]:
+    """A state entry whose 8-bit states of a DTensor parameter are dequantized into float32 DTensors (scales are
+    per rank and would not survive resharding; the codes come back bit for bit when loaded at the same sharding)."""
+    for k in [k for k in entry if f"{k}.absmax" in entry and _tensors.is_dtensor(entry[k])]:
+        absmax = entry.pop(f"{k}.absmax")
+        entry[k] = _tensors.on_local(lambda codes: _states.dequantize(codes, absmax, k in _states.SIGNED_STATES,
+                                                                       torch.float32), entry[k])
+    return entry
+
 
 
 def _torch_fused_module():
