@@ -34,7 +34,8 @@ class TinyTransformer(torch.nn.Module):
         super().__init__()
         self.embed = torch.nn.Embedding(VOCAB, WIDTH)
         self.layers = torch.nn.ModuleList(
-            torch.nn.TransformerEncoderLayer(WIDTH, nhead=4, dim_feedforward=4 * WIDTH, batch_first=True)
+            torch.nn.TransformerEncoderLayer(WIDTH, nhead=4, dim_feedforward=4 * WIDTH, dropout=0.0,
+                                             batch_first=True)
             for _ in range(2))
         self.head = torch.nn.Linear(WIDTH, VOCAB)
 
