@@ -28,23 +28,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .report import Section, format_table, now, write_html
+from .page import write_html
+from .report import Section, format_table, now
 
 SECTIONS: dict[str, str] = {
+    "lineage": "The lineage: from gradient descent to Adam, one mechanism at a time",
     "averages": "Moving averages: what Adam's m and v are",
     "regression": "Linear regression: gradient descent vs Adam",
     "functions": "The family on test functions",
     "failure": "Where Adam fails: Reddi, Kale & Kumar (2018)",
+    "ideas": "The ideas behind Adam, one run each",
     "digits": "Real data: handwritten digits",
 }
 """Section name → title, in report order. Each name is a module of this package."""
 
 
-def run_section(name: str, out: Path, quick: bool = False, seed: int = 0) -> tuple[Section, dict[str, Any]]:
+def run_section(name: str, out: Path, quick: bool = False, seed: int = 0,
+                verbose: bool = False) -> tuple[Section, dict[str, Any]]:
     """Run one section into ``out`` (created if needed); return its report part and its results dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    section = Section(name, SECTIONS[name], out)
+    section = Section(name, SECTIONS[name], out, verbose=verbose)
     module = importlib.import_module(f"{__name__}.{name}")
     start = time.perf_counter()
     with _single_threaded_blas():
@@ -75,7 +79,7 @@ def run(out: str | Path = "adamkit-report", only: list[str] | None = None, quick
     for i, name in enumerate(names, 1):
         if verbose:
             print(f"[{i}/{len(names)}] {SECTIONS[name]} ...", flush=True)
-        section, res = run_section(name, out, quick=quick, seed=seed)
+        section, res = run_section(name, out, quick=quick, seed=seed, verbose=verbose)
         sections.append(section)
         results[name] = res
         if verbose:

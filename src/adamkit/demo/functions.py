@@ -120,6 +120,19 @@ def score(gap: np.ndarray) -> tuple[float, float]:
     return final, mean_log
 
 
+def tune(fn: TestFunction, method: str, options: dict[str, Any], grid: np.ndarray,
+         steps: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """The grid search: every lr of ``grid`` from the same start for ``steps`` steps; the best by :func:`score`.
+    Returns (lr, path, gap per step)."""
+    trials = []
+    for lr in grid:
+        path = optimize(fn, method, options, lr, steps)
+        gap = gaps(fn, path)
+        trials.append((score(gap), lr, path, gap))
+    _, lr, path, gap = min(trials, key=lambda trial: trial[0])
+    return float(lr), path, gap
+
+
 def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     grid = np.logspace(-4, 0, 5 if quick else 9)
     sec.text("Eleven members of the family minimize three functions with <code>adamkit.minimize(f, x0, "
@@ -139,13 +152,7 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         steps = fn.quick_steps if quick else fn.steps
         chosen: dict[str, tuple[float, np.ndarray, np.ndarray]] = {}
         for label, method, options in OPTIMIZERS:
-            trials = []
-            for lr in grid:  # the grid search: every lr, the same start and number of steps
-                path = optimize(fn, method, options, lr, steps)
-                gap = gaps(fn, path)
-                trials.append((score(gap), lr, path, gap))
-            (_, lr, path, gap) = min(trials, key=lambda trial: trial[0])
-            chosen[label] = (lr, path, gap)
+            chosen[label] = tune(fn, method, options, grid, steps)
         key = fn.name.lower()
         final = {label: float(gap[-1]) for label, (_, _, gap) in chosen.items()}
         order = sorted(final, key=lambda k: score(chosen[k][2]))
