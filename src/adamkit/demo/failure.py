@@ -18,7 +18,7 @@ import numpy as np
 
 import adamkit.numpy as akn
 
-from .report import Section, plt
+from .report import PALETTE, Section, plt
 
 
 @dataclass(frozen=True)
@@ -100,18 +100,24 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     r["synthetic_default_memory"] = 1 / (1 - r["synthetic_default_beta2"])  # an EMA's mean age, roughly
     r["adam_final_x"], r["amsgrad_final_x"] = r["c3"]["adam_x"], r["c3"]["amsgrad_x"]
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 7), layout="constrained")
+    r["linthresh_c3"] = 10 * problems()[0].period
+    r["linthresh_synthetic"] = 10 * problems()[1].period
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.6), layout="constrained")
     for ax, (key, (p, adam, ams)) in zip(axes.flat, runs.items()):
         t = np.arange(len(adam))
-        ax.plot(t, adam, color="tab:red", lw=1.2, label="Adam")
-        ax.plot(t, ams, color="tab:blue", lw=1.2, label="AMSGrad (amsgrad=True)")
+        ax.plot(t, adam, color=PALETTE["vermillion"], lw=1.2, label="Adam")
+        ax.plot(t, ams, color=PALETTE["blue"], lw=1.2, label="AMSGrad (amsgrad=True)")
         ax.axhline(-1, color="k", ls=":", lw=1, label="optimum x* = −1")
-        ax.set(ylim=(-1.08, 1.08), xlabel="step t", ylabel="x_t", title=p.title)
+        ax.set(ylim=(-1.08, 1.08), xlabel=f"step t (linear to {10 * p.period}, then log)", ylabel="x_t",
+               title=p.title)
         ax.set_xscale("symlog", linthresh=10 * p.period)  # linear for the first periods, then logarithmic
         ax.set_xlim(0, len(adam) - 1)
         ax.legend(loc="center right")
-    sec.figure(fig, "failure-x.png", "Adam drifts to the worst point, AMSGrad to the optimum",
-               "x_t on [{lo:g}, {hi:g}], where the optimum is x* = {x_star:g} (α = {alpha}, step α/√t). "
+    sec.figure(fig, "failure-x.png", "Adam can drift away from the optimum; AMSGrad cannot grow its step back",
+               "Adam, whose v soon forgets the rare large gradient, can be pushed towards the worst point; AMSGrad, "
+               "whose step size never grows back, moves towards the optimum, slowly on the harder problems.",
+               "The step axis is linear up to {linthresh_c3} (C = {C:g}) or {linthresh_synthetic} steps (synthetic) "
+               "and logarithmic after, so the first periods and the long run are both visible. x_t on [{lo:g}, {hi:g}], where the optimum is x* = {x_star:g} (α = {alpha}, step α/√t). "
                "Top left, C = {C:g} with β₁ = {c3_beta1:g}, β₂ = {c3_beta2:.2g}: after {c3_steps} steps "
                "Adam ends at x = {adam_final_x:.2f}, AMSGrad at x = {amsgrad_final_x:.2f}. The synthetic "
                "problem with the construction's betas (β₂ = {synthetic_construction_beta2:.1e}): Adam at "
@@ -125,18 +131,20 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
                "half of the run (AMSGrad {synthetic_default_amsgrad_drift:+.2f}, ending at "
                "{synthetic_default_amsgrad_x:.2f}).", r)
 
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), layout="constrained", sharey=False)
-    for ax, (key, (p, adam, ams)) in zip(axes, runs.items()):
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.6), layout="constrained")
+    for ax, (key, (p, adam, ams)) in zip(axes.flat, runs.items()):
         t = np.arange(1, len(adam))
-        ax.semilogx(t, average_regret(p, adam), color="tab:red", label="Adam")
-        ax.semilogx(t, average_regret(p, ams), color="tab:blue", label="AMSGrad")
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set(xlabel="step T", title=p.title.split(";")[-1].strip())
+        ax.loglog(t, np.maximum(average_regret(p, adam), 1e-4), color=PALETTE["vermillion"], label="Adam")
+        ax.loglog(t, np.maximum(average_regret(p, ams), 1e-4), color=PALETTE["blue"], label="AMSGrad")
+        ax.set(xlabel="step T", ylabel="average regret R_T / T (log)", title=p.title.split(";")[-1].strip())
         ax.legend()
-    axes[0].set_ylabel("average regret R_T / T")
-    axes[0].set_title(f"C = {r['C']:g}: " + axes[0].get_title())
+    axes[0, 0].set_title(f"C = {r['C']:g}: " + axes[0, 0].get_title())
+    r["regret_floor"] = 1e-4
     sec.figure(fig, "failure-regret.png", "Average regret",
-               "R_T/T, the mean over t ≤ T of f_t(x_t) − f_t(x*): an online method converges when this goes to "
+               "An online method converges when its average regret goes to zero; the log axis shows how far from "
+               "zero each one still is.",
+               "Log-log axes (values below {regret_floor:.0e} drawn at that floor), so that small regrets are "
+               "readable. R_T/T, the mean over t ≤ T of f_t(x_t) − f_t(x*): an online method converges when this goes to "
                "zero. At the last step: C = {C:g}, Adam {c3_adam_regret:.3f} and AMSGrad "
                "{c3_amsgrad_regret:.3f}; synthetic with the construction's betas "
                "{synthetic_construction_adam_regret:.3f} and {synthetic_construction_amsgrad_regret:.3f}; with β₂ = {synthetic_099_beta2:g} "
