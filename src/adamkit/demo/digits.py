@@ -163,8 +163,8 @@ def compared() -> dict[str, Callable[[float], MakeOptimizer]]:
 
 def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     data = load(seed)
-    epochs = 10 if quick else 30
-    grid = np.logspace(-3, -1, 3 if quick else 5)
+    epochs = 6 if quick else 20
+    grid = np.logspace(-3, -1, 3 if quick else 4)
     sec.text(f"scikit-learn's bundled digits: {sum(len(data[k]) for k in ('y_train', 'y_val', 'y_test'))} "
              f"8×8 images split into {len(data['y_train'])} training, {len(data['y_val'])} validation and "
              f"{len(data['y_test'])} test images. Models written in NumPy with hand-written backward passes: "
@@ -276,7 +276,7 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
 
     # ---- 3. AdamW vs Adam + L2 over learning rate × weight decay (MLP) ------------------------------------
     # Weight decay only on the weight matrices (param groups), none on the biases.
-    lrs = np.logspace(-3, -1, 3 if quick else 5)
+    lrs = np.logspace(-3, -1, 3 if quick else 4)
     # torch's AdamW shrinks θ by lr·λ per step, so with λ fixed the decay moves with lr by construction. Loshchilov &
     # Hutter's decay does not depend on α; we grid over the per-step decay d = lr·λ and pass λ = d/lr.
     wd = {"AdamW": np.logspace(-6, -2, 3 if quick else 5), "Adam + L2": np.logspace(-6, 0, 3 if quick else 5)}
@@ -288,7 +288,7 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         "Adam + L2": lambda lr, lam: lambda w, b: akn.Adam(
             [{"params": w, "weight_decay": lam}, {"params": b, "weight_decay": 0.0}], lr=lr),
     }
-    heat_epochs = 8 if quick else 20
+    heat_epochs = 5 if quick else 12
     heat = {}
     for name in make:
         heat[name] = np.array([[train("mlp", make[name](lr, lam), data, heat_epochs, seed)["val_loss"][-1]

@@ -70,7 +70,7 @@ def _saddle_grad(p):
 
 FUNCTIONS = [
     TestFunction("Rosenbrock", "(1 − x)² + 100 (y − x²)²", _rosenbrock, _rosenbrock_grad, (-1.5, 2.0), (1.0, 1.0),
-                 0.0, (-2.0, 2.0, -1.0, 3.0), steps=2000, quick_steps=500,
+                 0.0, (-2.0, 2.0, -1.0, 3.0), steps=1500, quick_steps=400,
                  lesson="A curved, narrow valley: steps long enough to travel along it are too long across it, "
                         "so every method's tuned learning rate is a compromise."),
     TestFunction("Beale", "(1.5 − x + xy)² + (2.25 − x + xy²)² + (2.625 − x + xy³)²", _beale, _beale_grad,
@@ -215,7 +215,7 @@ def saddle_escape(fn: TestFunction, chosen: dict, fr: dict[str, Any], steps: int
 
 
 def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    grid = np.logspace(-4, 0, 5 if quick else 9)
+    grid = np.logspace(-4, 0, 5 if quick else 7)
     sec.text("Eleven members of the family minimize three functions with <code>adamkit.minimize(f, x0, "
              "method=..., jac=grad, options={'lr': ..., 'maxiter': ...})</code>; a callback records the path. "
              "Momentum and Nesterov are <code>method='sgd'</code> with <code>momentum=0.9</code> "

@@ -110,7 +110,7 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     sec.text("Each figure below isolates one idea with a run of its own. Code: <code>adamkit/demo/ideas.py</code>.")
     rng = np.random.default_rng(seed)
     r: dict[str, Any] = {}
-    figs.sparse(sec, r, sparse(1500 if quick else 3000, rng))
+    figs.sparse(sec, r, sparse(1000 if quick else 3000, rng))
     figs.scale(sec, r, scale_invariance(100))
     figs.snr(sec, r, low_snr(600 if quick else 1500, rng))
     figs.eps(sec, r, epsilon(200))
