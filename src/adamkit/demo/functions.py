@@ -70,7 +70,7 @@ def _saddle_grad(p):
 
 FUNCTIONS = [
     TestFunction("Rosenbrock", "(1 − x)² + 100 (y − x²)²", _rosenbrock, _rosenbrock_grad, (-1.5, 2.0), (1.0, 1.0),
-                 0.0, (-2.0, 2.0, -1.0, 3.0), steps=1500, quick_steps=400,
+                 0.0, (-2.0, 2.0, -1.0, 3.0), steps=1500, quick_steps=500,
                  lesson="A curved, narrow valley: steps long enough to travel along it are too long across it, "
                         "so every method's tuned learning rate is a compromise."),
     TestFunction("Beale", "(1.5 − x + xy)² + (2.25 − x + xy²)² + (2.625 − x + xy³)²", _beale, _beale_grad,

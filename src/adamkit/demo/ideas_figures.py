@@ -71,12 +71,12 @@ def snr(sec: Section, r: dict[str, Any], runs: dict[float, tuple[np.ndarray, np.
     ax[1].set(xlabel="step", ylabel="|Δθ| / lr (mean of 25 steps)", title="Adam's step, in units of lr")
     ax[0].legend()
     (lo, (_, m_lo)), (hi, (_, m_hi)) = runs.items()
-    r.update(snr_lo=lo, snr_hi=hi, snr_early_hi=float(m_hi[:50].mean()), snr_late_hi=float(m_hi[-200:].mean()),
+    r.update(snr_two=2, snr_lo=lo, snr_hi=hi, snr_early_hi=float(m_hi[:50].mean()), snr_late_hi=float(m_hi[-200:].mean()),
              snr_early_lo=float(m_lo[:50].mean()), snr_late_lo=float(m_lo[-200:].mean()))
     sec.figure(fig, "ideas-snr.png", "Low signal-to-noise: Adam's steps shrink by themselves",
                "Near a minimum the gradient is mostly noise; its average m̂ shrinks while v̂ stays at the noise's "
                "size, so Adam's step m̂/√v̂ shrinks without any schedule (automatic annealing).",
-               "f(θ) = θ²/2, gradient θ + σ·noise, lr fixed. With σ = {snr_hi:g} the mean step falls from "
+               "f(θ) = θ²/{snr_two:g}, gradient θ + σ·noise, lr fixed. With σ = {snr_hi:g} the mean step falls from "
                "{snr_early_hi:.2f}·lr over the first fifty steps to {snr_late_hi:.2f}·lr over the last two hundred; "
                "with σ = {snr_lo:g}, from {snr_early_lo:.2f}·lr to {snr_late_lo:.2f}·lr.", r)
 

@@ -49,7 +49,8 @@ def paths(sec: Section, chosen: dict, r: dict[str, Any]) -> None:
 
 def adagrad(sec: Section, r: dict[str, Any], ada: np.ndarray, rms: np.ndarray) -> None:
     r.update(ada_shrink=float(ada[0, 0] / ada[-1, 0]), ada_first=float(ada[0, 0]), ada_last=float(ada[-1, 0]),
-             rms_first=float(rms[0, 0]), rms_last=float(rms[-1, 0]), rms_grow=float(rms[-1, 0] / rms[0, 0]))
+             rms_min=float(rms[:, 0].min()), rms_last=float(rms[-1, 0]), rms_grow=float(rms[-1, 0] / rms[:, 0].min()),
+             ada_never_grows=bool(np.all(np.diff(ada, axis=0) <= 0)))
     fig, ax = plt.subplots(figsize=(6, 3.4), layout="constrained")
     t = np.arange(1, len(ada) + 1)
     for k, (name, ls) in enumerate((("x", "-"), ("y", "--"))):
@@ -61,14 +62,14 @@ def adagrad(sec: Section, r: dict[str, Any], ada: np.ndarray, rms: np.ndarray) -
                "AdaGrad's sum of squared gradients never forgets, so its step size can only shrink.",
                "Along x, AdaGrad's effective learning rate falls from {ada_first:.2g} to {ada_last:.2g} "
                "({ada_shrink:.1f} times smaller) and stays there, even where the gradient has become tiny; "
-               "RMSprop's average forgets and its step size goes from {rms_first:.2g} to {rms_last:.2g} "
-               "({rms_grow:.1f} times). Both read from the optimizers' own state (sum, square_avg).", r)
+               "RMSprop's average forgets, and its step size grows back from its lowest, {rms_min:.2g}, to "
+               "{rms_last:.2g} ({rms_grow:.1f} times). Both read from the optimizers' own state (sum, square_avg).", r)
 
 
 def ablation(sec: Section, r: dict[str, Any], ab: dict[str, np.ndarray]) -> None:
     r.update(ab_match=float(np.max(np.abs(ab["adam_b1_0"] - ab["predicted"]) / ab["predicted"])),
              ab_first_rms=float(ab["rmsprop"][0]), ab_first_adam=float(ab["adam_b1_0"][0]), ab_lr=0.05,
-             ab_beta2=0.99, ab_ratio=float(ab["rmsprop"][0] / ab["adam_b1_0"][0]),
+             ab_beta2=0.99, ab_b1=0.0, ab_ratio=float(ab["rmsprop"][0] / ab["adam_b1_0"][0]),
              ab_gap_adam=max(float(VALLEY.f(ab["adam_path"][-1])), FLOOR),
              ab_gap_rms=max(float(VALLEY.f(ab["rmsprop_path"][-1])), FLOOR))
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
@@ -85,10 +86,10 @@ def ablation(sec: Section, r: dict[str, Any], ab: dict[str, np.ndarray]) -> None
     ax[1].legend()
     sec.figure(fig, "lineage-ablation.png", "Ablation: Adam with β₁ = 0 is RMSprop with bias correction",
                "Remove Adam's momentum and what is left is RMSprop plus a bias correction of v.",
-               "Same lr = {ab_lr:g} and β₂ = α = {ab_beta2:g}. Adam's steps with β₁ = 0 match the steps predicted "
+               "Same lr = {ab_lr:g} and β₂ = α = {ab_beta2:g}. Adam's steps without momentum (β₁ = {ab_b1:g}) match the steps predicted "
                "from RMSprop's square_avg divided by 1 − β₂ᵗ to a relative {ab_match:.1e}. Without the correction "
                "RMSprop's first step is {ab_ratio:.1f} times longer ({ab_first_rms:.3f} against "
-               "{ab_first_adam:.3f}): its v starts at zero. Final f: RMSprop {ab_gap_rms:.1e}, Adam with β₁ = 0 "
+               "{ab_first_adam:.3f}): its v starts at zero. Final f: RMSprop {ab_gap_rms:.1e}, Adam without momentum "
                "{ab_gap_adam:.1e}.", r)
 
 
