@@ -1,18 +1,21 @@
 """``adamkit demo``: the experiments that make Adam's math visible, written to an HTML report.
 
-Five sections, each a module of this package with a ``run(section, quick, seed) -> results`` function:
+Seven sections, each a module of this package with a ``run(section, quick, seed) -> results`` function:
 
+* ``lineage``    — GD → momentum → Nesterov → AdaGrad → RMSprop → Adam on one valley, the ablation "Adam with
+  β₁ = 0 is RMSprop with bias correction", AdaMax, NAdam, RAdam, AMSGrad and AdamW, interactive trajectories;
 * ``averages``   — simple vs exponential moving averages, the uncentered second moment, bias correction;
 * ``regression`` — linear regression: gradient descent vs Adam against ``np.linalg.lstsq``;
 * ``functions``  — the whole family on Rosenbrock, Beale and a saddle, learning rates from a grid search;
 * ``failure``    — Reddi, Kale & Kumar (2018): where Adam provably fails and AMSGrad does not;
+* ``ideas``      — rare features, scale invariance, low signal-to-noise, ε, β₁ × β₂, bytes of state;
 * ``digits``     — real data (scikit-learn's bundled digits): logistic regression and an MLP, a bias-correction
   ablation, and AdamW vs Adam + L2 over a learning-rate × weight-decay grid.
 
 Usage::
 
-    adamkit demo                      # everything, about a minute
-    adamkit demo --quick              # smaller grids and runs, a few seconds per section
+    adamkit demo                      # everything: about 50 s of CPU time (measured on a 2-core machine)
+    adamkit demo --quick              # smaller grids and runs: about 27 s of CPU time
     adamkit demo --only failure,digits --out /tmp/report --seed 1
 
 The sections use only adamkit's public API (``adamkit.numpy``, ``adamkit.minimize``, ``adamkit.rules``) and
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Run the experiments that make Adam's math visible and write an HTML report with figures.")
     parser.add_argument("--out", default="adamkit-report", metavar="DIR",
                         help="folder for index.html and the PNG figures (default: adamkit-report)")
-    parser.add_argument("--quick", action="store_true", help="smaller grids and shorter runs (well under 40 s)")
+    parser.add_argument("--quick", action="store_true", help="smaller grids and shorter runs (about 27 s of CPU time, against 50 s for the "
+                             "full run; wall time is longer on a busy machine)")
     parser.add_argument("--only", metavar="SECTION[,SECTION...]",
                         help=f"run only these sections: {', '.join(SECTIONS)}")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
