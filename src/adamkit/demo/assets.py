@@ -37,6 +37,11 @@ code { background: #f1f1f1; padding: 0 0.2em; }
 #zoom { position: fixed; inset: 0; background: rgba(0,0,0,0.85); overflow: auto; display: none; z-index: 10;
         cursor: zoom-out; }
 #zoom img { display: block; margin: auto; max-width: none; width: min(1600px, 180vw); background: #fff; }
+.pan { overflow-x: auto; }
+@media (max-width: 640px) {
+  .pan img { width: calc(var(--cols) * 88vw); max-width: none; }
+  .row > figure .pan img { width: 100%; }
+}
 nav li { margin: 0.1em 0; }
 ol.refs li { margin: 0.3em 0; }
 """
@@ -106,7 +111,10 @@ JS = """
       var sx = scale(p.x, M.l, W - M.r, p.xlog), sy = scale(p.y, H - M.b, M.t, p.ylog);
       (p.bg || []).forEach(function (b) { el("polyline", {points: points(b[0], b[1], sx, sy), "class": "bg"}, svg); });
       axes(svg, p, sx, sy);
-      var clip = el("g", {}, svg);
+      var id = root.id + "-clip-" + k, defs = el("defs", {}, svg);
+      el("rect", {x: M.l, y: M.t, width: W - M.l - M.r, height: H - M.t - M.b},
+         el("clipPath", {id: id}, defs));
+      var clip = el("g", {"clip-path": "url(#" + id + ")"}, svg);
       run[k].forEach(function (id) {
         var s = data.curves[id];
         var line = el("polyline", {points: points(s.x, s.y, sx, sy), stroke: data.colors[s.n], "data-name": s.n,

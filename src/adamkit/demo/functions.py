@@ -100,8 +100,8 @@ OPTIMIZERS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 FLOOR = 1e-12  # gaps below this count as converged (ties are broken by the mean log-gap: faster wins)
-GROUPS = [["SGD", "Momentum", "Nesterov"], ["AdaGrad", "RMSprop", "Adam"], ["AMSGrad", "AdaMax", "NAdam"],
-          ["RAdam", "AdamW"]]
+GROUPS = {"SGD and momentum": ["SGD", "Momentum", "Nesterov"], "adaptive": ["AdaGrad", "RMSprop", "Adam"],
+          "Adam variants": ["AMSGrad", "AdaMax", "NAdam"], "warm-up and decay": ["RAdam", "AdamW"]}
 """Small multiples: at most four curves per panel."""
 
 
@@ -151,13 +151,13 @@ def tune(fn: TestFunction, method: str, options: dict[str, Any], grid: np.ndarra
 
 def plot(fn: TestFunction, chosen: dict[str, tuple[float, np.ndarray, np.ndarray]]) -> plt.Figure:
     """Paths (top row) and loss gaps (bottom row), one column per group of at most four optimizers."""
-    fig, axes = plt.subplots(2, len(GROUPS), figsize=(14, 6.4), layout="constrained")
+    fig, axes = plt.subplots(2, len(GROUPS), figsize=(14, 7), layout="constrained", sharey="row")
     x0, x1, y0, y1 = fn.box
     X, Y = np.meshgrid(np.linspace(x0, x1, 200), np.linspace(y0, y1, 200))
     Z = fn.f(np.array([X, Y])) - fn.f_min
     levels = np.logspace(np.log10(max(Z.min(), 1e-3)), np.log10(Z.max()), 18)
     stars = np.array([fn.minimum, *fn.others])
-    for col, group in enumerate(GROUPS):
+    for col, (title, group) in enumerate(GROUPS.items()):
         top, bottom = axes[0, col], axes[1, col]
         top.contour(X, Y, np.maximum(Z, levels[0]), levels=levels, colors="0.75", linewidths=0.5)
         top.plot(stars[:, 0], stars[:, 1], "k*", ms=10, ls="")
@@ -167,9 +167,11 @@ def plot(fn: TestFunction, chosen: dict[str, tuple[float, np.ndarray, np.ndarray
             name = f"{label} (lr={lr:.2g})"
             top.plot(path[:, 0], path[:, 1], color=c, lw=1.4, label=name)
             bottom.semilogy(np.maximum(gap, FLOOR), color=c, lw=1.4, label=name)
-        top.set(xlim=(x0, x1), ylim=(y0, y1), xlabel="x", ylabel="y", title=f"{fn.name}: paths")
+        top.set(xlim=(x0, x1), ylim=(y0, y1), xlabel="x", ylabel="y", title=f"{fn.name}: {title}")
         bottom.set(xlabel="step", ylabel="f − f* (floored at 1e-12)", ylim=(FLOOR / 3, None), title="loss gap")
-        bottom.legend(loc="lower left", fontsize=7)
+        bottom.yaxis.set_tick_params(labelleft=True)
+        top.yaxis.set_tick_params(labelleft=True)
+        bottom.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8)
     return fig
 
 

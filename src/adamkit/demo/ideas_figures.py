@@ -33,8 +33,8 @@ def sparse(sec: Section, r: dict[str, Any], res: dict[str, Any]) -> None:
     ax[1].legend()
     r.update(sp_steps=res["steps"], sp_seen=res["rare_seen"], sp_level=0.1 * res["w_true"][1])
     sec.figure(fig, "ideas-sparse.png", "Sparse gradients and rare features",
-               "A rare feature gets a gradient only now and then; AdaGrad divides it by its own small history and "
-               "learns it first, while SGD's one step size must also suit the dense feature.",
+               "A rare feature gets a gradient only now and then; AdaGrad and Adam divide it by its own small "
+               "history, while SGD's one step size must also suit the dense feature.",
                "{sp_steps} single-example steps, the rare feature present {sp_seen} times; each optimizer has the "
                "best lr of a grid. Error of the rare weight at the end: SGD {sp_err_SGD:.2g} (lr = {sp_lr_SGD:.2g}), "
                "AdaGrad {sp_err_AdaGrad:.2g}, Adam {sp_err_Adam:.2g}; it stays below {sp_level:g} from example "

@@ -140,7 +140,7 @@ def explorer(sec: Section, r: dict[str, Any]) -> None:
             per[0].append(ex.series(n, path[:, 0], path[:, 1], pp))
             per[1].append(ex.series(n, np.arange(steps + 1), gaps(VALLEY, path), lp))
         runs[key] = per
-    start = (1, 2, 2)
+    start = (0, 2, 2)
     data = ex.explorer([ex.control("lr", "lr", lrs, start[0]), ex.control("beta1", "β₁ (momentum)", b1s, start[1]),
                         ex.control("beta2", "β₂ (RMSprop's α)", b2s, start[2])], [pp, lp],
                        {n: COLORS[n] for n in names}, runs)

@@ -97,7 +97,8 @@ def figure_html(f: Figure) -> str:
                f"{esc(f.caption)}</figcaption>")
     img = f'<img src="{esc(f.filename)}" alt="{esc(f.title)}" loading="lazy">'
     if not isinstance(f, Interactive):
-        return f"<figure>{img}{caption}</figure>"
+        # side-by-side panels: on a narrow screen each keeps most of the screen's width and the figure pans
+        return f'<figure><div class="pan" style="--cols:{f.columns}">{img}</div>{caption}</figure>'
     data = json.dumps(f.data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
     return (f'<figure class="explore nojs" id="{esc(f.key)}"><div class="controls"></div><div class="legend"></div>'
             f'<div class="panels"></div><div class="fallback">{img}</div>'

@@ -58,6 +58,7 @@ class Figure:
     curves: int = 0
     unlabelled: list[str] = field(default_factory=list)
     size_px: tuple[int, int] = (0, 0)
+    columns: int = 1
 
 
 @dataclass
@@ -127,12 +128,13 @@ class Section:
         curves = max((count_curves(ax) for ax in axes), default=0)
         unlabelled = [ax.get_title() or f"panel {i + 1}" for i, ax in enumerate(axes)
                       if ax.get_visible() and ax.has_data() and not ax.get_ylabel()]
+        columns = len({round(ax.get_position().x0, 2) for ax in axes if ax.get_visible()})
         fig.savefig(self.out / filename, bbox_inches="tight")
         size = tuple(int(v) for v in fig.get_size_inches() * DPI)
         plt.close(fig)
         cls = Interactive if interactive else Figure
         item = cls(filename, template, template.format(**results), title, lesson, curves, unlabelled, size,
-                   **interactive)
+                   columns, **interactive)
         self.blocks.append(item)
         return item
 
