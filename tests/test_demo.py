@@ -239,7 +239,7 @@ def test_regression_moments_follow_feature_scales(sections):
 
 def test_digits_adamw_grid_is_per_step_decay(sections):
     _, section, r = sections["digits"]
-    assert r["adamw_edge"] in ("on the grid's edge", "inside the grid")
+    assert r["adamw_edge"] in ("its decay on the grid's edge", "its decay inside the grid")
     assert 0 <= r["adamw_agree"] <= r["n_lrs"]
     caption = section.figures[-1].caption
     assert r["adamw_edge"] in caption and r["l2_edge"] in caption

@@ -42,18 +42,10 @@ def first_crossing(y: np.ndarray, start: int, level: float) -> int:
     return int(np.argmax(y[start:] >= level))
 
 
-def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    sec.text("Adam's state is two exponential moving averages per parameter: <code>exp_avg</code> (m, the "
-             "gradient's mean) and <code>exp_avg_sq</code> (v, its uncentered second moment). The step is "
-             "lr · m̂/(√v̂ + ε) with m̂ = m/(1 − β₁ᵗ) and v̂ = v/(1 − β₂ᵗ). The figures below show what those "
-             "averages measure and what the two corrections fix. Code: <code>adamkit/demo/averages.py</code>.")
-    rng = np.random.default_rng(seed)
-    r: dict[str, Any] = {}
-
-    # ---- 1. SMA vs EMA on a noisy signal that jumps --------------------------------------------------------
-    n, jump, sigma = 700, 200, 0.3
-    level = np.where(np.arange(n) < jump, 1.0, 2.0)
-    x = level + sigma * rng.normal(size=n)
+def ema_vs_sma(sec: Section, r: dict[str, Any], x: np.ndarray, level: np.ndarray, jump: int,
+               sigma: float) -> np.ndarray:
+    """SMA vs EMA on a noisy signal that jumps; returns the bias-corrected EMA m̂."""
+    n = len(x)
     beta1 = 0.9
     # An EMA's weights (1−β)βᵏ have mean age β/(1−β); a window of 2/(1−β) − 1 gives an SMA the same mean age.
     window = round(2 / (1 - beta1) - 1)
@@ -96,8 +88,13 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
                "({midpoint:.1f}) {lag_ema} steps later, the SMA {lag_sma} steps later: the EMA weighs recent "
                "values most. Bottom left: at step {early_t} the raw EMA is only {ema_raw_early:.2f} while the "
                "signal's level is {level0:.1f}; dividing by 1 − βᵗ gives {ema_hat_early:.2f}.", r)
+    return m_hat
 
-    # ---- 2. The uncentered second moment v ------------------------------------------------------------------
+
+def second_moment(sec: Section, r: dict[str, Any], x: np.ndarray, level: np.ndarray, m_hat: np.ndarray, jump: int,
+                  sigma: float) -> None:
+    """The uncentered second moment v, against a centered variance, and m̂/√v̂ as a signal-to-noise ratio."""
+    n, steps = len(x), np.arange(1, len(x) + 1)
     beta2 = 0.99
     v = ema(x ** 2, beta2)
     v_hat = v / (1 - beta2 ** steps)
@@ -142,24 +139,16 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
                "sets the size of the step, whatever the scale of the gradient. Right after the jump m̂ adapts "
                "faster than v̂ and the ratio overshoots to {snr_peak:.2f}, {snr_peak_lag} steps after it.", r)
 
-    # ---- 3. Bias correction, read from an adamkit optimizer's own state -------------------------------------
-    # A parameter that only receives gradients g_t ~ N(μ, σ²); the optimizer's state holds the raw m_t and v_t.
-    t_max, mu, sd, lr = 50, 1.0, 0.5, 1e-3
-    theta = np.zeros(1)
-    opt = akn.Adam([theta], lr=lr)  # default betas (0.9, 0.999)
-    b1, b2 = opt.defaults["betas"]
+
+def bias_correction(sec: Section, r: dict[str, Any], rng: np.random.Generator) -> None:
+    """Bias correction, read from an adamkit optimizer's own state: a parameter that only receives gradients
+    g_t ~ N(μ, σ²); the state holds the raw m_t and v_t."""
+    t_max, mu, sd = 50, 1.0, 0.5
+    b1, b2 = akn.Adam([np.zeros(1)]).defaults["betas"]
     g = mu + sd * rng.normal(size=t_max)
-    raw_m, raw_v, moves = [], [], []
-    for t in range(t_max):
-        before_step = theta[0]
-        opt.step([g[t:t + 1]])
-        state = opt.state[0]  # torch.optim's layout: {"step", "exp_avg", "exp_avg_sq"}
-        raw_m.append(state["exp_avg"][0])
-        raw_v.append(state["exp_avg_sq"][0])
-        moves.append((before_step - theta[0]) / lr)  # the step adamkit took, in units of lr
+    res = adam_moments(g, (b1, b2))
     t = np.arange(1, t_max + 1)
-    raw_m, raw_v, moves = np.array(raw_m), np.array(raw_v), np.array(moves)
-    m_hat, v_hat = raw_m / (1 - b1 ** t), raw_v / (1 - b2 ** t)
+    raw_m, raw_v, moves, m_hat, v_hat = res["m"], res["v"], res["step"], res["m_hat"], res["v_hat"]
     raw_step, step = raw_m / np.sqrt(raw_v), m_hat / np.sqrt(v_hat)
     worst = int(np.argmax(raw_step / step))
     r.update(b1=b1, b2=b2, t_max=t_max, mu=mu, sd=sd, ex2=mu ** 2 + sd ** 2,
@@ -169,8 +158,7 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
              ratio_first=float(raw_step[0] / step[0]), ratio_theory=(1 - b1) / np.sqrt(1 - b2),
              ratio_worst=float(raw_step[worst] / step[worst]), t_worst=worst + 1,
              ratio_end=float(raw_step[-1] / step[-1]),
-             max_move_error=float(np.max(np.abs(moves - m_hat / (np.sqrt(v_hat) + opt.defaults["eps"])))))
-
+             max_move_error=float(np.max(np.abs(moves - m_hat / (np.sqrt(v_hat) + res["eps"])))))
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.4), layout="constrained")
     ax = axes.flat
     ax[0].plot(t, g, ".", color="0.7", label="gradient g_t")
@@ -205,9 +193,23 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
                "{t_worst}, still {ratio_end:.2f} times at step {t_max}. The dots are the steps adamkit took: "
                "they follow the corrected curve (largest difference {max_move_error:.1e}). Bottom right: the ratio "
                "of the two steps, largest at step {t_worst}.", r)
+
+
+def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    sec.text("Adam's state is two exponential moving averages per parameter: <code>exp_avg</code> (m, the "
+             "gradient's mean) and <code>exp_avg_sq</code> (v, its uncentered second moment). The step is "
+             "lr · m̂/(√v̂ + ε) with m̂ = m/(1 − β₁ᵗ) and v̂ = v/(1 − β₂ᵗ). The figures below show what those "
+             "averages measure and what the two corrections fix. Code: <code>adamkit/demo/averages.py</code>.")
+    rng = np.random.default_rng(seed)
+    r: dict[str, Any] = {}
+    n, jump, sigma = 700, 200, 0.3
+    level = np.where(np.arange(n) < jump, 1.0, 2.0)
+    x = level + sigma * rng.normal(size=n)
+    m_hat = ema_vs_sma(sec, r, x, level, jump, sigma)
+    second_moment(sec, r, x, level, m_hat, jump, sigma)
+    bias_correction(sec, r, rng)
     sec.progress("interactive moving averages: Adam runs for every β₁ and β₂")
     explorer(sec, r, x[:300], jump)
-
     sec.summary = (f"EMA reacts to the jump in {r['lag_ema']} steps (SMA {r['lag_sma']}); uncorrected first "
                    f"step {r['ratio_first']:.2f}x too large")
     return r
@@ -216,7 +218,7 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
 def adam_moments(g: np.ndarray, betas: tuple[float, float]) -> dict[str, np.ndarray]:
     """Feed ``g`` to an ``adamkit.numpy.Adam`` and read m, v from its state; bias-corrected too; and the step."""
     theta = np.zeros(1)
-    opt = akn.Adam([theta], lr=1.0, betas=betas)
+    opt = akn.Adam([theta], lr=1.0, betas=betas)  # lr = 1: its steps are in units of lr
     out: dict[str, list[float]] = {"m": [], "v": [], "step": []}
     for t in range(len(g)):
         before = theta[0]
@@ -227,6 +229,7 @@ def adam_moments(g: np.ndarray, betas: tuple[float, float]) -> dict[str, np.ndar
     res = {k: np.array(v) for k, v in out.items()}
     t = np.arange(1, len(g) + 1)
     res["m_hat"], res["v_hat"] = res["m"] / (1 - betas[0] ** t), res["v"] / (1 - betas[1] ** t)
+    res["eps"] = opt.defaults["eps"]
     return res
 
 

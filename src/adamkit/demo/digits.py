@@ -161,22 +161,8 @@ def compared() -> dict[str, Callable[[float], MakeOptimizer]]:
     }
 
 
-def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    data = load(seed)
-    epochs = 6 if quick else 20
-    grid = np.logspace(-3, -1, 3 if quick else 4)
-    sec.text(f"scikit-learn's bundled digits: {sum(len(data[k]) for k in ('y_train', 'y_val', 'y_test'))} "
-             f"8×8 images split into {len(data['y_train'])} training, {len(data['y_val'])} validation and "
-             f"{len(data['y_test'])} test images. Models written in NumPy with hand-written backward passes: "
-             "softmax regression and an MLP (64 → 64 ReLU → 10). Every optimizer starts from the same weights and "
-             f"sees the same batches of 64 for {epochs} epochs; its learning rate is the one of the grid "
-             + ", ".join(f"{g:.2g}" for g in grid) + " with the lowest final validation loss. Then two "
-             "ablations on the MLP: Adam with and without its bias correction (Kingma &amp; Ba, ICLR 2015), and "
-             "AdamW against Adam + L2 over a grid of learning rates and weight decays (Loshchilov &amp; Hutter, "
-             "<i>Decoupled Weight Decay Regularization</i>, ICLR 2019). Code: <code>adamkit/demo/digits.py</code>.")
-    r: dict[str, Any] = {"epochs": epochs, "grid": grid, "n_test": len(data["y_test"])}
-
-    # ---- 1. optimizers compared --------------------------------------------------------------------------
+def compare(sec: Section, r: dict[str, Any], data: dict, epochs: int, grid: np.ndarray, seed: int) -> dict:
+    """Every optimizer of :func:`compared` on both models, each with its best lr on the validation split."""
     best: dict[str, dict[str, Any]] = {"logreg": {}, "mlp": {}}
     for model in best:
         for name, factory in compared().items():
@@ -196,7 +182,10 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     r["one_image"] = 1 / r["n_test"]
     r["adam_logreg_acc"] = r["logreg_Adam_acc"]
     r["adam_mlp_acc"] = r["mlp_Adam_acc"]
+    return best
 
+
+def compare_figure(sec: Section, r: dict[str, Any], best: dict, epochs: int) -> None:
     fig, axes = plt.subplots(2, 4, figsize=(14, 6), layout="constrained")
     colors = dict(zip(compared(), OKABE_ITO * 2))
     groups = [list(compared())[:3], list(compared())[3:]]  # at most three optimizers per panel
@@ -229,8 +218,10 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     sec.table(["optimizer", "lr (softmax)", "lr (MLP)", "softmax: test acc / loss", "MLP: test acc / loss"], rows,
               f"After {epochs} epochs; learning rates chosen on the validation split.")
 
-    # ---- 2. bias correction on / off (MLP) ----------------------------------------------------------------
-    # Kingma & Ba (2015): without the correction the first steps are too large, worst when β₂ is near 1.
+
+def bias_ablation(sec: Section, r: dict[str, Any], data: dict, epochs: int, grid: np.ndarray, seed: int) -> None:
+    """Bias correction on and off (MLP). Kingma & Ba (2015): without it the first steps are too large, worst when
+    β₂ is near 1."""
     ablation: dict[tuple[float, bool], list[dict]] = {}
     for beta2 in (0.99, 0.999):
         for bc in (True, False):
@@ -274,8 +265,10 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
                "rates; the best validation loss is {ab_best_on:.3f} with it (lr = {ab_best_lr_on:.2g}), "
                "{ab_best_off:.3f} without (lr = {ab_best_lr_off:.2g}).", r)
 
-    # ---- 3. AdamW vs Adam + L2 over learning rate × weight decay (MLP) ------------------------------------
-    # Weight decay only on the weight matrices (param groups), none on the biases.
+
+def decay_grid(sec: Section, data: dict, quick: bool, seed: int) -> tuple:
+    """AdamW vs Adam + L2 over learning rate × weight decay (MLP), decay on the weight matrices only (param
+    groups), none on the biases. Returns (lrs, decays, validation losses, epochs)."""
     lrs = np.logspace(-3, -1, 3 if quick else 4)
     # torch's AdamW shrinks θ by lr·λ per step, so with λ fixed the decay moves with lr by construction. Loshchilov &
     # Hutter's decay does not depend on α; we grid over the per-step decay d = lr·λ and pass λ = d/lr.
@@ -294,6 +287,29 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         heat[name] = np.array([[train("mlp", make[name](lr, lam), data, heat_epochs, seed)["val_loss"][-1]
                                 for lr in lrs] for lam in wd[name]])
     sec.progress("AdamW vs Adam + L2 grid done")
+    return lrs, wd, heat, heat_epochs
+
+
+def separability(r: dict[str, Any], name: str, h: np.ndarray, lrs: np.ndarray, decays: np.ndarray,
+                 vmax: float) -> float:
+    """"Separable" = one weight decay works for every learning rate. What that restriction costs: with the single
+    decay that is best overall, how much higher is each lr's loss than with its own best decay (relative,
+    averaged over the learning rates)?"""
+    key = "adamw" if name == "AdamW" else "l2"
+    h = np.where(np.isfinite(h), h, 10 * vmax)
+    relative = h / h.min(axis=0) - 1
+    common = int(np.argmin(relative.mean(axis=1)))
+    i, j = np.unravel_index(np.argmin(h), h.shape)
+    r.update({f"{key}_best": float(h[i, j]), f"{key}_best_lr": float(lrs[j]),
+              f"{key}_best_wd": float(decays[i]), f"{key}_sep": float(relative[common].mean()),
+              f"{key}_common_wd": float(decays[common]),
+              f"{key}_best_wd_per_lr": ", ".join(f"{decays[k]:.0e}" for k in h.argmin(axis=0)),
+              f"{key}_edge": "its decay on the grid's edge" if i in (0, h.shape[0] - 1) else "its decay inside the grid",
+              f"{key}_agree": int(np.sum(h.argmin(axis=0) == common))})
+    return float(relative[common].mean())
+
+
+def decay_figure(sec: Section, r: dict[str, Any], lrs: np.ndarray, wd: dict, heat: dict, heat_epochs: int) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
     vmin = min(np.nanmin(h) for h in heat.values())
     vmax = min(max(np.nanmax(np.where(np.isfinite(h), h, np.nan)) for h in heat.values()), 4 * vmin)
@@ -311,23 +327,7 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
             ax.text(b, a, f"{v:.3f}" if np.isfinite(v) else "inf", ha="center", va="center", fontsize=9,
                     color="w" if v > np.sqrt(vmin * vmax) else "k")
     fig.colorbar(im, ax=axes, shrink=0.8, label="validation loss (log scale, clipped)")
-    sep = {}
-    for name, h in heat.items():
-        # "Separable" = one weight decay works for every learning rate. What that restriction costs: with the
-        # single λ that is best overall, how much higher is each lr's loss than with its own best λ (relative,
-        # averaged over the learning rates)?
-        key = "adamw" if name == "AdamW" else "l2"
-        h = np.where(np.isfinite(h), h, 10 * vmax)
-        relative = h / h.min(axis=0) - 1
-        common = int(np.argmin(relative.mean(axis=1)))
-        sep[name] = float(relative[common].mean())
-        i, j = np.unravel_index(np.argmin(h), h.shape)
-        r.update({f"{key}_best": float(h[i, j]), f"{key}_best_lr": float(lrs[j]),
-                  f"{key}_best_wd": float(wd[name][i]), f"{key}_sep": sep[name],
-                  f"{key}_common_wd": float(wd[name][common]),
-                  f"{key}_best_wd_per_lr": ", ".join(f"{wd[name][k]:.0e}" for k in h.argmin(axis=0)),
-                  f"{key}_edge": "on the grid's edge" if i in (0, h.shape[0] - 1) else "inside the grid",
-                  f"{key}_agree": int(np.sum(h.argmin(axis=0) == common))})
+    sep = {name: separability(r, name, h, lrs, wd[name], vmax) for name, h in heat.items()}
     r["heat_epochs"] = heat_epochs
     r["n_lrs"] = len(lrs)
     r["heatmaps"] = heat
@@ -350,6 +350,25 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
                "{l2_common_wd:.0e}, best in {l2_agree}) raises the validation loss by {adamw_sep:.1%} on average "
                "for AdamW and {l2_sep:.1%} for Adam + L2: {sep_verdict}.", r)
 
+
+def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    data = load(seed)
+    epochs = 6 if quick else 20
+    grid = np.logspace(-3, -1, 3 if quick else 4)
+    sec.text(f"scikit-learn's bundled digits: {sum(len(data[k]) for k in ('y_train', 'y_val', 'y_test'))} "
+             f"8×8 images split into {len(data['y_train'])} training, {len(data['y_val'])} validation and "
+             f"{len(data['y_test'])} test images. Models written in NumPy with hand-written backward passes: "
+             "softmax regression and an MLP (64 → 64 ReLU → 10). Every optimizer starts from the same weights and "
+             f"sees the same batches of 64 for {epochs} epochs; its learning rate is the one of the grid "
+             + ", ".join(f"{g:.2g}" for g in grid) + " with the lowest final validation loss. Then two "
+             "ablations on the MLP: Adam with and without its bias correction (Kingma &amp; Ba, ICLR 2015), and "
+             "AdamW against Adam + L2 over a grid of learning rates and weight decays (Loshchilov &amp; Hutter, "
+             "<i>Decoupled Weight Decay Regularization</i>, ICLR 2019). Code: <code>adamkit/demo/digits.py</code>.")
+    r: dict[str, Any] = {"epochs": epochs, "grid": grid, "n_test": len(data["y_test"])}
+    best = compare(sec, r, data, epochs, grid, seed)
+    compare_figure(sec, r, best, epochs)
+    bias_ablation(sec, r, data, epochs, grid, seed)
+    decay_figure(sec, r, *decay_grid(sec, data, quick, seed))
     sec.summary = (f"test accuracy softmax/MLP: Adam {r['logreg_Adam_acc']:.3f}/{r['mlp_Adam_acc']:.3f}, "
                    f"SGD-Nesterov {r['logreg_SGD-Nesterov_acc']:.3f}/{r['mlp_SGD-Nesterov_acc']:.3f}")
     return r

@@ -71,35 +71,8 @@ def problems() -> list[Problem]:
     ]
 
 
-def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    sec.text("Reddi, Kale &amp; Kumar (ICLR 2018) built linear online problems on [−1, 1] where Adam provably "
-             "does not converge: the loss is C·x once every few steps and −x otherwise, so the optimum is "
-             "x* = −1, but with β₁ = 0 and β₂ = 1/(1 + C²) Adam's v forgets the rare large gradient and x drifts "
-             "to +1. Their fix, AMSGrad, divides by the largest v seen so far (<code>Adam(..., amsgrad=True)"
-             "</code>). Below: their C = 3 example and their synthetic experiment (C = 1010 every 101 steps, "
-             "−10 otherwise) with three choices of betas. Every run uses <code>adamkit.numpy.Adam</code>, sets "
-             "<code>opt.param_groups[0]['lr'] = α/√t</code> before each step and projects with "
-             "<code>np.clip(x, -1, 1, out=x)</code> after it. The seed does not matter: these problems are "
-             "deterministic. Code: <code>adamkit/demo/failure.py</code>.")
-    r: dict[str, Any] = {"alpha": 0.5, "C": 3.0, "lo": -1.0, "hi": 1.0, "x_star": -1.0}
-    runs = {}
-    for p in problems():
-        steps = p.quick_steps if quick else p.steps
-        adam, ams = online_adam(p, False, steps, r["alpha"]), online_adam(p, True, steps, r["alpha"])
-        runs[p.key] = (p, adam, ams)
-        half = steps // 2
-        r[p.key] = dict(steps=steps, beta1=p.betas[0], beta2=p.betas[1], adam_x=float(adam[-1]),
-                        amsgrad_x=float(ams[-1]), adam_drift=float(adam[-1] - adam[half]),
-                        amsgrad_drift=float(ams[-1] - ams[half]),
-                        adam_regret=float(average_regret(p, adam)[-1]),
-                        amsgrad_regret=float(average_regret(p, ams)[-1]))
-    # flat names for the captions
-    for key in ("c3", "synthetic_construction", "synthetic_099", "synthetic_default"):
-        for k, v in r[key].items():
-            r[f"{key}_{k}"] = v
-    r["synthetic_default_memory"] = 1 / (1 - r["synthetic_default_beta2"])  # an EMA's mean age, roughly
-    r["adam_final_x"], r["amsgrad_final_x"] = r["c3"]["adam_x"], r["c3"]["amsgrad_x"]
-
+def x_figure(sec: Section, r: dict[str, Any], runs: dict) -> None:
+    """x_t of Adam and AMSGrad on each problem."""
     r["linthresh_c3"] = 10 * problems()[0].period
     r["linthresh_synthetic"] = 10 * problems()[1].period
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.6), layout="constrained")
@@ -131,6 +104,9 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
                "half of the run (AMSGrad {synthetic_default_amsgrad_drift:+.2f}, ending at "
                "{synthetic_default_amsgrad_x:.2f}).", r)
 
+
+def regret_figure(sec: Section, r: dict[str, Any], runs: dict) -> None:
+    """Average regret R_T/T on log-log axes."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.6), layout="constrained")
     for ax, (key, (p, adam, ams)) in zip(axes.flat, runs.items()):
         t = np.arange(1, len(adam))
@@ -150,6 +126,38 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
                "{synthetic_construction_adam_regret:.3f} and {synthetic_construction_amsgrad_regret:.3f}; with β₂ = {synthetic_099_beta2:g} "
                "{synthetic_099_adam_regret:.3f} and {synthetic_099_amsgrad_regret:.3f}; with the default betas "
                "{synthetic_default_adam_regret:.3f} and {synthetic_default_amsgrad_regret:.3f}.", r)
+
+
+def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    sec.text("Reddi, Kale &amp; Kumar (ICLR 2018) built linear online problems on [−1, 1] where Adam provably "
+             "does not converge: the loss is C·x once every few steps and −x otherwise, so the optimum is "
+             "x* = −1, but with β₁ = 0 and β₂ = 1/(1 + C²) Adam's v forgets the rare large gradient and x drifts "
+             "to +1. Their fix, AMSGrad, divides by the largest v seen so far (<code>Adam(..., amsgrad=True)"
+             "</code>). Below: their C = 3 example and their synthetic experiment (C = 1010 every 101 steps, "
+             "−10 otherwise) with three choices of betas. Every run uses <code>adamkit.numpy.Adam</code>, sets "
+             "<code>opt.param_groups[0]['lr'] = α/√t</code> before each step and projects with "
+             "<code>np.clip(x, -1, 1, out=x)</code> after it. The seed does not matter: these problems are "
+             "deterministic. Code: <code>adamkit/demo/failure.py</code>.")
+    r: dict[str, Any] = {"alpha": 0.5, "C": 3.0, "lo": -1.0, "hi": 1.0, "x_star": -1.0}
+    runs = {}
+    for p in problems():
+        steps = p.quick_steps if quick else p.steps
+        adam, ams = online_adam(p, False, steps, r["alpha"]), online_adam(p, True, steps, r["alpha"])
+        runs[p.key] = (p, adam, ams)
+        half = steps // 2
+        r[p.key] = dict(steps=steps, beta1=p.betas[0], beta2=p.betas[1], adam_x=float(adam[-1]),
+                        amsgrad_x=float(ams[-1]), adam_drift=float(adam[-1] - adam[half]),
+                        amsgrad_drift=float(ams[-1] - ams[half]),
+                        adam_regret=float(average_regret(p, adam)[-1]),
+                        amsgrad_regret=float(average_regret(p, ams)[-1]))
+    # flat names for the captions
+    for key in ("c3", "synthetic_construction", "synthetic_099", "synthetic_default"):
+        for k, v in r[key].items():
+            r[f"{key}_{k}"] = v
+    r["synthetic_default_memory"] = 1 / (1 - r["synthetic_default_beta2"])  # an EMA's mean age, roughly
+    r["adam_final_x"], r["amsgrad_final_x"] = r["c3"]["adam_x"], r["c3"]["amsgrad_x"]
+    x_figure(sec, r, runs)
+    regret_figure(sec, r, runs)
     sec.summary = (f"C={r['C']:g}: Adam ends at x = {r['adam_final_x']:+.2f}, AMSGrad at x = "
                    f"{r['amsgrad_final_x']:+.2f} (optimum {r['x_star']:g})")
     return r

@@ -98,32 +98,7 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
                    for i, name in enumerate(NAMES)]
     sec.table(["weight", "np.linalg.lstsq", "GD", "Adam"], weight_rows, f"Weights after {epochs} epochs.")
 
-    fig, ax = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
-    e = np.arange(epochs + 1)
-    ax[0].semilogy(e, runs["GD"]["rmse"], "o-", ms=3, color=OKABE_ITO[0], label=f"gradient descent (lr={lr_gd:.3f})")
-    ax[0].semilogy(e, runs["Adam"]["rmse"], "o-", ms=3, color=OKABE_ITO[3], label=f"Adam (lr={lr_adam})")
-    ax[0].axhline(r["rmse_lstsq"], color="k", ls=":", label="least squares (noise floor)")
-    ax[0].set(xlabel="epoch", ylabel="RMSE", title="RMSE per epoch")
-    ax[0].legend()
-    low = min(exact.min(), runs["Adam"]["weights"].min(), runs["GD"]["weights"].min()) - 0.5
-    high = max(exact.max(), runs["Adam"]["weights"].max(), runs["GD"]["weights"].max()) + 0.5
-    for a, name in zip(ax[1:], ("Adam", "GD")):
-        for i, (w, c) in enumerate(zip(NAMES, OKABE_ITO)):
-            a.plot(e, runs[name]["weights"][:, i], color=c, lw=1.6, label=w)
-            a.axhline(exact[i], color=c, ls=":", lw=1)
-        a.set(xlabel="epoch", ylabel="weight value", ylim=(low, high),
-              title=f"{name}'s weights (dotted: np.linalg.lstsq)")
-    ax[1].legend(ncol=4, loc="lower right", fontsize=7)
-    sec.figure(fig, "regression.png", "Gradient descent vs Adam on linear regression",
-               "Adam reaches the least-squares answer where gradient descent, held back by the steepest direction, "
-               "does not.",
-               "After {epochs} epochs (batches of {batch}), Adam's RMSE is {rmse_adam:.4f} against the "
-               "least-squares floor {rmse_lstsq:.4f}, gradient descent's {rmse_gd:.4f}. Adam's weights are "
-               "within {err_adam:.1e} of np.linalg.lstsq, gradient descent's within {err_gd:.2f}. Gradient "
-               "descent's step 1/L = {lr_gd:.4f} is set by the steepest direction (curvature L = {L:.1f}); "
-               "along the flattest (curvature {ell:.3f}, {condition:.0f} times smaller) it barely moves, so "
-               "{worst_name} ends at {worst_gd:.2f} instead of {worst_lstsq:.2f}. Adam divides each "
-               "coordinate's step by that coordinate's own gradient RMS and does not care about the scales.", r)
+    fit_figure(sec, r, runs, exact)
     moments(sec, r, runs["Adam"], A)
     sec.summary = (f"after {epochs} epochs max|w - lstsq| = {r['err_adam']:.1e} (Adam) vs {r['err_gd']:.2f} (GD); "
                    f"RMSE {r['rmse_adam']:.4f} vs {r['rmse_gd']:.4f}")
@@ -150,3 +125,34 @@ def moments(sec: Section, r: dict[str, Any], history: dict[str, Any], A: np.ndar
                "Over the {mv_steps} steps, read from the optimizer's state: at the end √v is {mv_rms_w2:.3g} for w₂ "
                "and {mv_rms_w3:.3g} for w₃, {mv_ratio:.0f} times apart; their features' scales are "
                "{mv_scale_ratio:.0f} times apart. Dividing by √v undoes the difference.", r)
+
+
+def fit_figure(sec: Section, r: dict[str, Any], runs: dict[str, dict], exact: np.ndarray) -> None:
+    """RMSE per epoch, and each optimizer's weights against np.linalg.lstsq (one panel each)."""
+    epochs, lr_gd, lr_adam = r["epochs"], r["lr_gd"], r["lr_adam"]
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
+    e = np.arange(epochs + 1)
+    ax[0].semilogy(e, runs["GD"]["rmse"], "o-", ms=3, color=OKABE_ITO[0], label=f"gradient descent (lr={lr_gd:.3f})")
+    ax[0].semilogy(e, runs["Adam"]["rmse"], "o-", ms=3, color=OKABE_ITO[3], label=f"Adam (lr={lr_adam})")
+    ax[0].axhline(r["rmse_lstsq"], color="k", ls=":", label="least squares (noise floor)")
+    ax[0].set(xlabel="epoch", ylabel="RMSE", title="RMSE per epoch")
+    ax[0].legend()
+    low = min(exact.min(), runs["Adam"]["weights"].min(), runs["GD"]["weights"].min()) - 0.5
+    high = max(exact.max(), runs["Adam"]["weights"].max(), runs["GD"]["weights"].max()) + 0.5
+    for a, name in zip(ax[1:], ("Adam", "GD")):
+        for i, (w, c) in enumerate(zip(NAMES, OKABE_ITO)):
+            a.plot(e, runs[name]["weights"][:, i], color=c, lw=1.6, label=w)
+            a.axhline(exact[i], color=c, ls=":", lw=1)
+        a.set(xlabel="epoch", ylabel="weight value", ylim=(low, high),
+              title=f"{name}'s weights (dotted: np.linalg.lstsq)")
+    ax[1].legend(ncol=4, loc="lower right", fontsize=7)
+    sec.figure(fig, "regression.png", "Gradient descent vs Adam on linear regression",
+               "Adam reaches the least-squares answer where gradient descent, held back by the steepest direction, "
+               "does not.",
+               "After {epochs} epochs (batches of {batch}), Adam's RMSE is {rmse_adam:.4f} against the "
+               "least-squares floor {rmse_lstsq:.4f}, gradient descent's {rmse_gd:.4f}. Adam's weights are "
+               "within {err_adam:.1e} of np.linalg.lstsq, gradient descent's within {err_gd:.2f}. Gradient "
+               "descent's step 1/L = {lr_gd:.4f} is set by the steepest direction (curvature L = {L:.1f}); "
+               "along the flattest (curvature {ell:.3f}, {condition:.0f} times smaller) it barely moves, so "
+               "{worst_name} ends at {worst_gd:.2f} instead of {worst_lstsq:.2f}. Adam divides each "
+               "coordinate's step by that coordinate's own gradient RMS and does not care about the scales.", r)
