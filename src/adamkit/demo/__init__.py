@@ -14,7 +14,7 @@ Seven sections, each a module of this package with a ``run(section, quick, seed)
 
 Usage::
 
-    adamkit demo                      # everything: about 50 s of CPU time (measured on a 2-core machine)
+    adamkit demo                      # everything: about 47 s of CPU time (measured on a 2-core machine)
     adamkit demo --quick              # smaller grids and runs: about 27 s of CPU time
     adamkit demo --only failure,digits --out /tmp/report --seed 1
 
@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Run the experiments that make Adam's math visible and write an HTML report with figures.")
     parser.add_argument("--out", default="adamkit-report", metavar="DIR",
                         help="folder for index.html and the PNG figures (default: adamkit-report)")
-    parser.add_argument("--quick", action="store_true", help="smaller grids and shorter runs (about 27 s of CPU time, against 50 s for the "
-                             "full run; wall time is longer on a busy machine)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller grids and shorter runs (about 27 s of CPU time, against 47 s for the full run; "
+                             "wall time is longer on a busy machine)")
     parser.add_argument("--only", metavar="SECTION[,SECTION...]",
                         help=f"run only these sections: {', '.join(SECTIONS)}")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")

@@ -5,7 +5,8 @@ CSS = """
 *, *::before, *::after { box-sizing: border-box; }
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px; margin: 1.5em auto;
        padding: 0 1em; color: #222; line-height: 1.55; overflow-wrap: anywhere; }
-h1 { margin-bottom: 0.2em; line-height: 1.2; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 2em; }
+h1 { margin-bottom: 0.2em; line-height: 1.2; }
+h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 2em; }
 figure { margin: 1.5em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; cursor: zoom-in; }
 figcaption { font-size: 0.95em; color: #333; background: #f7f7f7; padding: 0.5em 0.8em; }
 figcaption b { color: #000; } figcaption .lesson { font-weight: 600; }
@@ -141,7 +142,9 @@ JS = """
       label.append(c.label + " ", input, out);
       controls.appendChild(label);
     });
-    data.panels.forEach(function () { var d = document.createElement("div"); d.className = "panel"; panels.appendChild(d); });
+    data.panels.forEach(function () {
+      var d = document.createElement("div"); d.className = "panel"; panels.appendChild(d);
+    });
     var legend = root.querySelector(".legend");
     Object.keys(data.colors).forEach(function (n) {
       var s = document.createElement("span"), sw = document.createElement("i");

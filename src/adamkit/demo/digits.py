@@ -304,7 +304,7 @@ def separability(r: dict[str, Any], name: str, h: np.ndarray, lrs: np.ndarray, d
               f"{key}_best_wd": float(decays[i]), f"{key}_sep": float(relative[common].mean()),
               f"{key}_common_wd": float(decays[common]),
               f"{key}_best_wd_per_lr": ", ".join(f"{decays[k]:.0e}" for k in h.argmin(axis=0)),
-              f"{key}_edge": "its decay on the grid's edge" if i in (0, h.shape[0] - 1) else "its decay inside the grid",
+              f"{key}_edge": "its decay " + ("on the grid's edge" if i in (0, h.shape[0] - 1) else "inside the grid"),
               f"{key}_agree": int(np.sum(h.argmin(axis=0) == common))})
     return float(relative[common].mean())
 

@@ -90,7 +90,8 @@ def x_figure(sec: Section, r: dict[str, Any], runs: dict) -> None:
                "Adam, whose v soon forgets the rare large gradient, can be pushed towards the worst point; AMSGrad, "
                "whose step size never grows back, moves towards the optimum, slowly on the harder problems.",
                "The step axis is linear up to {linthresh_c3} (C = {C:g}) or {linthresh_synthetic} steps (synthetic) "
-               "and logarithmic after, so the first periods and the long run are both visible. x_t on [{lo:g}, {hi:g}], where the optimum is x* = {x_star:g} (α = {alpha}, step α/√t). "
+               "and logarithmic after, so the first periods and the long run are both visible. x_t on [{lo:g}, "
+               "{hi:g}], where the optimum is x* = {x_star:g} (α = {alpha}, step α/√t). "
                "Top left, C = {C:g} with β₁ = {c3_beta1:g}, β₂ = {c3_beta2:.2g}: after {c3_steps} steps "
                "Adam ends at x = {adam_final_x:.2f}, AMSGrad at x = {amsgrad_final_x:.2f}. The synthetic "
                "problem with the construction's betas (β₂ = {synthetic_construction_beta2:.1e}): Adam at "
@@ -119,11 +120,11 @@ def regret_figure(sec: Section, r: dict[str, Any], runs: dict) -> None:
     sec.figure(fig, "failure-regret.png", "Average regret",
                "An online method converges when its average regret goes to zero; the log axis shows how far from "
                "zero each one still is.",
-               "Log-log axes (values below {regret_floor:.0e} drawn at that floor), so that small regrets are "
-               "readable. R_T/T, the mean over t ≤ T of f_t(x_t) − f_t(x*): an online method converges when this goes to "
-               "zero. At the last step: C = {C:g}, Adam {c3_adam_regret:.3f} and AMSGrad "
-               "{c3_amsgrad_regret:.3f}; synthetic with the construction's betas "
-               "{synthetic_construction_adam_regret:.3f} and {synthetic_construction_amsgrad_regret:.3f}; with β₂ = {synthetic_099_beta2:g} "
+               "R_T/T is the mean over t ≤ T of f_t(x_t) − f_t(x*), on log-log axes (values below "
+               "{regret_floor:.0e} drawn at that floor) so that small regrets are readable. At the last step: "
+               "C = {C:g}, Adam {c3_adam_regret:.3f} and AMSGrad {c3_amsgrad_regret:.3f}; synthetic with the "
+               "construction's betas {synthetic_construction_adam_regret:.3f} and "
+               "{synthetic_construction_amsgrad_regret:.3f}; with β₂ = {synthetic_099_beta2:g} "
                "{synthetic_099_adam_regret:.3f} and {synthetic_099_amsgrad_regret:.3f}; with the default betas "
                "{synthetic_default_adam_regret:.3f} and {synthetic_default_amsgrad_regret:.3f}.", r)
 

@@ -53,7 +53,8 @@ def scale(sec: Section, r: dict[str, Any], paths: dict[str, np.ndarray]) -> None
     with np.errstate(over="ignore", invalid="ignore"):
         diff = {n: float(np.max(np.abs(paths[f"{n}_1"] - paths[f"{n}_k"]))) for n in ("SGD", "Adam")}
     r.update(sc_adam=diff["Adam"], sc_sgd=diff["SGD"], sc_factor=1000,
-             sc_sgd_end=float(np.linalg.norm(paths["SGD_k"][-1])), sc_sgd_end1=float(np.linalg.norm(paths["SGD_1"][-1])))
+             sc_sgd_end=float(np.linalg.norm(paths["SGD_k"][-1])),
+             sc_sgd_end1=float(np.linalg.norm(paths["SGD_1"][-1])))
     sec.figure(fig, "ideas-scale.png", "Invariance to the gradient's scale",
                "Multiplying the loss by a constant changes nothing for Adam, whose step divides the gradient by "
                "its own size, and everything for SGD.",
@@ -71,7 +72,8 @@ def snr(sec: Section, r: dict[str, Any], runs: dict[float, tuple[np.ndarray, np.
     ax[1].set(xlabel="step", ylabel="|Δθ| / lr (mean of 25 steps)", title="Adam's step, in units of lr")
     ax[0].legend()
     (lo, (_, m_lo)), (hi, (_, m_hi)) = runs.items()
-    r.update(snr_two=2, snr_lo=lo, snr_hi=hi, snr_early_hi=float(m_hi[:50].mean()), snr_late_hi=float(m_hi[-200:].mean()),
+    r.update(snr_two=2, snr_lo=lo, snr_hi=hi, snr_early_hi=float(m_hi[:50].mean()),
+             snr_late_hi=float(m_hi[-200:].mean()),
              snr_early_lo=float(m_lo[:50].mean()), snr_late_lo=float(m_lo[-200:].mean()))
     sec.figure(fig, "ideas-snr.png", "Low signal-to-noise: Adam's steps shrink by themselves",
                "Near a minimum the gradient is mostly noise; its average m̂ shrinks while v̂ stays at the noise's "

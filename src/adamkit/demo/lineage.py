@@ -38,10 +38,13 @@ GRID = np.logspace(-3, 0, 13)
 # (label, adamkit.minimize method, options, what it adds) — each line adds one mechanism to the one before
 LINEAGE: list[tuple[str, str, dict[str, Any], str]] = [
     ("GD", "sgd", {}, "θ ← θ − α·g: one step size for every direction"),
-    ("Momentum", "sgd", {"momentum": 0.9}, "b ← 0.9·b + g (momentum_buffer), θ ← θ − α·b: consistent directions add up"),
-    ("Nesterov", "sgd", {"momentum": 0.9, "nesterov": True}, "the same buffer, the step taken from the look-ahead g + 0.9·b"),
+    ("Momentum", "sgd", {"momentum": 0.9},
+     "b ← 0.9·b + g (momentum_buffer), θ ← θ − α·b: consistent directions add up"),
+    ("Nesterov", "sgd", {"momentum": 0.9, "nesterov": True},
+     "the same buffer, the step taken from the look-ahead g + 0.9·b"),
     ("AdaGrad", "adagrad", {}, "s ← s + g² (sum), θ ← θ − α·g/√s: a step size per coordinate, which only shrinks"),
-    ("RMSprop", "rmsprop", {}, "v ← 0.99·v + 0.01·g² (square_avg): an average that forgets, so the step can grow back"),
+    ("RMSprop", "rmsprop", {},
+     "v ← 0.99·v + 0.01·g² (square_avg): an average that forgets, so the step can grow back"),
     ("Adam", "adam", {}, "RMSprop's v with momentum's m, both bias-corrected"),
 ]
 # the variants, each defined in one line beside its figure
@@ -51,9 +54,11 @@ VARIANTS: list[tuple[str, str, dict[str, Any], str]] = [
     ("AdaMax", "adamax", {},
      "AdaMax replaces √v by an exponentially weighted maximum u ← max(β₂u, |g|) (exp_inf): the ∞-norm of Adam."),
     ("NAdam", "nadam", {},
-     "NAdam is Adam with Nesterov's look-ahead: the step uses the next momentum, β₁m + (1 − β₁)g, with a decaying β₁ schedule (mu_product)."),
+     "NAdam is Adam with Nesterov's look-ahead: the step uses the next momentum, β₁m + (1 − β₁)g, with a "
+     "decaying β₁ schedule (mu_product)."),
     ("RAdam", "radam", {},
-     "RAdam multiplies Adam's step by a rectification r_t that is small while v̂ rests on few samples: a warm-up built into the rule."),
+     "RAdam multiplies Adam's step by a rectification r_t that is small while v̂ rests on few samples: a "
+     "warm-up built into the rule."),
     ("AdamW", "adamw", {"weight_decay": 0.01},
      "AdamW shrinks θ by the fraction α·λ each step, outside the adaptive step (decoupled weight decay)."),
 ]
@@ -110,7 +115,8 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
              "times steeper across than along, the classic picture of ill-conditioning; it is aligned with the "
              "axes, the case where a per-coordinate step size helps most. Every optimizer starts at the black dot "
              "and runs the same number of steps with the best learning rate of one log grid "
-             f"({GRID[0]:g} … {GRID[-1]:g}, {len(GRID[::2] if quick else GRID)} values; best = lowest final loss, ties to the faster). "
+             f"({GRID[0]:g} … {GRID[-1]:g}, {len(GRID[::2] if quick else GRID)} values; best = lowest final "
+             "loss, ties to the faster). "
              "Code: <code>adamkit/demo/lineage.py</code>.")
     r: dict[str, Any] = {"steps": steps, "floor": FLOOR}
     chosen = {}

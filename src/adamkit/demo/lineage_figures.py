@@ -86,7 +86,8 @@ def ablation(sec: Section, r: dict[str, Any], ab: dict[str, np.ndarray]) -> None
     ax[1].legend()
     sec.figure(fig, "lineage-ablation.png", "Ablation: Adam with β₁ = 0 is RMSprop with bias correction",
                "Remove Adam's momentum and what is left is RMSprop plus a bias correction of v.",
-               "Same lr = {ab_lr:g} and β₂ = α = {ab_beta2:g}. Adam's steps without momentum (β₁ = {ab_b1:g}) match the steps predicted "
+               "Same lr = {ab_lr:g} and β₂ = α = {ab_beta2:g}. Adam's steps without momentum (β₁ = {ab_b1:g}) "
+               "match the steps predicted "
                "from RMSprop's square_avg divided by 1 − β₂ᵗ to a relative {ab_match:.1e}. Without the correction "
                "RMSprop's first step is {ab_ratio:.1f} times longer ({ab_first_rms:.3f} against "
                "{ab_first_adam:.3f}): its v starts at zero. Final f: RMSprop {ab_gap_rms:.1e}, Adam without momentum "
