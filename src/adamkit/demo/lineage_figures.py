@@ -80,8 +80,8 @@ def ablation(sec: Section, r: dict[str, Any], ab: dict[str, np.ndarray]) -> None
     ax[0].legend(loc="lower right")
     t = np.arange(1, len(ab["rmsprop"]) + 1)
     ax[1].semilogy(t, ab["rmsprop"], color=COLORS["RMSprop"], label="RMSprop")
-    ax[1].semilogy(t, ab["adam_b1_0"], "--", color=COLORS["Adam"], label="Adam, β₁ = 0")
-    ax[1].semilogy(t, ab["predicted"], "k.", ms=3, label="RMSprop's state, bias-corrected")
+    ax[1].semilogy(t, ab["adam_b1_0"], color=COLORS["Adam"], lw=4, alpha=0.6, label="Adam, β₁ = 0")
+    ax[1].semilogy(t, ab["predicted"], "k.", ms=2, label="RMSprop's state, bias-corrected")
     ax[1].set(xlabel="step", ylabel="step length |Δθ|", title="step lengths")
     ax[1].legend()
     sec.figure(fig, "lineage-ablation.png", "Ablation: Adam with β₁ = 0 is RMSprop with bias correction",
