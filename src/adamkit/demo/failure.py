@@ -145,6 +145,7 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         steps = p.quick_steps if quick else p.steps
         adam, ams = online_adam(p, False, steps, r["alpha"]), online_adam(p, True, steps, r["alpha"])
         runs[p.key] = (p, adam, ams)
+        sec.progress(f"{p.key}: {steps} steps of Adam and AMSGrad")
         half = steps // 2
         r[p.key] = dict(steps=steps, beta1=p.betas[0], beta2=p.betas[1], adam_x=float(adam[-1]),
                         amsgrad_x=float(ams[-1]), adam_drift=float(adam[-1] - adam[half]),

@@ -111,9 +111,11 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     r: dict[str, Any] = {}
     figs.sparse(sec, r, sparse(1000 if quick else 3000, rng))
+    sec.progress("rare features done")
     figs.scale(sec, r, scale_invariance(100))
     figs.snr(sec, r, low_snr(600 if quick else 1500, rng))
     figs.eps(sec, r, epsilon(200))
+    sec.progress("scale, signal-to-noise and ε done")
     sec.progress("β₁ × β₂ grid on Rosenbrock")
     figs.betas(sec, r, betas_grid(quick))
     n, n_small = 1 << 16, 1000
