@@ -158,3 +158,16 @@ def test_nothing_scrolls_sideways_at_390px(page):
     assert evaluate("document.documentElement.scrollWidth") <= 390
     # wide tables scroll inside their own box instead of the page
     assert evaluate("[...document.querySelectorAll('table')].every(t => t.closest('.scroll'))")
+
+
+def test_a_click_enlarges_a_figure(page):
+    _, evaluate = page
+    shown = evaluate("""(() => {
+      const img = document.querySelector('figure .pan img'), zoom = document.getElementById('zoom');
+      const before = getComputedStyle(zoom).display;
+      img.click();
+      const after = [getComputedStyle(zoom).display, zoom.querySelector('img').src === img.src];
+      zoom.click();
+      return [before, ...after, getComputedStyle(zoom).display];
+    })()""")
+    assert shown == ["none", "block", True, "none"]
