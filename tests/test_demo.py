@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import html
 import io
+import json
 import re
 
 import matplotlib.image
@@ -16,7 +17,7 @@ import adamkit.numpy as akn
 from adamkit import cli
 from adamkit.demo import SECTIONS, main, run
 from adamkit.demo.digits import AdamAblation
-from adamkit.demo.report import literal_text, template_fields
+from adamkit.demo.report import DPI, MAX_CURVES, Interactive, literal_text, template_fields
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -52,7 +53,9 @@ def test_html_references_only_existing_files(sections, name):
     folder, section, _ = sections[name]
     page = (folder / "index.html").read_text(encoding="utf-8")
     refs = re.findall(r'(?:src|href)="([^"]+)"', page)
-    local = [html.unescape(r) for r in refs if not r.startswith("#")]
+    local = [html.unescape(r) for r in refs if not r.startswith(("#", "https://"))]
+    links = [r for r in refs if r.startswith("https://")]
+    assert links and page.index('id="references"') < page.index(links[0])  # external links only in the references
     assert sorted(local) == sorted(f.filename for f in section.figures)  # every figure, nothing else
     for ref in local:
         assert "://" not in ref and not ref.startswith("/")  # self-contained: no network, relative paths
@@ -74,6 +77,41 @@ def test_captions_are_computed_from_results(sections, name):
         assert not NUMBER.search(typed), f"{fig.filename}: a number is typed into the caption: {typed!r}"
         assert fig.caption == fig.template.format(**results)  # the caption is the template filled by results
         assert html.escape(fig.caption) in page
+        # the caption opens with its lesson: one sentence, typed, without numbers
+        assert fig.lesson and not NUMBER.search(FORMULA.sub("", fig.lesson)), fig.filename
+        assert not template_fields(fig.lesson), fig.filename
+        assert fig.lesson.endswith(".") and ". " not in fig.lesson.rstrip(".")
+        assert html.escape(fig.lesson) in page
+
+
+@pytest.mark.parametrize("name", list(SECTIONS))
+def test_figures_are_readable(sections, name):
+    """At most four curves per panel, a y label on every panel, 200 dpi."""
+    folder, section, _ = sections[name]
+    for fig in section.figures:
+        assert 0 < fig.curves <= MAX_CURVES or fig.filename in NO_CURVES, (fig.filename, fig.curves)
+        assert fig.unlabelled == [], fig.filename
+        width, height = fig.size_px
+        assert width >= 4 * DPI and matplotlib.image.imread(folder / fig.filename).shape[1] >= 0.8 * width
+
+
+NO_CURVES = {"ideas-betas.png", "ideas-memory.png", "digits-adamw-vs-l2.png"}  # a heatmap, bars, heatmaps
+
+
+def test_interactive_figures_embed_their_runs(sections):
+    """Trajectories and moving averages: every slider position has a precomputed run, as data in the page."""
+    for name, key, controls in (("lineage", "explore-trajectories", ["lr", "beta1", "beta2"]),
+                                ("averages", "explore-averages", ["beta1", "beta2"])):
+        folder, section, _ = sections[name]
+        fig = next(f for f in section.figures if isinstance(f, Interactive) and f.key == key)
+        data = fig.data
+        assert [c["name"] for c in data["controls"]] == controls
+        positions = np.prod([len(c["values"]) for c in data["controls"]])
+        assert len(data["runs"]) == positions
+        assert all(len(run) == len(data["panels"]) for run in data["runs"].values())
+        page = (folder / "index.html").read_text(encoding="utf-8")
+        blob = re.search(rf'id="{key}".*?<script type="application/json">(.*?)</script>', page, re.S).group(1)
+        assert json.loads(blob) == json.loads(json.dumps(data))  # the page carries exactly these runs
 
 
 def test_failure_adam_diverges_amsgrad_converges(sections):
@@ -114,6 +152,8 @@ def test_functions_grid_search(sections):
         assert len(lrs) == 11
         assert r["final_gap"][fn][r["best"][fn]] < 1e-3
         assert f"{r[fn]['adam_lr']:.2g}" in section.figures[list(r["lr"]).index(fn)].caption
+        floor_count = sum(g < 1e-12 for g in r["final_gap"][fn].values())
+        assert r[fn]["n_floor"] == floor_count  # the caption says how many reach the floor
     assert r["escape_steps"]["Adam"] < r["escape_steps"]["SGD"]
 
 
@@ -162,3 +202,50 @@ def test_cli_rejects_unknown_section(capsys):
         main(["--only", "averages,nonsense"])
     assert e.value.code == 2
     assert "nonsense" in capsys.readouterr().err
+
+
+def test_lineage_mechanisms(sections):
+    _, section, r = sections["lineage"]
+    assert r["gap_Momentum"] < r["gap_GD"]                               # momentum fixes the crawl
+    assert max(r["gap_AdaGrad"], r["gap_RMSprop"]) < 1e-3 * r["gap_Momentum"]  # per-coordinate steps win here
+    assert r["ada_never_grows"] and r["ada_last"] < r["ada_first"]   # AdaGrad's step size only shrinks
+    assert r["rms_last"] > r["rms_min"]                              # RMSprop's grows back
+    assert r["ab_match"] < 1e-10  # Adam(β₁=0) = RMSprop + bias correction, to rounding
+    assert r["ab_ratio"] == pytest.approx(1 / np.sqrt(1 - 0.99), rel=1e-6)  # RMSprop's first step: 1/√(1 − α)
+    assert r["rect_6"] < r["rect_100"] < r["rect_1000"] < 1
+
+
+def test_ideas_each_idea_shows(sections):
+    _, section, r = sections["ideas"]
+    assert r["sp_t_AdaGrad"] < r["sp_t_SGD"]          # AdaGrad learns the rare feature first
+    assert r["sc_adam"] < 1e-6 < 1.0 < r["sc_sgd"]     # Adam's path ignores the loss scale, SGD's does not
+    assert r["snr_late_hi"] < 0.5 * r["snr_early_hi"]  # the steps shrink by themselves
+    assert r["eps_g0"] < 1e-3 * r["eps_g3"]            # a large ε turns Adam into slow SGD
+    assert r["mem_Adam_fp32"] == 8 and r["mem_Adam_bf16"] == 4 and r["mem_SGD_momentum_fp32"] == 4
+    # int8: one byte per element and state, plus a float32 absmax per block
+    assert r["mem_Adam_int8"] == pytest.approx(2 * (1 + 4 / r["mem_block"]))
+    assert r["mem_small_int8"] == 8  # small tensors stay in full precision
+    assert 0 < r["bb_near"] <= r["bb_cells"]
+    captions = " ".join(f.caption for f in section.figures)
+    assert f"{r['mem_Adam_int8']:.3f}" in captions and f"{r['sc_adam']:.1e}" in captions
+
+
+def test_regression_moments_follow_feature_scales(sections):
+    _, _, r = sections["regression"]
+    # v is the mean squared gradient, which scales with the square of the feature's scale (w₂: 5, w₃: 0.2)
+    assert r["mv_ratio"] == pytest.approx(r["mv_scale_ratio"], rel=1.0)
+    assert r["mv_ratio"] > 5
+
+
+def test_digits_adamw_grid_is_per_step_decay(sections):
+    _, section, r = sections["digits"]
+    assert r["adamw_edge"] in ("its decay on the grid's edge", "its decay inside the grid")
+    assert 0 <= r["adamw_agree"] <= r["n_lrs"]
+    caption = section.figures[-1].caption
+    assert r["adamw_edge"] in caption and r["l2_edge"] in caption
+
+
+def test_progress_inside_long_sections(tmp_path, capsys):
+    run(tmp_path, only=["functions"], quick=True, verbose=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert sum("…" in line for line in lines) >= 3  # one line per test function, before the section ends

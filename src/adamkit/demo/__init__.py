@@ -1,18 +1,21 @@
 """``adamkit demo``: the experiments that make Adam's math visible, written to an HTML report.
 
-Five sections, each a module of this package with a ``run(section, quick, seed) -> results`` function:
+Seven sections, each a module of this package with a ``run(section, quick, seed) -> results`` function:
 
+* ``lineage``    — GD → momentum → Nesterov → AdaGrad → RMSprop → Adam on one valley, the ablation "Adam with
+  β₁ = 0 is RMSprop with bias correction", AdaMax, NAdam, RAdam, AMSGrad and AdamW, interactive trajectories;
 * ``averages``   — simple vs exponential moving averages, the uncentered second moment, bias correction;
 * ``regression`` — linear regression: gradient descent vs Adam against ``np.linalg.lstsq``;
 * ``functions``  — the whole family on Rosenbrock, Beale and a saddle, learning rates from a grid search;
 * ``failure``    — Reddi, Kale & Kumar (2018): where Adam provably fails and AMSGrad does not;
+* ``ideas``      — rare features, scale invariance, low signal-to-noise, ε, β₁ × β₂, bytes of state;
 * ``digits``     — real data (scikit-learn's bundled digits): logistic regression and an MLP, a bias-correction
   ablation, and AdamW vs Adam + L2 over a learning-rate × weight-decay grid.
 
 Usage::
 
-    adamkit demo                      # everything, about a minute
-    adamkit demo --quick              # smaller grids and runs, a few seconds per section
+    adamkit demo                      # everything: about 47 s of CPU time (measured on a 2-core machine)
+    adamkit demo --quick              # smaller grids and runs: about 27 s of CPU time
     adamkit demo --only failure,digits --out /tmp/report --seed 1
 
 The sections use only adamkit's public API (``adamkit.numpy``, ``adamkit.minimize``, ``adamkit.rules``) and
@@ -28,23 +31,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .report import Section, format_table, now, write_html
+from .page import write_html
+from .report import Section, format_table, now
 
 SECTIONS: dict[str, str] = {
+    "lineage": "The lineage: from gradient descent to Adam, one mechanism at a time",
     "averages": "Moving averages: what Adam's m and v are",
     "regression": "Linear regression: gradient descent vs Adam",
     "functions": "The family on test functions",
     "failure": "Where Adam fails: Reddi, Kale & Kumar (2018)",
+    "ideas": "The ideas behind Adam, one run each",
     "digits": "Real data: handwritten digits",
 }
 """Section name → title, in report order. Each name is a module of this package."""
 
 
-def run_section(name: str, out: Path, quick: bool = False, seed: int = 0) -> tuple[Section, dict[str, Any]]:
+def run_section(name: str, out: Path, quick: bool = False, seed: int = 0,
+                verbose: bool = False) -> tuple[Section, dict[str, Any]]:
     """Run one section into ``out`` (created if needed); return its report part and its results dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    section = Section(name, SECTIONS[name], out)
+    section = Section(name, SECTIONS[name], out, verbose=verbose)
     module = importlib.import_module(f"{__name__}.{name}")
     start = time.perf_counter()
     with _single_threaded_blas():
@@ -75,7 +82,7 @@ def run(out: str | Path = "adamkit-report", only: list[str] | None = None, quick
     for i, name in enumerate(names, 1):
         if verbose:
             print(f"[{i}/{len(names)}] {SECTIONS[name]} ...", flush=True)
-        section, res = run_section(name, out, quick=quick, seed=seed)
+        section, res = run_section(name, out, quick=quick, seed=seed, verbose=verbose)
         sections.append(section)
         results[name] = res
         if verbose:
@@ -92,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Run the experiments that make Adam's math visible and write an HTML report with figures.")
     parser.add_argument("--out", default="adamkit-report", metavar="DIR",
                         help="folder for index.html and the PNG figures (default: adamkit-report)")
-    parser.add_argument("--quick", action="store_true", help="smaller grids and shorter runs (well under 40 s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller grids and shorter runs (about 27 s of CPU time, against 47 s for the full run; "
+                             "wall time is longer on a busy machine)")
     parser.add_argument("--only", metavar="SECTION[,SECTION...]",
                         help=f"run only these sections: {', '.join(SECTIONS)}")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")

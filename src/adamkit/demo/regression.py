@@ -15,7 +15,7 @@ import numpy as np
 
 import adamkit.numpy as akn
 
-from .report import Section, format_table, plt
+from .report import OKABE_ITO, Section, format_table, plt
 
 NAMES = ["w₁", "w₂", "w₃", "b"]
 
@@ -37,7 +37,7 @@ def train(X: np.ndarray, y: np.ndarray, make_optimizer, lr: float, epochs: int, 
     w, b = np.zeros(X.shape[1]), np.zeros(1)
     opt = make_optimizer([w, b], lr)
     rng = np.random.default_rng(seed)  # same seed → same batches for every optimizer
-    history = {"rmse": [rmse(X, y, w, b)], "weights": [np.r_[w, b]]}
+    history = {"rmse": [rmse(X, y, w, b)], "weights": [np.r_[w, b]], "m": [], "v": []}
     for epoch in range(epochs):
         # cosine schedule: the learning rate lives in the param group and can be changed between steps
         opt.param_groups[0]["lr"] = lr * 0.5 * (1 + np.cos(np.pi * epoch / epochs))
@@ -48,6 +48,9 @@ def train(X: np.ndarray, y: np.ndarray, make_optimizer, lr: float, epochs: int, 
             grad_w = 2 * X[idx].T @ residual / len(idx)   # ∂/∂w of mean(residual²)
             grad_b = np.array([2 * residual.mean()])       # ∂/∂b
             opt.step([grad_w, grad_b])                      # updates w and b in place
+            if "exp_avg" in opt.state[0]:  # Adam: its moments for (w, b), read from its state
+                history["m"].append(np.r_[opt.state[0]["exp_avg"], opt.state[1]["exp_avg"]])
+                history["v"].append(np.r_[opt.state[0]["exp_avg_sq"], opt.state[1]["exp_avg_sq"]])
         history["rmse"].append(rmse(X, y, w, b))
         history["weights"].append(np.r_[w, b])
     history["weights"] = np.array(history["weights"])
@@ -95,22 +98,57 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
                    for i, name in enumerate(NAMES)]
     sec.table(["weight", "np.linalg.lstsq", "GD", "Adam"], weight_rows, f"Weights after {epochs} epochs.")
 
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
+    fit_figure(sec, r, runs, exact)
+    moments(sec, r, runs["Adam"], A)
+    sec.summary = (f"after {epochs} epochs max|w - lstsq| = {r['err_adam']:.1e} (Adam) vs {r['err_gd']:.2f} (GD); "
+                   f"RMSE {r['rmse_adam']:.4f} vs {r['rmse_gd']:.4f}")
+    return r
+
+
+def moments(sec: Section, r: dict[str, Any], history: dict[str, Any], A: np.ndarray) -> None:
+    """Adam's m and v for each weight over the run: v differs by the square of the feature's scale."""
+    m, v = np.array(history["m"]), np.array(history["v"])
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+    for i, (name, c) in enumerate(zip(NAMES, OKABE_ITO)):
+        ax[0].plot(m[:, i], color=c, lw=1, label=name)
+        ax[1].semilogy(np.sqrt(v[:, i]), color=c, lw=1.2, label=name)
+    ax[0].set(xlabel="step", ylabel="m (state['exp_avg'])", title="m: each weight's mean gradient")
+    ax[1].set(xlabel="step", ylabel="√v (state['exp_avg_sq'])", title="√v: each weight's gradient RMS")
+    ax[1].legend(ncol=2)
+    rms = np.sqrt(v[-1])
+    scales = A.std(axis=0)
+    r.update(mv_steps=len(m), mv_rms_w2=float(rms[1]), mv_rms_w3=float(rms[2]), mv_ratio=float(rms[1] / rms[2]),
+             mv_scale_ratio=float(scales[1] / scales[2]))
+    sec.figure(fig, "regression-moments.png", "Adam's m and v over the linear-regression run",
+               "m goes to zero as the fit converges, while √v keeps each weight's own gradient scale, so every "
+               "weight takes steps of similar size.",
+               "Over the {mv_steps} steps, read from the optimizer's state: at the end √v is {mv_rms_w2:.3g} for w₂ "
+               "and {mv_rms_w3:.3g} for w₃, {mv_ratio:.0f} times apart; their features' scales are "
+               "{mv_scale_ratio:.0f} times apart. Dividing by √v undoes the difference.", r)
+
+
+def fit_figure(sec: Section, r: dict[str, Any], runs: dict[str, dict], exact: np.ndarray) -> None:
+    """RMSE per epoch, and each optimizer's weights against np.linalg.lstsq (one panel each)."""
+    epochs, lr_gd, lr_adam = r["epochs"], r["lr_gd"], r["lr_adam"]
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
     e = np.arange(epochs + 1)
-    ax[0].semilogy(e, runs["GD"]["rmse"], "o-", ms=3, color="tab:blue", label=f"gradient descent (lr={lr_gd:.3f})")
-    ax[0].semilogy(e, runs["Adam"]["rmse"], "o-", ms=3, color="tab:red", label=f"Adam (lr={lr_adam})")
+    ax[0].semilogy(e, runs["GD"]["rmse"], "o-", ms=3, color=OKABE_ITO[0], label=f"gradient descent (lr={lr_gd:.3f})")
+    ax[0].semilogy(e, runs["Adam"]["rmse"], "o-", ms=3, color=OKABE_ITO[3], label=f"Adam (lr={lr_adam})")
     ax[0].axhline(r["rmse_lstsq"], color="k", ls=":", label="least squares (noise floor)")
     ax[0].set(xlabel="epoch", ylabel="RMSE", title="RMSE per epoch")
     ax[0].legend()
-    colors = ["tab:green", "tab:orange", "tab:purple", "tab:brown"]
-    for i, (name, c) in enumerate(zip(NAMES, colors)):
-        ax[1].plot(e, runs["Adam"]["weights"][:, i], color=c, lw=1.8, label=f"{name} Adam")
-        ax[1].plot(e, runs["GD"]["weights"][:, i], color=c, lw=1.2, ls="--", label=f"{name} GD")
-        ax[1].axhline(exact[i], color=c, ls=":", lw=1)
-    low = min(exact.min(), runs["Adam"]["weights"].min(), runs["GD"]["weights"].min())
-    ax[1].set(xlabel="epoch", ylabel="value", title="weights (dotted: np.linalg.lstsq)", ylim=(low - 1.2, None))
-    ax[1].legend(ncol=4, loc="lower right")  # below the lowest curve
+    low = min(exact.min(), runs["Adam"]["weights"].min(), runs["GD"]["weights"].min()) - 0.5
+    high = max(exact.max(), runs["Adam"]["weights"].max(), runs["GD"]["weights"].max()) + 0.5
+    for a, name in zip(ax[1:], ("Adam", "GD")):
+        for i, (w, c) in enumerate(zip(NAMES, OKABE_ITO)):
+            a.plot(e, runs[name]["weights"][:, i], color=c, lw=1.6, label=w)
+            a.axhline(exact[i], color=c, ls=":", lw=1)
+        a.set(xlabel="epoch", ylabel="weight value", ylim=(low, high),
+              title=f"{name}'s weights (dotted: np.linalg.lstsq)")
+    ax[1].legend(ncol=4, loc="lower right", fontsize=7)
     sec.figure(fig, "regression.png", "Gradient descent vs Adam on linear regression",
+               "Adam reaches the least-squares answer where gradient descent, held back by the steepest direction, "
+               "does not.",
                "After {epochs} epochs (batches of {batch}), Adam's RMSE is {rmse_adam:.4f} against the "
                "least-squares floor {rmse_lstsq:.4f}, gradient descent's {rmse_gd:.4f}. Adam's weights are "
                "within {err_adam:.1e} of np.linalg.lstsq, gradient descent's within {err_gd:.2f}. Gradient "
@@ -118,6 +156,3 @@ def run(sec: Section, quick: bool = False, seed: int = 0) -> dict[str, Any]:
                "along the flattest (curvature {ell:.3f}, {condition:.0f} times smaller) it barely moves, so "
                "{worst_name} ends at {worst_gd:.2f} instead of {worst_lstsq:.2f}. Adam divides each "
                "coordinate's step by that coordinate's own gradient RMS and does not care about the scales.", r)
-    sec.summary = (f"after {epochs} epochs max|w - lstsq| = {r['err_adam']:.1e} (Adam) vs {r['err_gd']:.2f} (GD); "
-                   f"RMSE {r['rmse_adam']:.4f} vs {r['rmse_gd']:.4f}")
-    return r

@@ -1,13 +1,13 @@
-"""A small report writer shared by the demo's sections: figures with captions, tables, one ``index.html``.
+"""A small report writer shared by the demo's sections: figures with captions, tables, interactive figures.
 
-Every caption is a ``str.format`` template filled from the section's results dictionary, so each number a
-reader sees was computed by the run (the tests re-format every template from the returned results and check
-that no digit is typed into a template outside a ``{field}``).
+Every caption is a one-sentence lesson followed by a ``str.format`` template filled from the section's results
+dictionary, so each number a reader sees was computed by the run (the tests re-format every template from the
+returned results and check that no digit is typed into a template outside a ``{field}``). The page itself is
+written by :mod:`adamkit.demo.page`.
 """
 
 from __future__ import annotations
 
-import html
 import string
 import time
 from dataclasses import dataclass, field
@@ -19,27 +19,55 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display: works on servers and in CI
 
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from cycler import cycler  # noqa: E402  (comes with matplotlib)
+
+# Okabe & Ito's colour-blind-safe palette (https://jfly.uni-koeln.de/color/), by name.
+PALETTE = {"blue": "#0072B2", "orange": "#E69F00", "green": "#009E73", "vermillion": "#D55E00",
+           "sky": "#56B4E9", "purple": "#CC79A7", "yellow": "#F0E442", "black": "#000000"}
+OKABE_ITO = [PALETTE[k] for k in ("blue", "orange", "green", "vermillion", "sky", "purple", "black")]
+DPI = 200
+MAX_CURVES = 4
+"""At most this many curves share one panel; more become labelled small multiples."""
 
 plt.rcParams.update({
     "figure.dpi": 100,
-    "savefig.dpi": 100,
+    "savefig.dpi": DPI,
     "font.size": 10,
-    "axes.titlesize": 11,
+    "axes.titlesize": 10.5,
     "axes.grid": True,
     "grid.alpha": 0.3,
     "legend.fontsize": 8,
     "legend.framealpha": 0.85,
+    "axes.prop_cycle": cycler(color=OKABE_ITO),
+    "image.cmap": "cividis",
 })
 
 
 @dataclass
 class Figure:
-    """One saved figure: its file name (relative to the report folder), caption template and caption."""
+    """One saved figure: its file name (relative to the report folder), caption template and caption.
+
+    ``curves`` is the largest number of curves in one of its panels, ``unlabelled`` the panels without a y label.
+    """
 
     filename: str
     template: str
     caption: str
     title: str
+    lesson: str = ""
+    curves: int = 0
+    unlabelled: list[str] = field(default_factory=list)
+    size_px: tuple[int, int] = (0, 0)
+    columns: int = 1
+
+
+@dataclass
+class Interactive(Figure):
+    """A figure a reader explores: precomputed runs (``data``, embedded in the page as JSON) drawn in the
+    browser, sliders choosing between them; ``filename`` is its PNG fallback."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+    key: str = ""
 
 
 @dataclass
@@ -49,6 +77,11 @@ class Table:
     header: list[str]
     rows: list[list[str]]
     caption: str
+
+
+def count_curves(ax: plt.Axes) -> int:
+    """Curves drawn in one panel: lines with more than two points (reference lines such as ``axhline`` have two)."""
+    return sum(1 for line in ax.get_lines() if len(line.get_xdata()) > 2)
 
 
 @dataclass
@@ -61,25 +94,47 @@ class Section:
     blocks: list[Any] = field(default_factory=list)
     summary: str = ""
     seconds: float = 0.0
+    verbose: bool = False
 
     @property
     def figures(self) -> list[Figure]:
-        return [b for b in self.blocks if isinstance(b, Figure)]
+        flat = [f for b in self.blocks for f in (b[1] if isinstance(b, tuple) and b[0] == "row" else [b])]
+        return [b for b in flat if isinstance(b, Figure)]
+
+    def row(self, figures: Sequence[Figure]) -> None:
+        """Show these (already recorded) figures side by side; they stack on a narrow screen."""
+        self.blocks = [b for b in self.blocks if not any(b is f for f in figures)]
+        self.blocks.append(("row", list(figures)))
 
     @property
     def tables(self) -> list[Table]:
         return [b for b in self.blocks if isinstance(b, Table)]
 
+    def progress(self, message: str) -> None:
+        """One line of progress inside a long section (only when the run is verbose)."""
+        if self.verbose:
+            print(f"      … {message}", flush=True)
+
     def text(self, paragraph: str) -> None:
         """A paragraph of explanation (plain text; ``<code>``, ``<b>``, ``<i>`` and ``<br>`` may be used)."""
         self.blocks.append(("p", paragraph))
 
-    def figure(self, fig: plt.Figure, filename: str, title: str, template: str,
-               results: Mapping[str, Any]) -> Figure:
-        """Save ``fig`` as ``out/filename`` (PNG) and record its caption ``template.format(**results)``."""
+    def figure(self, fig: plt.Figure, filename: str, title: str, lesson: str, template: str,
+               results: Mapping[str, Any], **interactive: Any) -> Figure:
+        """Save ``fig`` as ``out/filename`` (PNG, :data:`DPI` dots per inch); its caption is ``lesson`` (one
+        sentence, no numbers) then ``template.format(**results)``. With ``data=`` and ``key=`` the figure is an
+        :class:`Interactive` one and the PNG its fallback."""
+        axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+        curves = max((count_curves(ax) for ax in axes), default=0)
+        unlabelled = [ax.get_title() or f"panel {i + 1}" for i, ax in enumerate(axes)
+                      if ax.get_visible() and ax.has_data() and not ax.get_ylabel()]
+        columns = len({round(ax.get_position().x0, 2) for ax in axes if ax.get_visible()})
         fig.savefig(self.out / filename, bbox_inches="tight")
+        size = tuple(int(v) for v in fig.get_size_inches() * DPI)
         plt.close(fig)
-        item = Figure(filename, template, template.format(**results), title)
+        cls = Interactive if interactive else Figure
+        item = cls(filename, template, template.format(**results), title, lesson, curves, unlabelled, size,
+                   columns, **interactive)
         self.blocks.append(item)
         return item
 
@@ -110,61 +165,6 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: st
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
-
-
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px; margin: 2em auto;
-       padding: 0 1em; color: #222; line-height: 1.5; }
-h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 2em; }
-figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
-figcaption { font-size: 0.95em; color: #333; background: #f7f7f7; padding: 0.5em 0.8em; }
-figcaption b { color: #000; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-caption { caption-side: bottom; font-size: 0.9em; color: #555; padding-top: 0.3em; text-align: left; }
-code { background: #f1f1f1; padding: 0 0.2em; }
-.meta { color: #666; font-size: 0.9em; }
-nav li { margin: 0.1em 0; }
-"""
-
-
-def write_html(out: Path, sections: Sequence[Section], meta: Mapping[str, Any]) -> Path:
-    """Write ``out/index.html``: one self-contained page (inline CSS, PNGs next to it, no network)."""
-    esc = html.escape
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        "<title>adamkit demo: the Adam family, made visible</title>",
-        f"<style>{_CSS}</style></head><body>",
-        "<h1>adamkit demo: the Adam family, made visible</h1>",
-        f'<p class="meta">adamkit {esc(str(meta["version"]))} · seed {esc(str(meta["seed"]))} · '
-        f'{"quick mode" if meta["quick"] else "full mode"} · generated {esc(meta["date"])} · '
-        f'total {meta["seconds"]:.1f} s. Every number in a caption is computed by this run; '
-        "re-run <code>adamkit demo</code> to regenerate.</p>",
-        "<nav><ol>",
-    ]
-    parts += [f'<li><a href="#{esc(s.name)}">{esc(s.title)}</a> ({s.seconds:.1f} s)</li>' for s in sections]
-    parts.append("</ol></nav>")
-    for s in sections:
-        parts.append(f'<section id="{esc(s.name)}"><h2>{esc(s.title)}</h2>')
-        for block in s.blocks:
-            if isinstance(block, Figure):
-                parts.append(f'<figure><img src="{esc(block.filename)}" alt="{esc(block.title)}">'
-                             f"<figcaption><b>{esc(block.title)}.</b> {esc(block.caption)}</figcaption></figure>")
-            elif isinstance(block, Table):
-                head = "".join(f"<th>{esc(h)}</th>" for h in block.header)
-                body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in block.rows)
-                parts.append(f"<table><caption>{esc(block.caption)}</caption><thead><tr>{head}</tr></thead>"
-                             f"<tbody>{body}</tbody></table>")
-            else:  # a paragraph written by the demo itself (trusted, may use a few tags)
-                parts.append(f"<p>{block[1]}</p>")
-        parts.append("</section>")
-    parts.append("</body></html>")
-    path = out / "index.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
 
 
 def now() -> str:
