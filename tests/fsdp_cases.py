@@ -82,6 +82,7 @@ def dcp_resume(precision: str | None) -> dict:
     train(m, opt, 4, torch.float32)
     model_sd, optim_sd = get_state_dict(m, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    save_full_states(optim_sd, path)
     train(m, opt, 4, torch.float32, start=4)
     m2 = sharded(torch.float32)
     opt2 = ak.AdamW(m2.parameters(), lr=1e-2, state_precision=precision)
@@ -92,6 +93,46 @@ def dcp_resume(precision: str | None) -> dict:
     train(m2, opt2, 4, torch.float32, start=4)
     same = all(torch.equal(a, b) for a, b in zip(full(m), full(m2)))
     return {"bit_for_bit": same, "difference": rel(full(m2), full(m))}
+
+
+def full_states(optim_sd: dict) -> dict[str, torch.Tensor]:
+    """Every array state of a DCP optimizer state dict as one full float64 tensor (a collective: all ranks call)."""
+    out = {}
+    for fqn, entry in optim_sd["state"].items():
+        for k, v in entry.items():
+            if k != "step":
+                out[f"{fqn}/{k}"] = (v.full_tensor() if hasattr(v, "full_tensor") else v).double()
+    return out
+
+
+def save_full_states(optim_sd: dict, path: str) -> None:
+    full_sd = full_states(optim_sd)
+    if dist.get_rank() == 0:
+        torch.save(full_sd, path + ".full.pt")
+
+
+def reshard(path: str, save_to: str | None) -> dict:
+    """Load the int8 DCP checkpoint at ``path`` on this world size; the states must equal the saved ones up to
+    requantization in this world size's blocks. Then save the optimizer to ``save_to`` for the next reshard."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    import adamkit.torch as ak
+    m = sharded(torch.float32)
+    opt = ak.AdamW(m.parameters(), lr=1e-2, state_precision="int8")
+    train(m, opt, 1, torch.float32)  # states exist, as in a run being resumed
+    model_sd, optim_sd = get_state_dict(m, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(m, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    loaded = full_states(get_state_dict(m, opt)[1])
+    saved = torch.load(path + ".full.pt")
+    error = max(float((loaded[k] - saved[k]).abs().max() / saved[k].abs().max().clamp_min(1e-30)) for k in saved)
+    if save_to:
+        model_sd, optim_sd = get_state_dict(m, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=save_to)
+        save_full_states(optim_sd, save_to)
+    return {"world_size": dist.get_world_size(), "relative_error": error, "keys": len(saved)}
 
 
 def int8_training() -> dict:
@@ -174,5 +215,22 @@ def run(rank: int, out: str, store_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def run_reshard(rank: int, world: int, path: str, save_to: str, out: str, store_dir: str) -> None:
+    store = dist.FileStore(os.path.join(store_dir, "store"), world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    try:
+        result = reshard(path, save_to or None)
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    mp.spawn(run, args=(sys.argv[1], tempfile.mkdtemp()), nprocs=2, join=True)
+    if sys.argv[1] == "--reshard":  # --reshard WORLD CHECKPOINT SAVE_TO OUT.json
+        world, path, save_to, out = int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+        mp.spawn(run_reshard, args=(world, path, save_to, out, tempfile.mkdtemp()), nprocs=world, join=True)
+    else:  # OUT.json [CHECKPOINT_DIR]
+        directory = sys.argv[2] if len(sys.argv) > 2 else tempfile.mkdtemp()
+        mp.spawn(run, args=(sys.argv[1], directory), nprocs=2, join=True)

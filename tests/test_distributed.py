@@ -18,11 +18,21 @@ HERE = Path(__file__).parent
 def results(tmp_path_factory) -> dict:
     if not dist.is_available():
         pytest.skip("this torch build has no torch.distributed")
-    out = tmp_path_factory.mktemp("fsdp") / "results.json"
-    proc = subprocess.run([sys.executable, str(HERE / "fsdp_cases.py"), str(out)], capture_output=True, text=True,
+    directory = tmp_path_factory.mktemp("fsdp")
+    out = directory / "results.json"
+    _child(str(out), str(directory))
+    results = json.loads(out.read_text())
+    # the int8 checkpoint saved by 2 ranks, loaded by 1 (which saves again), loaded by 2
+    _child("--reshard", "1", str(directory / "ckpt-int8"), str(directory / "ckpt-1"), str(directory / "to1.json"))
+    _child("--reshard", "2", str(directory / "ckpt-1"), "", str(directory / "to2.json"))
+    results["reshard"] = [json.loads((directory / f).read_text()) for f in ("to1.json", "to2.json")]
+    return results
+
+
+def _child(*args: str) -> None:
+    proc = subprocess.run([sys.executable, str(HERE / "fsdp_cases.py"), *args], capture_output=True, text=True,
                           timeout=600, cwd=HERE)
     assert proc.returncode == 0, f"the FSDP2 ranks failed (return code {proc.returncode}): {proc.stderr[-3000:]}"
-    return json.loads(out.read_text())
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 2e-6), ("float64", 1e-12)])
@@ -60,3 +70,11 @@ def test_fsdp2_check_finite_decides_the_same_on_every_rank(results):
 
 def test_fsdp2_mixed_precision_policy_and_gradient_clipping_match_torch(results):
     assert results["mixed_precision"]["difference"] <= 2e-6, results["mixed_precision"]
+
+
+def test_fsdp2_int8_checkpoint_moves_from_2_ranks_to_1_and_back(results):
+    for r in results["reshard"]:
+        # blocks of 256 regroup when the sharding changes, so states are requantized: each value within half a
+        # code step of its own magnitude (6.25 %), hence within 6.25 % of its tensor's largest value
+        assert r["keys"] > 0 and r["relative_error"] <= 0.0625, r
+    assert [r["world_size"] for r in results["reshard"]] == [1, 2]
