@@ -64,3 +64,14 @@ def test_state_precision_option_rejects_what_would_silently_do_nothing_or_fail_l
         bench.main(["--params", "3e5", "--state-precision", value])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_distributed_bench_times_adamkit_torch_and_the_shard_floor(tmp_path):
+    from adamkit import bench
+    out = tmp_path / "d.json"
+    assert bench.main(["--distributed", "--params", "3e5", "--steps", "2", "--only", "Adam", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["world_size"] == 2 and 0 < r["params_per_rank"] < r["params"]
+    row = next(row for row in r["rows"] if row["config"] == "Adam")
+    assert {"adamkit", "torch single", "torch foreach"} <= set(row["ms"])
+    assert row["speedup_vs_torch_best"] == row["ms"][row["torch_best_path"]] / row["ms"]["adamkit"]

@@ -330,9 +330,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-precision", default="", help="also compare AdamW with these state precisions "
                         "(comma-separated: bf16,int8) against torch fused fp32; add 'only' to skip the other tables "
                         "(e.g. bf16,int8,only)")
+    parser.add_argument("--distributed", action="store_true", help="instead: the step on FSDP2 shards, 2 processes "
+                        "(gloo), against torch.optim's paths on DTensors and the shard's memory floor")
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()] or None
     log = lambda s: print(s, flush=True)  # noqa: E731
+    if args.distributed:
+        from . import bench_distributed
+        results = bench_distributed.run(int(args.params), args.steps, only, log)
+        print(bench_distributed.table(results))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return 0
     names = [p.strip() for p in args.state_precision.split(",") if p.strip()]
     precisions = [p for p in names if p != "only"]
     choices = [p for p in PRECISIONS if p]
