@@ -81,8 +81,8 @@ class TrackedState(collections.defaultdict):
         if type(state) is cls:
             return state
         tracked = cls()
-        for key, entry in dict(state).items():
-            tracked[key] = TrackedEntry(tracked._counter, entry)
+        for key, entry in dict(state).items():  # other values (a hook's notes) are kept as they are
+            tracked[key] = TrackedEntry(tracked._counter, entry) if isinstance(entry, dict) else entry
         return tracked
 
     def __reduce__(self):
@@ -93,9 +93,9 @@ def tracked(opt: Any) -> TrackedState:
     """``opt.state`` as a :class:`TrackedState` (converted in place if code replaced it with a plain mapping)."""
     if type(opt.state) is not TrackedState:
         opt.state = TrackedState.of(opt.state)
-    elif any(type(e) is not TrackedEntry for e in dict.values(opt.state)):
+    elif any(type(e) is dict for e in dict.values(opt.state)):
         for key, entry in list(dict.items(opt.state)):
-            if type(entry) is not TrackedEntry:
+            if type(entry) is dict:
                 opt.state[key] = TrackedEntry(opt.state._counter, entry)
     return opt.state
 

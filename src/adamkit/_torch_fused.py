@@ -103,18 +103,18 @@ def _key(opt: Any, work: list[tuple[dict, list, list, dict]]) -> tuple:
         (id(group), group.get("fused"), tuple(rule.states(h))) for group, _, _, h in work)
 
 
-def _compiled_view(p: torch.Tensor) -> tuple[str | None, torch.Tensor | None, str]:
-    """(format, local tensor, reason) for a parameter the kernels can step; format None with the reason otherwise."""
+def _compiled_view(p: torch.Tensor) -> tuple[str | None, torch.Tensor | None]:
+    """(format, local tensor) for a parameter the kernels can step; (None, None) otherwise (not a plain strided
+    tensor or a DTensor of one with real storage, a dtype without kernels, not on CPU, not contiguous, empty, or
+    with a gradient that is not laid out like it)."""
     local, g = local_view(p), p.grad
     glocal = local_view(g) if local is not None and is_dtensor(g) == is_dtensor(p) else None
-    if local is None or glocal is None:
-        return None, None, "it is not a plain strided tensor (or a DTensor of one) with real storage"
+    if local is None or glocal is None or not local.is_cpu or local.numel() == 0:
+        return None, None
     fmt = FORMAT_OF.get(local.dtype)
-    if fmt is None or not local.is_cpu:
-        return None, None, f"dtype {local.dtype} on {local.device} (kernels take float32/float64/bfloat16 on CPU)"
-    if not (local.is_contiguous() and glocal.is_contiguous()) or local.numel() == 0:
-        return None, None, "it or its gradient is not contiguous, or it is empty"
-    return fmt, local, ""
+    if fmt is None or not (local.is_contiguous() and glocal.is_contiguous()):
+        return None, None
+    return fmt, local
 
 
 def _build(opt: Any, work: list[tuple[dict, list, list, dict]], key: tuple, state: TrackedState) -> _Plan:
@@ -122,17 +122,13 @@ def _build(opt: Any, work: list[tuple[dict, list, list, dict]], key: tuple, stat
     for gi, (group, params, _, _) in enumerate(work):
         for p in params:
             opt._check_grad(gi, p)  # raises a clear error (before anything changes) for what no path can step
-        if group.get("fused") is False:
+        if group.get("fused") is False or group.get("differentiable"):  # autograd through the step: torch ops
             reference.extend((group, p) for p in params)
             continue
         by_format: dict[str, list] = {}
         for i, p in enumerate(params):
-            fmt, local, reason = _compiled_view(p)
-            if fmt is None:
-                if group.get("fused") is True:
-                    raise RuntimeError(f"`fused=True` requires all the params to be floating point Tensors of "
-                                       f"supported devices: {opt.rule.name} has no compiled kernel for a parameter "
-                                       f"of shape {tuple(p.shape)}: {reason}")
+            fmt, local = _compiled_view(p)
+            if fmt is None:  # what the kernels cannot take (torch's fused checks passed in _check_grad)
                 reference.append((group, p))
                 continue
             by_format.setdefault(fmt, []).append((i, p, local))
@@ -322,7 +318,7 @@ def _coefficients(rule: _rules.Rule, h: dict, b: _Batch, floats: list, bools: li
     for r, row in enumerate(rows):
         c, s = _rules.step_coefficients(rule, h, dict(zip(scalar_names, row.tolist())), b.fresh, scalar_dtype)
         where = inverse if isinstance(inverse, slice) else inverse == r
-        coef[where] = [c[f] for f in floats]
+        coef[where] = [float(c[f]) for f in floats]
         flags[where] = [c[x] for x in bools]
         new[where] = [s[k] for k in scalar_names]
     return coef, flags, new

@@ -333,6 +333,8 @@ class Rule:
         coefficients: ``coefficients(h, step, scalar_state)`` → (coefficient dict for ``update``, new scalar
             state); computed in float64 once per tensor and step.
         check_group: cross-parameter validation (e.g. Nesterov needs momentum).
+        sparse_gradients: whether sparse gradients are taken (torch.optim's SGD and Adagrad take them; the math
+            is the dense rule on the entries present).
     """
 
     name: str
@@ -344,6 +346,7 @@ class Rule:
     scalar_states: dict[str, float] = field(default_factory=lambda: {"step": 0.0})
     check_group: Callable[[Mapping[str, Any]], None] = lambda h: None
     defaults_override: dict[str, Any] = field(default_factory=dict)
+    sparse_gradients: bool = False
 
     def hyperparameters(self, **given: Any) -> dict[str, Any]:
         """Defaults overlaid with ``given``, validated. Raises ``ValueError`` naming a bad value or name."""
@@ -364,8 +367,11 @@ class Rule:
         self.check_group(h)
 
 
-def _lr(h: Mapping[str, Any]) -> float:
-    return float(h["lr"])
+def _lr(h: Mapping[str, Any]) -> Any:
+    """γ as a float64 scalar; a tensor lr that requires grad stays a tensor, so that with differentiable=True the
+    gradient reaches it through every coefficient (each is affine in γ)."""
+    lr = h["lr"]
+    return lr if getattr(lr, "requires_grad", False) else float(lr)
 
 
 def _weight_decay_terms(h: Mapping[str, Any], lr: float) -> dict[str, Any]:
@@ -414,6 +420,7 @@ SGD_RULE = Rule(
     coefficients=_sgd_coefficients,
     scalar_states={},  # torch's SGD keeps no step count; the engine counts steps to know the first one
     check_group=_sgd_check,
+    sparse_gradients=True,
 )
 
 
@@ -432,6 +439,7 @@ ADAGRAD = Rule(
     update_states=("sum",),
     states=lambda h: {"sum": float(h["initial_accumulator_value"])},
     coefficients=_adagrad_coefficients,
+    sparse_gradients=True,
 )
 
 

@@ -41,6 +41,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 import torch.optim as _optim
+from torch.optim.optimizer import _device_dtype_check_for_fused
 
 from . import rules as _rules
 from . import states as _states
@@ -78,12 +79,13 @@ class Optimizer(_optim.Optimizer):
         self._init_engine()
         super().__init__(params, defaults)
         self.state = _tensors.TrackedState.of(self.state)
+        # torch's fused protocol with AMP: GradScaler hands grad_scale and found_inf to step() (see _amp_step_skipped)
+        self._step_supports_amp_scaling = self.defaults.get("fused") is True
 
     def _init_engine(self) -> None:
         self._reference_update = _rules.bind(self.rule.update, TORCH_OPS)
         self._kernel_plan = None  # the compiled path's cached batches (adamkit._torch_fused)
         self._plan_version = 0
-        self._valid_maths: list[dict[str, Any]] = []  # hyperparameter sets already validated (one per group)
         self._rounding_generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,))))
 
     def __getstate__(self) -> dict[str, Any]:
@@ -128,17 +130,6 @@ class Optimizer(_optim.Optimizer):
 
     def _math(self, group: Mapping[str, Any]) -> dict[str, Any]:
         return {k: group[k] for k in self.defaults if k not in _ENGINE_KEYS and k in group}
-
-    def _validated_math(self, group: Mapping[str, Any]) -> dict[str, Any]:
-        """The group's hyperparameters, validated unless they equal values validated before (a step's common
-        case: validity depends on the values alone, so equal values need no second check)."""
-        h = self._math(group)
-        if any(isinstance(v, torch.Tensor) for v in h.values()):
-            self.rule.validate(h)  # a tensor value (a tensor lr, say) can change in place: checked every step
-        elif h not in self._valid_maths:
-            self.rule.validate(h)
-            self._valid_maths = [h, *self._valid_maths[:len(self.param_groups) - 1]]
-        return h
 
     def _init_state(self, p: torch.Tensor, group: Mapping[str, Any]) -> bool:
         """Create the state ``group`` needs that ``p`` lacks, and bring scalar states to torch's form (a number
@@ -242,16 +233,23 @@ class Optimizer(_optim.Optimizer):
         return value if value.dtype == p.dtype else value.to(p.dtype)
 
     # -- the step ------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step (re-evaluating the model first if ``closure`` is given)."""
+        """Perform one optimization step (re-evaluating the model first if ``closure`` is given).
+
+        As torch.optim: the step runs without autograd unless the optimizer was built with
+        ``differentiable=True``; hyperparameters are validated when set, not at every step (schedulers may write
+        any value into a group)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable"))):
+            self._step()
+        return loss
+
+    def _step(self) -> None:
         work: list[tuple[dict, list[torch.Tensor], list[torch.Tensor], dict[str, Any]]] = []
         for group in self.param_groups:
-            h = self._validated_math(group)
             grads = list(map(_GRAD, group["params"]))  # the one pass that reads .grad
             if any(map(operator.is_, grads, itertools.repeat(None))):
                 params = [p for p, g in zip(group["params"], grads) if g is not None]
@@ -259,21 +257,63 @@ class Optimizer(_optim.Optimizer):
             else:
                 params = group["params"]
             if params:
-                work.append((group, params, grads, h))
+                work.append((group, params, grads, self._usable_math(group)))
+        if self._amp_step_skipped(work):
+            return
         reference, skipped = _torch_fused_module().step(self, work, self.check_finite)
         for group, p in reference:
             skipped += self._reference_step(group, p)
         if skipped:
             _states.warn_skipped_blocks(self.rule.name, skipped)
-        return loss
+
+    def _usable_math(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        """The group's hyperparameters, after a dry run of the step's coefficients: like torch.optim, a step takes
+        whatever values a scheduler wrote, but one the math cannot use at all (a two-element lr, a beta that makes
+        a bias correction negative) is refused here, before any parameter changes, instead of half-way."""
+        h = self._math(group)
+        try:
+            coefficients, _ = _rules.step_coefficients(self.rule, h, self.rule.scalar_states)
+            for value in coefficients.values():
+                float(value)  # a real number (a complex one means a negative bias correction)
+        except (TypeError, ValueError, ArithmeticError, RuntimeError) as e:
+            gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+            raise ValueError(f"{self.rule.name}: the hyperparameters of group {gi} cannot make a step ({e}); no "
+                             f"parameter or state was changed") from None
+        return h
+
+    def _amp_step_skipped(self, work: list) -> bool:
+        """torch's fused protocol with AMP (``_step_supports_amp_scaling``): ``GradScaler`` sets ``grad_scale``
+        and ``found_inf`` on the optimizer instead of unscaling; skip the step if an inf was found, else unscale
+        the gradients in place (as torch's fused kernels do) and step."""
+        if not getattr(self, "_step_supports_amp_scaling", False):
+            return False
+        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+        if found_inf is not None and bool(found_inf.ne(0).any()):
+            return True
+        if grad_scale is not None:
+            grads = [g for _, _, gs, _ in work for g in gs]
+            torch._foreach_div_(grads, grad_scale.to(grads[0].device) if grads else grad_scale)
+        return False
 
     def _check_grad(self, gi: int, p: torch.Tensor) -> None:
         """Raise a clear error, before anything changes, for a gradient no path can step with its parameter."""
         g = p.grad
         where = f"{self.rule.name}: parameter of shape {tuple(p.shape)} in group {gi}"
+        group = self.param_groups[gi] if 0 <= gi < len(self.param_groups) else {}
+        if group.get("fused") is True:
+            try:
+                _device_dtype_check_for_fused(p)
+            except RuntimeError as e:
+                raise RuntimeError(f"{e} ({where})") from None
         if g.is_sparse:
-            raise RuntimeError(f"{where} has a sparse gradient; adamkit.torch.{self.rule.name} supports dense "
-                               f"gradients only (torch.optim.SparseAdam handles sparse ones)")
+            if not self.rule.sparse_gradients:
+                raise RuntimeError(_SPARSE_ERRORS.get(self.rule.name, f"{self.rule.name} does not support sparse "
+                                                                      f"gradients") + f" ({where})")
+            if group.get("fused") is True:
+                raise RuntimeError(f"`fused` does not support sparse gradients ({where})")
+            if self.rule.name == "Adagrad" and float(group.get("weight_decay", 0)) != 0:
+                raise RuntimeError(f"weight_decay option is not compatible with sparse gradients ({where})")
+            return
         if p.is_meta:
             raise RuntimeError(f"{where} is on the meta device: it holds no values to update (materialize the "
                                f"model, e.g. with to_empty(), before stepping)")
@@ -290,20 +330,23 @@ class Optimizer(_optim.Optimizer):
 
     def _reference_step(self, group: dict[str, Any], p: torch.Tensor) -> int:
         """Step ``p`` with torch ops; return how many 8-bit blocks were left unchanged (non-finite gradient)."""
-        h = self._validated_math(group)
+        h = self._math(group)
         fresh = self._init_state(p, group)
         state = self.state[p] if p in self.state else {}  # SGD without momentum keeps no entry
-        guard = _states.BlockGuard.take(p.detach(), p.grad, state, self.rule.update_states, self.check_finite)
+        grad = p.grad.to_dense() if p.grad.is_sparse else p.grad  # torch's sparse math, on the entries present
+        guard = _states.BlockGuard.take(p.detach(), grad, state, self.rule.update_states, self.check_finite)
         real = torch.view_as_real if p.is_complex() else (lambda t: t)
+        if group.get("fused") is True and p.dtype in (torch.float16, torch.bfloat16):
+            real = lambda t: t.to(torch.float32)  # noqa: E731 - torch's fused kernels: math in float32
         arrays = {k: real(self._load_state(p, state, k)) for k in self.rule.update_states if k in state}
         arrays.update({k: state[k].item() for k in self.rule.scalar_states})
         scalar_dtype = np.float64 if state.get("step", torch.tensor(0.0)).dtype == torch.float64 else np.float32
-        theta, new_arrays, scalars = _rules.step_tensor(self.rule, h, real(p), real(p.grad), arrays,
+        theta, new_arrays, scalars = _rules.step_tensor(self.rule, h, real(p), real(grad), arrays,
                                                        self._reference_update, fresh, scalar_dtype)
-        real(p).copy_(theta)
+        (torch.view_as_real(p) if p.is_complex() else p).copy_(theta)
         for k, v in new_arrays.items():
             if state[k].dtype == p.dtype:
-                real(state[k]).copy_(v)
+                (torch.view_as_real(state[k]) if p.is_complex() else state[k]).copy_(v)
             else:  # low-precision storage: round or quantize the new values
                 self._store_state(p, state, k, v, group.get("state_precision"))
         for k, v in scalars.items():
@@ -341,7 +384,7 @@ class Optimizer(_optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """As torch.optim's: per-parameter states as plain dicts (``torch.load(weights_only=True)`` reads them)."""
         out = super().state_dict()
-        out["state"] = {k: _distributable(dict(v)) for k, v in out["state"].items()}
+        out["state"] = {k: _distributable(dict(v)) if isinstance(v, dict) else v for k, v in out["state"].items()}
         return out
 
     def torch_state_dict(self) -> dict[str, Any]:
@@ -403,6 +446,11 @@ class Optimizer(_optim.Optimizer):
                         elif torch.is_tensor(v) and v.numel() != 1:
                             raise ValueError(f"state '{k}' of parameter {index} must be a scalar")
                 index += 1
+
+
+_SPARSE_ERRORS = {"Adam": "Adam does not support sparse gradients, please consider SparseAdam instead",
+                  "AdamW": "Adam does not support sparse gradients, please consider SparseAdam instead"}
+"""torch.optim's words where they are not '<Class> does not support sparse gradients'."""
 
 
 def _distributable(entry: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,132 @@
+"""Drop-in details where torch.optim's behaviour is the contract: sparse gradients, float16 with fused=True, AMP's
+fused protocol, torch's error words, state entries that are not per-parameter dicts, old-format checkpoints."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import adamkit.torch as akt
+
+from conftest import rel_error
+
+
+def _sparse_grad(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, n, (n // 4,), generator=g)  # repeated indices: uncoalesced, as an embedding makes
+    return torch.sparse_coo_tensor(index[None], torch.randn(n // 4, generator=g, dtype=torch.float64), (n,))
+
+
+@pytest.mark.parametrize("name,kw", [("SGD", dict(lr=0.1)), ("SGD", dict(lr=0.1, momentum=0.9)),
+                                     ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.1, maximize=True)),
+                                     ("Adagrad", dict(lr=0.1)), ("Adagrad", dict(lr=0.1, lr_decay=0.01,
+                                                                                  initial_accumulator_value=0.5))])
+def test_sparse_gradients_step_like_torch(name, kw):
+    ours = torch.nn.Parameter(torch.randn(400, dtype=torch.float64))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    opt, ref = getattr(akt, name)([ours], **kw), getattr(torch.optim, name)([theirs], **kw)
+    for t in range(30):
+        ours.grad, theirs.grad = _sparse_grad(400, t), _sparse_grad(400, t)
+        opt.step(), ref.step()
+    assert rel_error(ours, theirs) <= 1e-12  # float64: the parity grid's bound
+    for k, v in ref.state[theirs].items():
+        mine = opt.state[ours][k]
+        assert rel_error(mine.to_dense() if mine.is_sparse else mine, v.to_dense() if v.is_sparse else v) <= 1e-12
+
+
+@pytest.mark.parametrize("name", ["RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam"])
+def test_sparse_gradients_elsewhere_raise_torchs_error_first(name):
+    p = torch.nn.Parameter(torch.randn(10))
+    p.grad = torch.eye(10)[0].to_sparse()
+    with pytest.raises(RuntimeError) as ours:
+        getattr(akt, name)([p]).step()
+    q = torch.nn.Parameter(torch.randn(10))
+    q.grad = p.grad
+    with pytest.raises(RuntimeError) as theirs:
+        getattr(torch.optim, name)([q]).step()
+    assert str(ours.value).startswith(str(theirs.value))
+    assert torch.equal(p, p)  # nothing was stepped: the error comes before any update
+
+
+def test_adagrad_sparse_gradient_with_weight_decay_is_torchs_error():
+    p = torch.nn.Parameter(torch.randn(10))
+    p.grad = torch.eye(10)[0].to_sparse()
+    with pytest.raises(RuntimeError, match="^weight_decay option is not compatible with sparse gradients"):
+        akt.Adagrad([p], weight_decay=0.1).step()
+
+
+@pytest.mark.parametrize("name", ["Adagrad", "Adam", "AdamW"])
+def test_fused_float16_steps_with_float32_math_like_torch_fused(name):
+    ours = torch.nn.Parameter(torch.randn(300).half())
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    kw = dict(lr=1e-2)
+    opt = getattr(akt, name)([ours], fused=True, **kw)
+    ref = getattr(torch.optim, name)([theirs], fused=True, **kw)
+    for t in range(10):
+        g = torch.randn(300, generator=torch.Generator().manual_seed(t)).half()
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt.step(), ref.step()
+    # float16 storage rounds every step; both do float32 math, so they agree to a few float16 ulps
+    assert rel_error(ours, theirs) <= 4e-3
+
+
+def test_fused_true_on_meta_parameters_says_torchs_words_then_recovers():
+    model = torch.nn.Linear(3, 2, device="meta")
+    opt = akt.Adam(model.parameters(), fused=True)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="^`fused=True` requires all the params to be floating point Tensors"):
+        opt.step()
+    opt.zero_grad()
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()  # to_empty made new parameters; the optimizer's own (without gradients) are left alone
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "Adam", "AdamW"])
+def test_fused_amp_protocol_found_inf_skips_and_grad_scale_unscales(name):
+    results = []
+    for cls in (getattr(akt, name), getattr(torch.optim, name)):
+        p = torch.nn.Parameter(torch.ones(8))
+        opt = cls([p], lr=1e-2, fused=True)
+        assert opt._step_supports_amp_scaling
+        p.grad = torch.full((8,), 4.0)
+        opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.ones(())
+        opt.step()
+        skipped = p.detach().clone()
+        opt.found_inf = torch.zeros(())
+        opt.step()
+        results.append((skipped, p.detach().clone(), p.grad.clone()))
+    (s0, p0, g0), (s1, p1, g1) = results
+    assert torch.equal(s0, torch.ones(8)) and torch.equal(s1, torch.ones(8))
+    assert torch.allclose(p0, p1, rtol=1e-6) and torch.equal(g0, g1)
+
+
+def test_state_dict_keeps_entries_that_are_not_per_parameter_states():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = akt.Adam([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.state["note"] = 1  # a hook may do this; torch.optim keeps it
+    assert opt.state_dict()["state"]["note"] == 1
+    p.grad = torch.ones(3)
+    opt.step()
+
+
+def test_old_format_checkpoint_with_plain_number_steps_resumes_like_torch():
+    ours, theirs = torch.nn.Parameter(torch.ones(5000)), torch.nn.Parameter(torch.ones(5000))
+    source = torch.optim.RAdam([torch.nn.Parameter(torch.ones(5000))])
+    source.param_groups[0]["params"][0].grad = torch.ones(5000)
+    source.step()
+    old = source.state_dict()
+    old["state"][0]["step"] = float(old["state"][0]["step"])  # the pre-1.12 format
+    opt, ref = akt.RAdam([ours]), torch.optim.RAdam([theirs])
+    opt.load_state_dict(copy.deepcopy(old)), ref.load_state_dict(copy.deepcopy(old))  # torch keeps the dict's tensors
+    for fused in (None, False):
+        opt.param_groups[0]["fused"] = fused
+        ours.grad, theirs.grad = torch.full((5000,), 0.5), torch.full((5000,), 0.5)
+        opt.step(), ref.step()
+    assert rel_error(ours, theirs) <= 2e-6 and float(opt.state[ours]["step"]) == 3.0
