@@ -36,6 +36,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import operator
+import weakref
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -83,6 +84,8 @@ class Optimizer(_optim.Optimizer):
         self._step_supports_amp_scaling = self.defaults.get("fused") is True
 
     def _init_engine(self) -> None:
+        self._handle = id(self)  # how the torch.compile operator finds this optimizer
+        _COMPILED_STEPS[self._handle] = self
         self._reference_update = _rules.bind(self.rule.update, TORCH_OPS)
         self._kernel_plan = None  # the compiled path's cached batches (adamkit._torch_fused)
         self._plan_version = 0
@@ -243,6 +246,11 @@ class Optimizer(_optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():  # torch.compile sees the whole step as one operator
+            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            states = [v for p in params for v in self.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+            _step_operator(params, [p.grad for p in params], states, self._handle)
+            return loss
         with torch.set_grad_enabled(bool(self.defaults.get("differentiable"))):
             self._step()
         return loss
@@ -462,6 +470,24 @@ def _distributable(entry: dict[str, Any]) -> dict[str, Any]:
                                                                        torch.float32), entry[k])
     return entry
 
+
+
+_COMPILED_STEPS: "weakref.WeakValueDictionary[int, Optimizer]" = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("adamkit::step", mutates_args=("params", "states"))
+def _step_operator(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[torch.Tensor],
+                   handle: int) -> None:
+    """``opt.step()`` as one operator for torch.compile: it updates ``params`` and ``states`` in place (the
+    optimizer's own step, run eagerly), so dynamo traces no Python of the step and breaks no graph."""
+    optimizer = _COMPILED_STEPS[handle]
+    with torch.set_grad_enabled(bool(optimizer.defaults.get("differentiable"))):
+        optimizer._step()
+
+
+@_step_operator.register_fake
+def _(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[torch.Tensor], handle: int) -> None:
+    return None
 
 
 def _torch_fused_module():
