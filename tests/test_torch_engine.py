@@ -347,3 +347,16 @@ def test_complex_adagrad_initial_accumulator_steps_like_its_real_view(fused):
     assert torch.allclose(torch.view_as_real(z.detach()), r.detach(), rtol=2e-6, atol=1e-7)
     # torch starts a complex accumulator at complex(v, v): the real view's both halves start at v
     assert torch.allclose(torch.view_as_real(opts[0].state[z]["sum"]), opts[1].state[r]["sum"], rtol=2e-6)
+
+
+def test_the_reference_path_needs_no_numba():
+    code = ("import sys, torch, adamkit.torch as ak\n"
+            "p = torch.nn.Parameter(torch.ones(5000)); p.grad = torch.ones(5000)\n"
+            "for cls in ak.OPTIMIZERS.values():\n"
+            "    o = cls([p], fused=False, check_finite=True); o.step(); o.load_state_dict(o.state_dict())\n"
+            "o = ak.AdamW([p], fused=False, state_precision='int8'); o.step(); o.step()\n"
+            "assert 'numba' not in sys.modules, 'numba was imported'\n")
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]

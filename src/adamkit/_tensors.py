@@ -162,3 +162,26 @@ def check_state_tensor(name: str, where: str, value: Any, p_local: torch.Tensor,
                            f"(contiguous: {local.is_contiguous()}), the parameter {p_local.numel()} on "
                            f"{p_local.device}; they must match")
     return local
+
+
+def nonfinite_gradients(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters whose gradient (this rank's shard of it) holds inf or nan."""
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t._local_tensor if is_dtensor(t) else t
+    return [p for p in params if not bool(torch.isfinite(local(p.grad)).all())]
+
+
+def refuse_nonfinite(name: str, bad: list[torch.Tensor], dtensor: Any = None) -> None:
+    """Raise ``FloatingPointError`` if ``bad`` is not empty on any rank of ``dtensor``'s mesh (one small all-reduce
+    per mesh dimension, so every rank takes the same decision; this rank's decision alone without a DTensor)."""
+    flag = bool(bad)
+    if dtensor is not None:
+        import torch.distributed as dist
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        for dim in range(dtensor.device_mesh.ndim):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=dtensor.device_mesh.get_group(dim))
+        flag = bool(t.item())
+    if flag:
+        where = f"a parameter of shape {tuple(bad[0].shape)}" if bad else "a parameter's shard on another rank"
+        raise FloatingPointError(f"{name}: the gradient of {where} has non-finite values (inf or nan); no parameter "
+                                 f"or state was changed")

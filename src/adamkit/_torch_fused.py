@@ -28,7 +28,7 @@ import torch
 
 from . import kernels
 from . import rules as _rules
-from ._tensors import TrackedState, is_dtensor, kind_of, local_view, tracked
+from ._tensors import TrackedState, is_dtensor, kind_of, local_view, nonfinite_gradients, refuse_nonfinite, tracked
 
 FORMAT_OF = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}
 SCALAR_FORMAT_OF = {torch.float32: "float32", torch.float64: "float64"}
@@ -206,10 +206,7 @@ def step(opt: Any, work: list[tuple[dict, list, list, dict]],
         if grad_ptrs is None:
             raise RuntimeError(f"{opt.rule.name}: a gradient does not match its parameter")
     if plan.reference:  # the reference path's parameters, checked every step (the kernels' were above)
-        index = {id(w[0]): gi for gi, w in enumerate(work)}
-        for group, p in plan.reference:
-            opt._check_grad(index[id(group)], p)
-            opt._validate_state(index[id(group)], p)
+        opt._check_reference(plan.reference, work)
     if check_finite:
         _check_finite(opt, plan, grad_ptrs)
     if not plan.ready:
@@ -271,32 +268,15 @@ def _run(opt: Any, plan: _Plan, work: list, grad_ptrs: list[np.ndarray]) -> int:
 
 
 def _check_finite(opt: Any, plan: _Plan, grad_ptrs: list[np.ndarray]) -> None:
-    ordered: list[Any] = []
+    """Refuse the step (every rank alike) if a gradient holds inf or nan: an integer scan of the kernels'
+    gradients, torch ops for the reference path's."""
+    bad: list[Any] = []
     for b, ptrs in zip(plan.batches(), grad_ptrs):
         if kernels.count_nonfinite(b.fmt, b.table, b.sizes, ptrs):
-            ordered.extend(p for p in b.params if not bool(torch.isfinite(local_view(p.grad)).all()))
-    ordered.extend(p for _, p in plan.reference if not bool(torch.isfinite(_local_or_self(p.grad)).all()))
+            bad.extend(nonfinite_gradients(b.params))
+    bad.extend(nonfinite_gradients([p for _, p in plan.reference]))
     shards = [p for b in plan.batches() if b.dtensor for p in b.params[:1]]
-    if _any_rank(bool(ordered), shards[0] if shards else None):
-        where = f"a parameter of shape {tuple(ordered[0].shape)}" if ordered else "a parameter's shard on another rank"
-        raise FloatingPointError(f"{opt.rule.name}: the gradient of {where} has non-finite values (inf or nan); no "
-                                 f"parameter or state was changed")
-
-
-def _local_or_self(t: torch.Tensor) -> torch.Tensor:
-    return t._local_tensor if is_dtensor(t) else t
-
-
-def _any_rank(flag: bool, dtensor: Any) -> bool:
-    """``flag`` or-ed over every rank of ``dtensor``'s mesh (one small all-reduce per mesh dimension), so every
-    rank takes the same decision; ``flag`` itself without a DTensor."""
-    if dtensor is None:
-        return flag
-    import torch.distributed as dist
-    t = torch.tensor([int(flag)], dtype=torch.int32)
-    for dim in range(dtensor.device_mesh.ndim):
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=dtensor.device_mesh.get_group(dim))
-    return bool(t.item())
+    refuse_nonfinite(opt.rule.name, bad, shards[0] if shards else None)
 
 
 def _coefficients(rule: _rules.Rule, h: dict, b: _Batch, floats: list, bools: list, scalar_names: list):

@@ -268,7 +268,10 @@ class Optimizer(_optim.Optimizer):
                 work.append((group, params, grads, self._usable_math(group)))
         if self._amp_step_skipped(work):
             return
-        reference, skipped = _torch_fused_module().step(self, work, self.check_finite)
+        if all(w[0].get("fused") is False or w[0].get("differentiable") for w in work):
+            reference, skipped = self._reference_only(work), 0  # torch ops only: no compiled module imported
+        else:
+            reference, skipped = _torch_fused_module().step(self, work, self.check_finite)
         for group, p in reference:
             skipped += self._reference_step(group, p)
         if skipped:
@@ -288,6 +291,22 @@ class Optimizer(_optim.Optimizer):
             raise ValueError(f"{self.rule.name}: the hyperparameters of group {gi} cannot make a step ({e}); no "
                              f"parameter or state was changed") from None
         return h
+
+    def _check_reference(self, pairs: list[tuple[dict, torch.Tensor]], work: list) -> None:
+        """Check every (group, parameter) the reference path will step, before anything changes."""
+        index = {id(w[0]): gi for gi, w in enumerate(work)}
+        for group, p in pairs:
+            self._check_grad(index[id(group)], p)
+            self._validate_state(index[id(group)], p)
+
+    def _reference_only(self, work: list) -> list[tuple[dict, torch.Tensor]]:
+        """The (group, parameter) pairs of a step that the kernels take no part in, checked."""
+        pairs = [(group, p) for group, params, _, _ in work for p in params]
+        self._check_reference(pairs, work)
+        if self.check_finite:
+            dtensor = next((p for _, p in pairs if _tensors.is_dtensor(p)), None)
+            _tensors.refuse_nonfinite(self.rule.name, _tensors.nonfinite_gradients([p for _, p in pairs]), dtensor)
+        return pairs
 
     def _amp_step_skipped(self, work: list) -> bool:
         """torch's fused protocol with AMP (``_step_supports_amp_scaling``): ``GradScaler`` sets ``grad_scale``
