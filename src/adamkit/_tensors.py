@@ -93,11 +93,15 @@ def tracked(opt: Any) -> TrackedState:
     """``opt.state`` as a :class:`TrackedState` (converted in place if code replaced it with a plain mapping)."""
     if type(opt.state) is not TrackedState:
         opt.state = TrackedState.of(opt.state)
-    elif any(type(e) is dict for e in dict.values(opt.state)):
-        for key, entry in list(dict.items(opt.state)):
-            if type(entry) is dict:
-                opt.state[key] = TrackedEntry(opt.state._counter, entry)
     return opt.state
+
+
+def track_entries(state: TrackedState) -> None:
+    """Make every per-parameter entry a :class:`TrackedEntry` (plain dicts come in through ``opt.state[p] = {...}``
+    or ``update``, each of which is itself a counted mutation, so a plan being rebuilt is the place to do this)."""
+    for key, entry in list(dict.items(state)):
+        if type(entry) is dict:
+            state[key] = TrackedEntry(state._counter, entry)
 
 
 # -- what a kernel may touch -----------------------------------------------------------------------------------

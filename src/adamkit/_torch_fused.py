@@ -28,7 +28,8 @@ import torch
 
 from . import kernels
 from . import rules as _rules
-from ._tensors import TrackedState, is_dtensor, kind_of, local_view, nonfinite_gradients, refuse_nonfinite, tracked
+from ._tensors import (TrackedState, is_dtensor, kind_of, local_view, nonfinite_gradients, refuse_nonfinite,
+                       track_entries, tracked)
 
 FORMAT_OF = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}
 SCALAR_FORMAT_OF = {torch.float32: "float32", torch.float64: "float64"}
@@ -51,11 +52,11 @@ class _Batch:
         self.sizes = np.array(self.size_list, dtype=np.int64)
         self.table = kernels.chunk_table(self.sizes)
         self.param_ptrs = list(map(_data_ptr, locals_))
+        self.keep = [t.untyped_storage() for t in locals_]  # validated memory stays allocated while planned
         self.dtype = locals_[0].dtype if locals_ else None  # every parameter's (and gradient's) dtype
         self.present: tuple[bool, ...] = ()
         self.kinds: tuple[str, ...] = ()
         self.states: list[list[torch.Tensor]] = []  # the state tensors a kernel touches, column by column
-        self.state_ptrs: list[list[int]] = []
         self.addresses: np.ndarray | None = None
         self.scalar_tensors: list[list[torch.Tensor]] = []
         self.scalar_ptrs: list[np.ndarray] = []
@@ -69,8 +70,12 @@ class _Batch:
         locals_ = self.locals
         if self.dtensor and not all(map(operator.is_, map(_local, self.params), locals_)):
             return False  # a DTensor whose local shard was replaced
-        return (list(map(_data_ptr, locals_)) == self.param_ptrs and list(map(_numel, locals_)) == self.size_list
-                and all(list(map(_data_ptr, col)) == ptrs for col, ptrs in zip(self.states, self.state_ptrs)))
+        # No size needs a check of its own: the plan holds every storage it validated (``keep``), so an unchanged
+        # address is the same live allocation, as large as when validated (each gradient's size is checked). State
+        # tensors are not re-read: replacing one is a counted mutation of opt.state, and memory the kernels
+        # write is held by the plan, so even a state tensor re-pointed in place (``.data =``) cannot make a kernel
+        # touch freed memory; that change is seen at the next re-plan.
+        return list(map(_data_ptr, locals_)) == self.param_ptrs
 
 
 class _Plan:
@@ -118,6 +123,7 @@ def _compiled_view(p: torch.Tensor) -> tuple[str | None, torch.Tensor | None]:
 
 
 def _build(opt: Any, work: list[tuple[dict, list, list, dict]], key: tuple, state: TrackedState) -> _Plan:
+    track_entries(state)
     groups, reference = [], []
     for gi, (group, params, _, _) in enumerate(work):
         for p in params:
@@ -156,8 +162,9 @@ def _prepare_states(opt: Any, plan: _Plan) -> None:
                 state = opt.state.get(p, {})
                 present = tuple(s in state for s in opt.rule.update_states)
                 kinds = tuple(kind_of(state, s, p) if s in state else "plain" for s in opt.rule.update_states)
-                layouts.setdefault((present, kinds), []).append((position, p, local, new))
-            for (present, kinds), items in layouts.items():
+                # tensors whose states were just made take a first step of their own (SGD's buffer = gradient)
+                layouts.setdefault((present, kinds, new), []).append((position, p, local, new))
+            for (present, kinds, _), items in layouts.items():
                 split.append(_ready_batch(opt, batch.fmt, present, kinds, items, size))
         plan.groups[index] = (gi, group, split)
     plan.generation = plan.state.generation
@@ -171,13 +178,13 @@ def _ready_batch(opt: Any, fmt: str, present: tuple, kinds: tuple, items: list, 
     b.present, b.kinds, b.fresh = present, kinds, any(new for *_, new in items)
     columns = kernels.address_columns(rule, present, kinds)[2:]
     b.states = [[local_view(opt.state[p][c]) for p in b.params] for c in columns]
-    b.state_ptrs = [list(map(_data_ptr, col)) for col in b.states]
     b.addresses = np.zeros((len(b.params), 2 + len(columns)), dtype=np.int64)
     b.addresses[:, 0] = b.param_ptrs
-    for j, ptrs in enumerate(b.state_ptrs):
-        b.addresses[:, 2 + j] = ptrs
+    for j, col in enumerate(b.states):
+        b.addresses[:, 2 + j] = list(map(_data_ptr, col))
     b.scalar_tensors = [[opt.state[p][k] for p in b.params] for k in rule.scalar_states]
     b.scalar_ptrs = [np.array(list(map(_data_ptr, col)), dtype=np.int64) for col in b.scalar_tensors]
+    b.keep += [t.untyped_storage() for col in b.states + b.scalar_tensors for t in col]
     b.scalar_formats = [SCALAR_FORMAT_OF[col[0].dtype] for col in b.scalar_tensors]
     if any(t.dtype != col[0].dtype for col in b.scalar_tensors for t in col):
         raise RuntimeError(f"{rule.name}: scalar states of one group mix float32 and float64 tensors")
@@ -248,22 +255,27 @@ def _dtensor_grads(b: _Batch, grads: list) -> list[torch.Tensor] | None:
 
 
 def _run(opt: Any, plan: _Plan, work: list, grad_ptrs: list[np.ndarray]) -> int:
+    """Every batch's coefficients first (a value no step can use raises before any kernel runs), then the
+    kernels, then the new step counts."""
     rule = opt.rule
     floats, bools = kernels.coefficient_names(rule)
     scalar_names = list(rule.scalar_states)
-    index = skipped = 0
-    for gi, _, bs in plan.groups:
-        h = work[gi][3]
-        for b in bs:
-            b.addresses[:, 1] = grad_ptrs[index]
-            index += 1
-            coef, flags, new = _coefficients(rule, h, b, floats, bools, scalar_names)
-            rounding = opt.stochastic_rounding or "bf16" in b.kinds
-            seed = int(torch.randint(0, 2 ** 62, (1,), generator=opt._rounding_generator)) if rounding else 0
-            skipped += b.kernel(*b.table, b.sizes, b.addresses, coef, flags, seed)
-            b.fresh = False
-            for j in range(len(scalar_names)):
-                kernels.write_scalars(b.scalar_ptrs[j], new[:, j], b.scalar_formats[j])
+    try:
+        calls = [(b, _coefficients(rule, work[gi][3], b, floats, bools, scalar_names))
+                 for gi, _, bs in plan.groups for b in bs]
+    except (TypeError, ValueError, ArithmeticError, RuntimeError):
+        for _, group, _ in plan.groups:
+            opt._usable_math(group)  # raises the clear error naming the group
+        raise
+    skipped = 0
+    for (b, (coef, flags, new)), ptrs in zip(calls, grad_ptrs):
+        b.addresses[:, 1] = ptrs
+        rounding = opt.stochastic_rounding or "bf16" in b.kinds
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=opt._rounding_generator)) if rounding else 0
+        skipped += b.kernel(*b.table, b.sizes, b.addresses, coef, flags, seed)
+        b.fresh = False
+        for j in range(len(scalar_names)):
+            kernels.write_scalars(b.scalar_ptrs[j], new[:, j], b.scalar_formats[j])
     return skipped
 
 

@@ -265,7 +265,7 @@ class Optimizer(_optim.Optimizer):
             else:
                 params = group["params"]
             if params:
-                work.append((group, params, grads, self._usable_math(group)))
+                work.append((group, params, grads, self._math(group)))
         if self._amp_step_skipped(work):
             return
         if all(w[0].get("fused") is False or w[0].get("differentiable") for w in work):
@@ -295,6 +295,8 @@ class Optimizer(_optim.Optimizer):
     def _check_reference(self, pairs: list[tuple[dict, torch.Tensor]], work: list) -> None:
         """Check every (group, parameter) the reference path will step, before anything changes."""
         index = {id(w[0]): gi for gi, w in enumerate(work)}
+        for group in {id(g): g for g, _ in pairs}.values():
+            self._usable_math(group)
         for group, p in pairs:
             self._check_grad(index[id(group)], p)
             self._validate_state(index[id(group)], p)
