@@ -130,3 +130,23 @@ def test_old_format_checkpoint_with_plain_number_steps_resumes_like_torch():
         ours.grad, theirs.grad = torch.full((5000,), 0.5), torch.full((5000,), 0.5)
         opt.step(), ref.step()
     assert rel_error(ours, theirs) <= 2e-6 and float(opt.state[ours]["step"]) == 3.0
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_bf16_states_and_stochastic_rounding_resume_bit_for_bit(fused):
+    def run(resume: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(300).bfloat16())]
+        make = lambda: akt.AdamW(ps, lr=1e-2, state_precision="bf16", stochastic_rounding=True, fused=fused)  # noqa
+        opt = make()
+        for t in range(10):
+            if resume and t == 5:  # a fresh optimizer from the checkpoint, as after a restart
+                saved = copy.deepcopy(opt.state_dict())
+                opt = make()
+                opt.load_state_dict(saved)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(t)).to(p.dtype)
+            opt.step()
+        return [p.detach().clone() for p in ps] + [v for s in opt.state.values() for v in s.values()]
+    straight, resumed = run(False), run(True)
+    assert len(straight) == len(resumed) and all(torch.equal(a, b) for a, b in zip(straight, resumed))

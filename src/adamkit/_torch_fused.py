@@ -271,7 +271,7 @@ def _run(opt: Any, plan: _Plan, work: list, grad_ptrs: list[np.ndarray]) -> int:
     for (b, (coef, flags, new)), ptrs in zip(calls, grad_ptrs):
         b.addresses[:, 1] = ptrs
         rounding = opt.stochastic_rounding or "bf16" in b.kinds
-        seed = int(torch.randint(0, 2 ** 62, (1,), generator=opt._rounding_generator)) if rounding else 0
+        seed = opt._rounding_seed() if rounding else 0
         skipped += b.kernel(*b.table, b.sizes, b.addresses, coef, flags, seed)
         b.fresh = False
         for j in range(len(scalar_names)):

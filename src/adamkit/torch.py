@@ -89,7 +89,6 @@ class Optimizer(_optim.Optimizer):
         self._reference_update = _rules.bind(self.rule.update, TORCH_OPS)
         self._kernel_plan = None  # the compiled path's cached batches (adamkit._torch_fused)
         self._plan_version = 0
-        self._rounding_generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,))))
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -220,12 +219,27 @@ class Optimizer(_optim.Optimizer):
 
     def _bf16_stochastic(self, values: torch.Tensor) -> torch.Tensor:
         """float → bfloat16 with stochastic rounding: add 16 random bits below the kept ones, then truncate
-        (unbiased, so small EMA updates survive on average)."""
+        (unbiased, so small EMA updates survive on average). Values that are bfloat16 already (a bf16 checkpoint
+        being loaded) are kept as they are, and draw nothing from the rounding stream."""
+        nearest = values.to(torch.bfloat16)
+        if torch.equal(nearest.to(values.dtype), values):
+            return nearest
         bits = values.to(torch.float32).contiguous().view(torch.int32)
-        generator = self._rounding_generator if bits.device.type == "cpu" else None
+        generator = torch.Generator().manual_seed(self._rounding_seed()) if bits.device.type == "cpu" else None
         noise = torch.randint(0, 1 << 16, bits.shape, generator=generator, dtype=torch.int32, device=bits.device)
         rounded = ((bits + noise) >> 16).to(torch.int16).view(torch.bfloat16)
         return torch.where(torch.isnan(values), values.to(torch.bfloat16), rounded)
+
+    def _rounding_seed(self) -> int:
+        """The next seed of the stochastic-rounding stream: a hash of the stream's key and how many seeds were drawn.
+        Both live in the first param group (``group[ROUNDING] = [key, draws]``) and so in the state dict, where
+        torch.distributed.checkpoint keeps them too: a resumed run rounds exactly as an uninterrupted one. The
+        entry appears with the first rounding (bf16 states or ``stochastic_rounding``); the key comes from
+        torch's global generator, so ``torch.manual_seed`` fixes it."""
+        stream = self.param_groups[0].setdefault(ROUNDING, [int(torch.randint(0, 2 ** 62, ())), 0])
+        draw = stream[1]
+        stream[1] = draw + 1
+        return _splitmix64(int(stream[0]) ^ (draw * 0x9E3779B97F4A7C15 % 2 ** 64)) % 2 ** 62
 
     def _load_state(self, p: torch.Tensor, state: Mapping[str, Any], key: str) -> torch.Tensor:
         """A state array in the parameter's dtype, whatever its storage."""
@@ -475,6 +489,17 @@ class Optimizer(_optim.Optimizer):
                         elif torch.is_tensor(v) and v.numel() != 1:
                             raise ValueError(f"state '{k}' of parameter {index} must be a scalar")
                 index += 1
+
+
+ROUNDING = "stochastic_rounding_stream"
+"""The key, in the first param group, of the stochastic-rounding stream: [its key, seeds drawn so far]."""
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) % 2 ** 64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2 ** 64
+    return x ^ (x >> 31)
 
 
 _SPARSE_ERRORS = {"Adam": "Adam does not support sparse gradients, please consider SparseAdam instead",
