@@ -150,3 +150,18 @@ def test_bf16_states_and_stochastic_rounding_resume_bit_for_bit(fused):
         return [p.detach().clone() for p in ps] + [v for s in opt.state.values() for v in s.values()]
     straight, resumed = run(False), run(True)
     assert len(straight) == len(resumed) and all(torch.equal(a, b) for a, b in zip(straight, resumed))
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam"])
+def test_constructor_errors_are_torchs_words_in_torchs_order(name):
+    inputs = [dict(lr=torch.tensor([1e-3, 1e-3]))]
+    if name in ("Adam", "AdamW"):
+        inputs += [dict(lr=torch.tensor(1e-3), foreach=True), dict(betas=(0.9, torch.tensor(0.99))),
+                   dict(betas=(torch.tensor(0.9), 0.99)), dict(betas=(torch.tensor(0.9), torch.tensor(0.99)),
+                                                             foreach=True)]
+    for kw in inputs:
+        with pytest.raises(ValueError) as theirs:
+            getattr(torch.optim, name)(None, **kw)
+        with pytest.raises(ValueError) as ours:
+            getattr(akt, name)(None, **kw)
+        assert str(ours.value).startswith(str(theirs.value)), (kw, str(ours.value))

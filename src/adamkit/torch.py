@@ -75,7 +75,10 @@ class Optimizer(_optim.Optimizer):
         self.check_finite: bool = bool(values.pop("check_finite"))
         self.stochastic_rounding: bool = bool(values.pop("stochastic_rounding"))
         engine = {k: values.pop(k) for k in _ENGINE_KEYS if k in values}
+        _check_tensor_lr(values.get("lr"), engine)
         defaults = self.rule.hyperparameters(**values)
+        if type(self).__name__ in ("Adam", "AdamW"):  # torch.optim.Adam's own checks, after the ranges as there
+            _check_tensor_betas(values.get("betas", defaults["betas"]), engine)
         defaults.update(engine)
         self._init_engine()
         super().__init__(params, defaults)
@@ -489,6 +492,27 @@ class Optimizer(_optim.Optimizer):
                         elif torch.is_tensor(v) and v.numel() != 1:
                             raise ValueError(f"state '{k}' of parameter {index} must be a scalar")
                 index += 1
+
+
+def _check_tensor_lr(lr: Any, engine: Mapping[str, Any]) -> None:
+    """torch.optim's checks of a tensor ``lr``, with its words, before anything else (as its constructors)."""
+    if isinstance(lr, torch.Tensor):
+        if engine.get("foreach") and not engine.get("capturable"):
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+
+
+def _check_tensor_betas(betas: Any, engine: Mapping[str, Any]) -> None:
+    """torch.optim.Adam's checks of tensor ``betas``, with its words."""
+    if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, torch.Tensor) for b in betas)):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, b in enumerate(betas):
+        if isinstance(b, torch.Tensor):
+            if engine.get("foreach") and not engine.get("capturable"):
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+            if b.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
 
 
 ROUNDING = "stochastic_rounding_stream"
