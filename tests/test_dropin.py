@@ -165,3 +165,57 @@ def test_constructor_errors_are_torchs_words_in_torchs_order(name):
         with pytest.raises(ValueError) as ours:
             getattr(akt, name)(None, **kw)
         assert str(ours.value).startswith(str(theirs.value)), (kw, str(ours.value))
+
+
+def _differentiable_run(module, name, lr):
+    """Three differentiable steps from w; returns (final parameter, the objective's gradient w.r.t. w)."""
+    w = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64, requires_grad=True)
+    p = w.clone()  # not a leaf: the step updates it in place inside the graph
+    opt = getattr(module, name)([p], lr=lr, differentiable=True)
+    for t in range(3):
+        p.grad = torch.randn(6, generator=torch.Generator().manual_seed(t + 1), dtype=torch.float64)
+        opt.step()
+    objective = (p * torch.arange(6, dtype=torch.float64)).sum()
+    objective.backward()
+    return p.detach().clone(), w.grad.clone(), float(objective)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "RAdam"])
+def test_differentiable_step_is_part_of_the_graph_like_torch(name):
+    p0, w0, _ = _differentiable_run(torch.optim, name, 0.1)
+    p1, w1, _ = _differentiable_run(akt, name, 0.1)
+    # torch's differentiable path computes bias corrections from its float32 step tensor; adamkit's are float64
+    assert torch.allclose(p0, p1, rtol=2e-6) and torch.allclose(w0, w1, rtol=2e-6), (p0 - p1, w0 - w1)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam"])
+def test_differentiable_gradient_matches_finite_differences(name):
+    """Every class, Adamax included (whose differentiable step torch.optim cannot backpropagate through)."""
+    _, grad, _ = _differentiable_run(akt, name, 0.1)
+    h = 1e-6
+    for i in (0, 3):
+        shifted = []
+        for d in (h, -h):
+            w = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            w[i] += d
+            p = w.clone()
+            opt = getattr(akt, name)([p], lr=0.1)
+            for t in range(3):
+                p.grad = torch.randn(6, generator=torch.Generator().manual_seed(t + 1), dtype=torch.float64)
+                opt.step()
+            shifted.append(float((p * torch.arange(6, dtype=torch.float64)).sum()))
+        assert abs(float(grad[i]) - (shifted[0] - shifted[1]) / (2 * h)) <= 1e-5 * max(1.0, abs(float(grad[i])))
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam"])
+def test_differentiable_gradient_reaches_a_tensor_lr(name):
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    _differentiable_run(akt, name, lr)
+    h = 1e-6  # central difference of the objective in lr: error O(h²) on a smooth function
+    up, down = (_differentiable_run(akt, name, torch.tensor(0.1 + d, dtype=torch.float64))[2] for d in (h, -h))
+    assert lr.grad is not None and abs(float(lr.grad) - (up - down) / (2 * h)) <= 1e-6 * max(1.0, abs(float(lr.grad)))
+
+
+def test_differentiable_and_fused_is_torchs_error():
+    with pytest.raises(RuntimeError, match="^`fused` does not support `differentiable`"):
+        akt.Adam([torch.nn.Parameter(torch.ones(2))], fused=True, differentiable=True)

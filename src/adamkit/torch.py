@@ -17,8 +17,10 @@ Differences from torch.optim, all deliberate:
   whose gradient is not finite always keeps its params and 8-bit states (one nan would poison the block's scale;
   the guard reads each block while it is in cache, no extra scan); the rest of the step is applied and a
   ``RuntimeWarning`` gives the count.
-* ``capturable=True`` and ``differentiable=True`` are refused with ``ValueError``; ``foreach`` is accepted
-  and has no effect (adamkit picks its own multi-tensor path).
+* ``differentiable=True`` runs the reference path inside autograd, as torch.optim does: gradients flow to the
+  parameters and states it updates, and to a tensor ``lr`` that requires grad. ``capturable=True`` (CUDA-graph
+  capture) is refused with ``ValueError``; ``foreach`` is accepted and has no effect (adamkit picks its own
+  multi-tensor path).
 
 Example:
     >>> import torch, adamkit.torch
@@ -105,8 +107,8 @@ class Optimizer(_optim.Optimizer):
         self.rule.validate(self._math(h))
         if h.get("capturable"):
             raise ValueError("capturable=True is not supported by adamkit (CUDA-graph capture of the step)")
-        if h.get("differentiable"):
-            raise ValueError("differentiable=True is not supported by adamkit")
+        if h.get("differentiable") and h.get("fused"):
+            raise RuntimeError("`fused` does not support `differentiable`")
         _states.validate_precision(h.get("state_precision"))
         if h.get("fused") not in (None, True, False):
             raise ValueError(f"Invalid fused: {h['fused']!r} (must be None, True or False)")
@@ -384,6 +386,9 @@ class Optimizer(_optim.Optimizer):
         real = torch.view_as_real if p.is_complex() else (lambda t: t)
         if group.get("fused") is True and p.dtype in (torch.float16, torch.bfloat16):
             real = lambda t: t.to(torch.float32)  # noqa: E731 - torch's fused kernels: math in float32
+        if torch.is_grad_enabled():  # differentiable: the graph keeps the old values; the tensors are updated in place
+            plain = real
+            real = lambda t: plain(t).clone()  # noqa: E731
         arrays = {k: real(self._load_state(p, state, k)) for k in self.rule.update_states if k in state}
         arrays.update({k: state[k].item() for k in self.rule.scalar_states})
         scalar_dtype = np.float64 if state.get("step", torch.tensor(0.0)).dtype == torch.float64 else np.float32
