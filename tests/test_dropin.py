@@ -219,3 +219,13 @@ def test_differentiable_gradient_reaches_a_tensor_lr(name):
 def test_differentiable_and_fused_is_torchs_error():
     with pytest.raises(RuntimeError, match="^`fused` does not support `differentiable`"):
         akt.Adam([torch.nn.Parameter(torch.ones(2))], fused=True, differentiable=True)
+
+
+def test_capturable_on_cpu_is_accepted_then_refused_at_the_step_with_torchs_words():
+    for module in (torch.optim, akt):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = module.Adam([p], capturable=True)
+        p.grad = torch.ones(3)
+        with pytest.raises(AssertionError, match="^If capturable=True, params and state_steps must be on supported"):
+            opt.step()
+        assert torch.equal(p, torch.ones(3))

@@ -167,7 +167,6 @@ def test_a_gradient_of_another_dtype_raises_before_anything_changes(fused, preci
     ({"state_precision": "fp8"}, "Invalid state_precision: 'fp8'"),
     ({"state_precision": 8}, "Invalid state_precision: 8"),
     ({"fused": "yes"}, "Invalid fused: 'yes'"),
-    ({"capturable": True}, "capturable=True is not supported"),
 ])
 def test_engine_options_are_validated_per_group(group, match):
     p, q = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))

@@ -18,8 +18,9 @@ Differences from torch.optim, all deliberate:
   the guard reads each block while it is in cache, no extra scan); the rest of the step is applied and a
   ``RuntimeWarning`` gives the count.
 * ``differentiable=True`` runs the reference path inside autograd, as torch.optim does: gradients flow to the
-  parameters and states it updates, and to a tensor ``lr`` that requires grad. ``capturable=True`` (CUDA-graph
-  capture) is refused with ``ValueError``; ``foreach`` is accepted and has no effect (adamkit picks its own
+  parameters and states it updates, and to a tensor ``lr`` that requires grad. ``capturable=True`` is accepted as
+  torch.optim accepts it, and refused at the step with torch's words on a device that cannot capture (CPU);
+  ``foreach`` is accepted and has no effect (adamkit picks its own
   multi-tensor path).
 
 Example:
@@ -44,7 +45,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 import torch.optim as _optim
-from torch.optim.optimizer import _device_dtype_check_for_fused
+from torch.optim.optimizer import _device_dtype_check_for_fused, _get_capturable_supported_devices
 
 from . import rules as _rules
 from . import states as _states
@@ -105,8 +106,6 @@ class Optimizer(_optim.Optimizer):
         validated before it is added (the constructor's groups come through here too)."""
         h = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         self.rule.validate(self._math(h))
-        if h.get("capturable"):
-            raise ValueError("capturable=True is not supported by adamkit (CUDA-graph capture of the step)")
         if h.get("differentiable") and h.get("fused"):
             raise RuntimeError("`fused` does not support `differentiable`")
         _states.validate_precision(h.get("state_precision"))
@@ -348,6 +347,9 @@ class Optimizer(_optim.Optimizer):
         g = p.grad
         where = f"{self.rule.name}: parameter of shape {tuple(p.shape)} in group {gi}"
         group = self.param_groups[gi] if 0 <= gi < len(self.param_groups) else {}
+        if group.get("capturable") and p.device.type not in _get_capturable_supported_devices():
+            raise AssertionError(f"If capturable=True, params and state_steps must be on supported devices: "
+                                 f"{_get_capturable_supported_devices()}. ({where})")
         if group.get("fused") is True:
             try:
                 _device_dtype_check_for_fused(p)
