@@ -175,7 +175,8 @@ class Optimizer:
             groups.append({**copy.deepcopy(self._hyper(g)), "params": list(range(start, start + n))})
             start += n
         state = {i: {k: np.array(v, copy=True) if isinstance(v, np.ndarray) else v for k, v in s.items()}
-                 for i, s in self.state.items() if s}
+                 for i, s in self.state.items() if any(k in self.rule.update_states for k in s)}
+        # a parameter that has not stepped has no state (torch.optim's layout; a bare step count would not load)
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

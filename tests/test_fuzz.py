@@ -1,0 +1,334 @@
+"""Property-based fuzzing of checkpoints and steps, both engines, every class, every state precision, fused on and off.
+
+Each case builds an optimizer, steps it once, mutates its state dict (dtypes, shapes, missing and extra keys,
+non-finite and negative values, 8-bit code and scale corruption, step counters, group structure, hyperparameter
+types), loads it and takes a step with a gradient that may hold inf or nan. The invariant:
+
+* either a clear exception (``ValueError``, ``TypeError``, ``FloatingPointError``, ``RuntimeError`` with our
+  words, never an internal message), with params and state bit-for-bit unchanged;
+* or a step equal to torch.optim's on the same input: torch.optim loads the state the optimizer holds after the
+  load, both step on the same gradient, and params and states agree within float32 rounding (states: within
+  their storage's rounding).
+
+Run: ``pytest tests/test_fuzz.py`` (bounded, a fixed seed) or ``pytest tests/test_fuzz.py --fuzz-long`` (about
+21,000 cases, random seeds; ``-s`` prints the counts). ``ADAMKIT_FUZZ_EXAMPLES=n`` sets the cases per engine and
+precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import adamkit.numpy as akn
+import adamkit.torch as akt
+from adamkit import checkpoints, states
+
+from conftest import GRID
+
+CLASSES = list(GRID)
+BIG = states.MIN_QUANTIZED + 37  # stored in low precision (a partial last block too)
+COUNTS = {"cases": 0, "refused": 0, "stepped": 0}
+INTERNAL = re.compile(r"broadcast|Boolean value of Tensor|has no attribute|unsupported operand|not subscriptable|"
+                      r"index .* out of bounds|unhashable|object is not iterable|cannot convert|only integer")
+
+
+def _examples(config: pytest.Config) -> int:
+    """Cases per engine and precision: 40 (CI), 3500 with ``--fuzz-long``, or ``ADAMKIT_FUZZ_EXAMPLES``."""
+    default = 3500 if config.getoption("--fuzz-long") else 40
+    return int(os.environ.get("ADAMKIT_FUZZ_EXAMPLES", default))
+
+
+# -- helpers: engines ----------------------------------------------------------------------------------------
+
+def _values(engine, x):
+    return x.detach().clone() if engine == "torch" else x.copy()
+
+
+def _snapshot(opt):
+    return copy.deepcopy(opt.state_dict())
+
+
+def _equal(a, b) -> bool:
+    """Bit-for-bit equality of two state dicts (tensors, arrays and plain values)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and \
+            torch.equal(a.view(torch.uint8) if a.numel() and a.dim() else a, b.view(torch.uint8) if b.numel()
+                        and b.dim() else b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    return a == b or (a != a and b != b)
+
+
+def _build(engine, name, cfg, precision, fused, check_finite, seed):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = (BIG, 3) if precision else (257, 3)
+    values = [torch.randn(n, generator=gen) for n in sizes]
+    if engine == "torch":
+        params = [torch.nn.Parameter(v) for v in values]
+        opt = getattr(akt, name)(params, **cfg, fused=fused, check_finite=check_finite, state_precision=precision)
+    else:
+        params = [v.numpy() for v in values]
+        opt = getattr(akn, name)(params, **cfg, check_finite=check_finite, state_precision=precision)
+    _step(engine, opt, params, [torch.randn(n, generator=gen) for n in sizes])
+    return opt, params
+
+
+def _step(engine, opt, params, grads):
+    if engine == "torch":
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    else:
+        opt.step([g.numpy().copy() for g in grads])
+
+
+def _torch_params(engine, params):
+    return [torch.nn.Parameter(torch.as_tensor(_values(engine, p)).clone()) for p in params]
+
+
+# -- strategies: mutations -----------------------------------------------------------------------------------
+
+ODD_VALUES = [-1.0, 0.0, 0.5, 2.0, float("nan"), float("inf"), "x", None, True, False, (0.9,), [0.9, 0.999],
+              (0.9, 1.0), (0.5, 0.9), 1e30, -0.0, 3]
+STEP_VALUES = [-1.0, float("nan"), float("inf"), 0.0, 1e9, 2.5, "3", None, True, 7]
+POKES = [float("nan"), float("inf"), -float("inf"), -1.0, 1e38, 0.0, 3.0]
+CASTS = ["float64", "float16", "int8", "uint8", "int32", "complex64", "bool", "bfloat16", "uint16"]
+
+
+def _cast(v, dtype):
+    if torch.is_tensor(v):
+        return v.to(getattr(torch, dtype))
+    return np.asarray(v).astype(dtype if dtype != "bfloat16" else "float32")
+
+
+def _array_keys(entry):
+    return sorted(k for k, v in entry.items() if hasattr(v, "shape") and getattr(v, "ndim", 0) >= 1)
+
+
+@st.composite
+def mutations(draw, engine):
+    """A function editing a state dict in place (or returning a new one), and its name."""
+    kind = draw(st.sampled_from(["none", "drop_key", "add_key", "cast", "reshape", "poke", "step", "absmax",
+                                 "codes", "group_value", "drop_group_key", "group_params", "extra_group",
+                                 "drop_entry", "entry_type", "top_level", "engine_option", "tensor_step"]))
+    pick = draw(st.integers(0, 10 ** 6))
+    value = draw(st.sampled_from(ODD_VALUES))
+    poke = draw(st.sampled_from(POKES))
+    dtype = draw(st.sampled_from(CASTS))
+
+    def edit(sd):
+        entries = sd["state"]
+        entry = entries[sorted(entries, key=str)[pick % len(entries)]] if entries else {}
+        keys = sorted(entry, key=str)
+        arrays = _array_keys(entry)
+        group = sd["param_groups"][0]
+        if kind == "drop_key" and keys:
+            entry.pop(keys[pick % len(keys)])
+        elif kind == "add_key":
+            name = ["foo", "momentum", "exp_avg.bf16", "exp_avg.absmax", "sum", "grad_avg", "max_exp_avg_sq",
+                    "mu_product", "momentum_buffer", "exp_inf"][pick % 10]
+            template = entry[arrays[0]] if arrays else np.zeros(3, np.float32)
+            entry[name] = [1.0, template * 0 + 1, template[:2], True][pick % 4]
+        elif kind == "cast" and arrays:
+            k = arrays[pick % len(arrays)]
+            entry[k] = _cast(entry[k], dtype)
+        elif kind == "reshape" and arrays:
+            k = arrays[pick % len(arrays)]
+            v = entry[k]
+            entry[k] = [v.reshape(1, -1), v[:-1], v.reshape(-1, 1), v[::2]][pick % 4]
+        elif kind == "poke" and arrays:
+            k = arrays[pick % len(arrays)]
+            v = entry[k]
+            if v.dtype in (torch.int8, torch.uint8, np.int8, np.uint8, np.uint16):
+                return
+            v[pick % v.shape[0]] = poke
+        elif kind == "step" and "step" in entry:
+            entry["step"] = STEP_VALUES[pick % len(STEP_VALUES)]
+        elif kind == "tensor_step" and "step" in entry:
+            entry["step"] = [torch.tensor(3), torch.tensor([1.0, 2.0]), torch.tensor(-2.0),
+                             torch.tensor(1.0, requires_grad=True), np.float32(4.0)][pick % 5]
+        elif kind == "absmax":
+            scales = [k for k in keys if k.endswith(".absmax")]
+            if scales:
+                k = scales[pick % len(scales)]
+                v = entry[k]
+                entry[k] = [v.reshape(-1, 1), v[:-1], _cast(v, "int32"), v * 0 + poke, v * -1][pick % 5]
+        elif kind == "codes":
+            scales = [k[:-len(".absmax")] for k in keys if k.endswith(".absmax")]
+            if scales:
+                v = entry[scales[pick % len(scales)]]
+                signed = v.dtype in (torch.int8, np.int8)
+                v[pick % v.shape[0]] = [127, -128, 121, -121][pick % 4] if signed else [255, 249][pick % 2]
+        elif kind == "group_value":
+            k = sorted(group, key=str)[pick % len(group)]
+            if k != "params":
+                group[k] = value
+        elif kind == "drop_group_key":
+            k = sorted(group, key=str)[pick % len(group)]
+            group.pop(k)
+        elif kind == "group_params":
+            ids = group["params"]
+            group["params"] = [ids[:-1], ids + [99], ids[::-1], [ids[0], ids[0]], "ab", [str(i) for i in ids],
+                               [float(i) for i in ids]][pick % 7]
+        elif kind == "extra_group":
+            sd["param_groups"].append(dict(group, params=[]))
+        elif kind == "drop_entry" and entries:
+            entries.pop(sorted(entries, key=str)[pick % len(entries)])
+        elif kind == "entry_type" and entries:
+            entries[sorted(entries, key=str)[pick % len(entries)]] = [None, [], 3, "x"][pick % 4]
+        elif kind == "top_level":
+            return [None, [], {"state": sd["state"]}, {"param_groups": sd["param_groups"]},
+                    {**sd, "state": [1]}, {**sd, "param_groups": group}][pick % 6]
+        elif kind == "engine_option":
+            k = ["fused", "capturable", "differentiable", "state_precision", "foreach"][pick % 5]
+            group[k] = [True, False, None, "yes", "int8", "bf16", 1][pick // 5 % 7]
+        return None
+
+    return kind, edit
+
+
+class Gradients:
+    """A gradient per parameter: Gaussian times ``scale``, one element set to ``bad`` (if any). Shown by its spec."""
+
+    def __init__(self, seed, scale, bad, where):
+        self.seed, self.scale, self.bad, self.where = seed, scale, bad, where
+
+    def __repr__(self):
+        return f"Gradients(seed={self.seed}, scale={self.scale}, bad={self.bad}, where={self.where})"
+
+    def make(self, sizes):
+        gen = torch.Generator().manual_seed(self.seed)
+        grads = [torch.randn(n, generator=gen) * self.scale for n in sizes]
+        if self.bad is not None:
+            i = self.where % len(sizes)
+            grads[i][self.where % sizes[i]] = self.bad
+        return grads
+
+
+gradients = st.builds(Gradients, st.integers(0, 2 ** 31), st.sampled_from([1.0, 1.0, 1e-30, 1e20, 0.0]),
+                      st.sampled_from([None, None, float("nan"), float("inf"), -float("inf")]),
+                      st.integers(0, 10 ** 6))
+
+
+# -- the invariant -------------------------------------------------------------------------------------------
+
+def _refused(e: BaseException, opt, before, params, params_before, engine):
+    COUNTS["refused"] += 1
+    assert isinstance(e, (ValueError, TypeError, FloatingPointError, RuntimeError)), repr(e)
+    assert not INTERNAL.search(str(e)), f"internal message: {e!r}"
+    assert _equal(opt.state_dict(), before), f"state changed by a refused call: {e!r}"
+    for p, q in zip(params, params_before):
+        assert _equal(_values(engine, p), q), f"params changed by a refused call: {e!r}"
+
+
+def _reference(name, cfg, engine, params, exported):
+    ref_params = _torch_params(engine, params)
+    ref = getattr(torch.optim, name)(ref_params, **cfg)
+    if engine == "numpy":
+        exported = {"param_groups": exported["param_groups"],
+                    "state": {i: {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else torch.tensor(v)
+                                  for k, v in s.items()} for i, s in exported["state"].items()}}
+    ref.load_state_dict(exported)
+    return ref, ref_params
+
+
+BF16_MAX = 3.3895313892515355e38
+
+
+def _close(ours, theirs, tol, what):
+    """Within ``tol`` of torch's scale where torch's value is finite and fits every storage (bf16 rounds values
+    above its largest, 3.39e38, to inf; 8-bit codes contain a non-finite value by saturating)."""
+    ours, theirs = torch.as_tensor(ours).double(), torch.as_tensor(theirs).double()
+    finite = torch.isfinite(theirs) & (theirs.abs() < BF16_MAX)
+    assert torch.equal(torch.isnan(ours) & finite, torch.zeros_like(finite)), f"{what}: nan where torch is finite"
+    scale = float(theirs[finite].abs().max()) if finite.any() else 0.0
+    err = float((ours[finite] - theirs[finite]).abs().max()) if finite.any() else 0.0
+    assert err <= tol * scale + 1e-30, f"{what}: error {err:.3g} for scale {scale:.3g} (tolerance {tol})"
+
+
+STATE_TOL = {None: 2e-5, "bf16": 2 ** -7, "int8": 0.07}
+
+
+def _compare(engine, opt, ref, params, ref_params, before_params, precision, grads, check_finite):
+    for i, (p, r, b, g) in enumerate(zip(params, ref_params, before_params, grads)):
+        ours, theirs = torch.as_tensor(_values(engine, p)), r.detach()
+        delta = (theirs - torch.as_tensor(b)).abs()
+        tol = 1e-4 * float(delta[torch.isfinite(delta)].max()) if torch.isfinite(delta).any() else 0.0
+        tol += 4e-7 * float(torch.as_tensor(b).abs().max())
+        keep = torch.ones_like(ours, dtype=torch.bool)
+        if not check_finite and any(k.endswith(".absmax") for k in opt.state_dict()["state"].get(i, {})):
+            bad = torch.repeat_interleave(torch.as_tensor(states.nonfinite_blocks(g.numpy())), states.BLOCK)
+            keep = ~bad[:ours.shape[0]]
+            assert torch.equal(ours[~keep], torch.as_tensor(b)[~keep]), "a guarded 8-bit block changed"
+        assert torch.equal(torch.isnan(ours[keep]), torch.isnan(theirs[keep])), f"param {i}: nan pattern"
+        fin = keep & torch.isfinite(theirs)
+        err = float((ours[fin] - theirs[fin]).abs().max()) if fin.any() else 0.0
+        assert err <= tol, f"param {i}: error {err:.3g} > {tol:.3g}"
+    full = checkpoints.full_precision(opt.state_dict(), opt.rule)
+    ref_state = ref.state_dict()["state"]
+    for i, entry in full["state"].items():
+        for k, v in entry.items():
+            if k in opt.rule.update_states and k in ref_state.get(i, {}) and (check_finite or precision != "int8"):
+                _close(v, ref_state[i][k], STATE_TOL[precision], f"state {i} {k}")
+
+
+def run_case(engine, precision, data):
+    COUNTS["cases"] += 1
+    name = data.draw(st.sampled_from(CLASSES), label="class")
+    cfg = data.draw(st.sampled_from(GRID[name]), label="hyperparameters")
+    fused = data.draw(st.sampled_from([None, False]), label="fused") if engine == "torch" else None
+    check_finite = data.draw(st.booleans(), label="check_finite")
+    opt, params = _build(engine, name, cfg, precision, fused, check_finite, data.draw(st.integers(0, 999)))
+    kind, edit = data.draw(mutations(engine), label="mutation")
+    sd = _snapshot(opt)
+    mutated = edit(sd) if kind == "top_level" else (edit(sd) or sd)
+    before, params_before = _snapshot(opt), [_values(engine, p) for p in params]
+    try:
+        opt.load_state_dict(mutated)
+    except Exception as e:  # noqa: BLE001 - the invariant decides
+        _refused(e, opt, before, params, params_before, engine)
+        return
+    ref, ref_params = _reference(name, cfg, engine, params, opt.torch_state_dict())
+    grads = data.draw(gradients, label="gradients").make([p.shape[0] for p in params])
+    before, params_before = _snapshot(opt), [_values(engine, p) for p in params]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            _step(engine, opt, params, grads)
+        except Exception as e:  # noqa: BLE001
+            _refused(e, opt, before, params, params_before, engine)
+            assert not all(torch.isfinite(g).all() for g in grads), f"finite gradients refused: {e!r}"
+            return
+        assert check_finite is False or all(torch.isfinite(g).all() for g in grads), "non-finite step taken"
+        for p, g in zip(ref_params, grads):
+            p.grad = g.clone()
+        ref.step()
+    COUNTS["stepped"] += 1
+    _compare(engine, opt, ref, params, ref_params, params_before, precision, grads, check_finite)
+
+
+@pytest.mark.parametrize("precision", [None, "bf16", "int8"])
+@pytest.mark.parametrize("engine", ["torch", "numpy"])
+def test_fuzz_checkpoints_and_steps(engine, precision, pytestconfig):
+    long = pytestconfig.getoption("--fuzz-long")
+
+    @settings(max_examples=_examples(pytestconfig), deadline=None, derandomize=not long, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def case(data):
+        run_case(engine, precision, data)
+
+    case()
+    print(f"\nfuzz {engine} {precision}: {COUNTS}")
