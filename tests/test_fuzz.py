@@ -236,6 +236,7 @@ def _refused(e: BaseException, opt, before, params, params_before, engine):
 def _reference(name, cfg, engine, params, exported):
     ref_params = _torch_params(engine, params)
     ref = getattr(torch.optim, name)(ref_params, **cfg)
+    exported = copy.deepcopy(exported)  # torch.optim keeps the tensors it loads: they must not be ours
     if engine == "numpy":
         exported = {"param_groups": exported["param_groups"],
                     "state": {i: {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else torch.tensor(v)
