@@ -10,7 +10,6 @@ import torch
 
 import adamkit.numpy as akn
 import adamkit.torch as akt
-from adamkit import checkpoints
 
 from conftest import stepped_once
 
@@ -160,6 +159,8 @@ def test_engine_options_on_load_stay_the_optimizers_own(own):
 
 
 def test_missing_group_keys_come_from_the_class_defaults_like_torch():
+    from adamkit import checkpoints
+
     p, opt = _torch_opt("Adam", amsgrad=True)
     ref = torch.nn.Parameter(p.detach().clone())
     torch_opt = torch.optim.Adam([ref], amsgrad=True)
@@ -188,6 +189,8 @@ def test_loaded_states_are_detached(precision):
 
 
 def test_torch_state_dict_of_both_engines_loads_into_torch_optim():
+    from adamkit import checkpoints
+
     for engine, precision in (("torch", "int8"), ("numpy", "int8"), ("numpy", "bf16")):
         _, opt = _torch_opt("Adam", precision=precision) if engine == "torch" else _numpy_opt("Adam", precision)
         exported = opt.torch_state_dict()
@@ -202,6 +205,8 @@ def test_torch_state_dict_of_both_engines_loads_into_torch_optim():
 
 
 def test_check_state_dict_returns_the_groups_hyperparameters():
+    from adamkit import checkpoints
+
     _, opt = _torch_opt("AdamW")
     sd = _snapshot(opt)
     sd["param_groups"][0]["decoupled_weight_decay"] = False

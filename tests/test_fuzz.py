@@ -117,86 +117,104 @@ def _array_keys(entry):
     return sorted(k for k, v in entry.items() if hasattr(v, "shape") and getattr(v, "ndim", 0) >= 1)
 
 
-@st.composite
-def mutations(draw, engine):
-    """A function editing a state dict in place (or returning a new one), and its name."""
-    kind = draw(st.sampled_from(["none", "drop_key", "add_key", "cast", "reshape", "poke", "step", "absmax",
-                                 "codes", "group_value", "drop_group_key", "group_params", "extra_group",
-                                 "drop_entry", "entry_type", "top_level", "engine_option", "tensor_step"]))
-    pick = draw(st.integers(0, 10 ** 6))
-    value = draw(st.sampled_from(ODD_VALUES))
-    poke = draw(st.sampled_from(POKES))
-    dtype = draw(st.sampled_from(CASTS))
+class Draw:
+    """The random choices of one mutation: an index to pick with, and a value of each kind."""
 
-    def edit(sd):
-        entries = sd["state"]
-        entry = entries[sorted(entries, key=str)[pick % len(entries)]] if entries else {}
-        keys = sorted(entry, key=str)
-        arrays = _array_keys(entry)
-        group = sd["param_groups"][0]
-        if kind == "drop_key" and keys:
-            entry.pop(keys[pick % len(keys)])
-        elif kind == "add_key":
-            name = ["foo", "momentum", "exp_avg.bf16", "exp_avg.absmax", "sum", "grad_avg", "max_exp_avg_sq",
-                    "mu_product", "momentum_buffer", "exp_inf"][pick % 10]
-            template = entry[arrays[0]] if arrays else np.zeros(3, np.float32)
-            entry[name] = [1.0, template * 0 + 1, template[:2], True][pick % 4]
-        elif kind == "cast" and arrays:
-            k = arrays[pick % len(arrays)]
-            entry[k] = _cast(entry[k], dtype)
-        elif kind == "reshape" and arrays:
-            k = arrays[pick % len(arrays)]
-            v = entry[k]
-            entry[k] = [v.reshape(1, -1), v[:-1], v.reshape(-1, 1), v[::2]][pick % 4]
-        elif kind == "poke" and arrays:
-            k = arrays[pick % len(arrays)]
-            v = entry[k]
-            if v.dtype in (torch.int8, torch.uint8, np.int8, np.uint8, np.uint16):
-                return
-            v[pick % v.shape[0]] = poke
-        elif kind == "step" and "step" in entry:
-            entry["step"] = STEP_VALUES[pick % len(STEP_VALUES)]
-        elif kind == "tensor_step" and "step" in entry:
-            entry["step"] = [torch.tensor(3), torch.tensor([1.0, 2.0]), torch.tensor(-2.0),
-                             torch.tensor(1.0, requires_grad=True), np.float32(4.0)][pick % 5]
-        elif kind == "absmax":
-            scales = [k for k in keys if k.endswith(".absmax")]
-            if scales:
-                k = scales[pick % len(scales)]
-                v = entry[k]
-                entry[k] = [v.reshape(-1, 1), v[:-1], _cast(v, "int32"), v * 0 + poke, v * -1][pick % 5]
-        elif kind == "codes":
-            scales = [k[:-len(".absmax")] for k in keys if k.endswith(".absmax")]
-            if scales:
-                v = entry[scales[pick % len(scales)]]
-                signed = v.dtype in (torch.int8, np.int8)
-                v[pick % v.shape[0]] = [127, -128, 121, -121][pick % 4] if signed else [255, 249][pick % 2]
-        elif kind == "group_value":
-            k = sorted(group, key=str)[pick % len(group)]
-            if k != "params":
-                group[k] = value
-        elif kind == "drop_group_key":
-            k = sorted(group, key=str)[pick % len(group)]
-            group.pop(k)
-        elif kind == "group_params":
-            ids = group["params"]
-            group["params"] = [ids[:-1], ids + [99], ids[::-1], [ids[0], ids[0]], "ab", [str(i) for i in ids],
-                               [float(i) for i in ids]][pick % 7]
-        elif kind == "extra_group":
-            sd["param_groups"].append(dict(group, params=[]))
-        elif kind == "drop_entry" and entries:
-            entries.pop(sorted(entries, key=str)[pick % len(entries)])
-        elif kind == "entry_type" and entries:
-            entries[sorted(entries, key=str)[pick % len(entries)]] = [None, [], 3, "x"][pick % 4]
-        elif kind == "top_level":
-            return [None, [], {"state": sd["state"]}, {"param_groups": sd["param_groups"]},
-                    {**sd, "state": [1]}, {**sd, "param_groups": group}][pick % 6]
-        elif kind == "engine_option":
-            k = ["fused", "capturable", "differentiable", "state_precision", "foreach"][pick % 5]
-            group[k] = [True, False, None, "yes", "int8", "bf16", 1][pick // 5 % 7]
-        return None
+    def __init__(self, pick, value, poke, dtype):
+        self.pick, self.value, self.poke, self.dtype = pick, value, poke, dtype
 
-    return kind, edit
+    def of(self, items):
+        return items[self.pick % len(items)]
+
+
+def _mutate_entry(kind, sd, r):
+    """Mutations of one parameter's state."""
+    entries = sd["state"]
+    entry = entries[r.of(sorted(entries, key=str))] if entries else {}
+    keys, arrays = sorted(entry, key=str), _array_keys(entry)
+    if kind == "drop_key" and keys:
+        entry.pop(r.of(keys))
+    elif kind == "add_key":
+        template = entry[arrays[0]] if arrays else np.zeros(3, np.float32)
+        entry[r.of(["foo", "momentum", "exp_avg.bf16", "exp_avg.absmax", "sum", "grad_avg", "max_exp_avg_sq",
+                    "mu_product", "momentum_buffer", "exp_inf"])] = r.of([1.0, template * 0 + 1, template[:2], True])
+    elif kind == "cast" and arrays:
+        k = r.of(arrays)
+        entry[k] = _cast(entry[k], r.dtype)
+    elif kind == "reshape" and arrays:
+        k = r.of(arrays)
+        entry[k] = r.of([entry[k].reshape(1, -1), entry[k][:-1], entry[k].reshape(-1, 1), entry[k][::2]])
+    elif kind == "poke" and arrays:
+        v = entry[r.of(arrays)]
+        if v.dtype not in (torch.int8, torch.uint8, np.int8, np.uint8, np.uint16):
+            v[r.pick % v.shape[0]] = r.poke
+    elif kind == "step" and "step" in entry:
+        entry["step"] = r.of(STEP_VALUES)
+    elif kind == "tensor_step" and "step" in entry:
+        entry["step"] = r.of([torch.tensor(3), torch.tensor([1.0, 2.0]), torch.tensor(-2.0),
+                              torch.tensor(1.0, requires_grad=True), np.float32(4.0)])
+    else:
+        _mutate_codes(kind, entry, keys, r)
+
+
+def _mutate_codes(kind, entry, keys, r):
+    """Mutations of 8-bit codes and their scales."""
+    scales = [k for k in keys if k.endswith(".absmax")]
+    if not scales:
+        return
+    k = r.of(scales)
+    if kind == "absmax":
+        v = entry[k]
+        entry[k] = r.of([v.reshape(-1, 1), v[:-1], _cast(v, "int32"), v * 0 + r.poke, v * -1])
+    elif kind == "codes":
+        v = entry[k[:-len(".absmax")]]
+        signed = v.dtype in (torch.int8, np.int8)
+        v[r.pick % v.shape[0]] = r.of([127, -128, 121, -121]) if signed else r.of([255, 249])
+
+
+def _mutate_groups(kind, sd, r):
+    """Mutations of the groups and of the dict's structure; may return a new dict."""
+    group, entries = sd["param_groups"][0], sd["state"]
+    if kind == "group_value":
+        k = r.of(sorted(group, key=str))
+        if k != "params":
+            group[k] = r.value
+    elif kind == "drop_group_key":
+        group.pop(r.of(sorted(group, key=str)))
+    elif kind == "group_params":
+        ids = group["params"]
+        group["params"] = r.of([ids[:-1], ids + [99], ids[::-1], [ids[0], ids[0]], "ab", [str(i) for i in ids],
+                                [float(i) for i in ids]])
+    elif kind == "extra_group":
+        sd["param_groups"].append(dict(group, params=[]))
+    elif kind == "drop_entry" and entries:
+        entries.pop(r.of(sorted(entries, key=str)))
+    elif kind == "entry_type" and entries:
+        entries[r.of(sorted(entries, key=str))] = r.of([None, [], 3, "x"])
+    elif kind == "top_level":
+        return r.of([None, [], {"state": entries}, {"param_groups": sd["param_groups"]}, {**sd, "state": [1]},
+                     {**sd, "param_groups": group}])
+    elif kind == "engine_option":
+        group[r.of(["fused", "capturable", "differentiable", "state_precision", "foreach"])] = \
+            [True, False, None, "yes", "int8", "bf16", 1][r.pick // 5 % 7]
+    return sd
+
+
+GROUP_KINDS = ["group_value", "drop_group_key", "group_params", "extra_group", "drop_entry", "entry_type",
+               "top_level", "engine_option"]
+ENTRY_KINDS = ["drop_key", "add_key", "cast", "reshape", "poke", "step", "tensor_step", "absmax", "codes"]
+mutation_kinds = st.sampled_from(["none", *ENTRY_KINDS, *GROUP_KINDS])
+draws = st.builds(Draw, st.integers(0, 10 ** 6), st.sampled_from(ODD_VALUES), st.sampled_from(POKES),
+                  st.sampled_from(CASTS))
+
+
+def mutate(kind, sd, r):
+    """The state dict ``sd`` (a deep copy) mutated by ``kind`` with the choices ``r``."""
+    if kind in GROUP_KINDS:
+        return _mutate_groups(kind, sd, r)
+    if kind in ENTRY_KINDS:
+        _mutate_entry(kind, sd, r)
+    return sd
 
 
 class Gradients:
@@ -292,9 +310,8 @@ def run_case(engine, precision, data):
     fused = data.draw(st.sampled_from([None, False]), label="fused") if engine == "torch" else None
     check_finite = data.draw(st.booleans(), label="check_finite")
     opt, params = _build(engine, name, cfg, precision, fused, check_finite, data.draw(st.integers(0, 999)))
-    kind, edit = data.draw(mutations(engine), label="mutation")
-    sd = _snapshot(opt)
-    mutated = edit(sd) if kind == "top_level" else (edit(sd) or sd)
+    kind, choices = data.draw(mutation_kinds, label="mutation"), data.draw(draws, label="choices")
+    mutated = mutate(kind, _snapshot(opt), choices)
     before, params_before = _snapshot(opt), [_values(engine, p) for p in params]
     try:
         opt.load_state_dict(mutated)
