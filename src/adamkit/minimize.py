@@ -76,43 +76,14 @@ def minimize(fun: Callable[..., Any], x0: Sequence[float] | np.ndarray, args: tu
     low, high = _bounds(bounds, x.size)
     np.clip(x, low, high, out=x)
     counts = {"nfev": 0, "njev": 0}
-
-    def evaluate(z: np.ndarray) -> tuple[float, np.ndarray]:
-        zz = z.reshape(shape)
-        if jac is True:
-            f, g = fun(zz, *args)
-            counts["nfev"] += 1
-            counts["njev"] += 1
-        elif callable(jac):
-            f = fun(zz, *args)
-            g = jac(zz, *args)
-            counts["nfev"] += 1
-            counts["njev"] += 1
-        else:
-            f = fun(zz, *args)
-            g = approx_fprime(z, lambda y: _scalar(fun(y.reshape(shape), *args)))
-            counts["nfev"] += 1 + z.size
-        g = np.asarray(g, dtype=np.float64).reshape(-1)
-        if g.size != z.size:
-            raise ValueError(f"gradient has {g.size} elements, x has {z.size}")
-        return _scalar(f), g
-
+    evaluate = _objective(fun, jac, args, shape, counts)
     optimizer = OPTIMIZERS[name]([x], **options)
     wants_result = callback is not None and "intermediate_result" in inspect.signature(callback).parameters
     f, g = evaluate(x)
     nit, status, f_prev = 0, 1, None
     while True:
-        if not (np.isfinite(f) and np.all(np.isfinite(g))):
-            status = 4
-            break
-        if np.max(np.abs(g), initial=0.0) <= gtol:
-            status = 0
-            break
-        if f_prev is not None and ftol > 0 and abs(f - f_prev) <= ftol * max(abs(f), abs(f_prev), 1.0):
-            status = 2
-            break
-        if nit >= maxiter:
-            status = 1
+        status = _stop(f, g, f_prev, nit, maxiter, gtol, ftol)
+        if status is not None:
             break
         optimizer.step([g])
         np.clip(x, low, high, out=x)
@@ -156,6 +127,44 @@ def scipy_method(name: str) -> Callable[..., OptimizeResult]:
 
     method.__name__ = f"adamkit_{name.lower()}"
     return method
+
+
+def _objective(fun: Callable, jac: Any, args: tuple, shape: tuple, counts: dict) -> Callable:
+    """``evaluate(z)`` → (f, flat gradient) at the flat point ``z``, counting evaluations in ``counts``."""
+
+    def evaluate(z: np.ndarray) -> tuple[float, np.ndarray]:
+        zz = z.reshape(shape)
+        if jac is True:
+            f, g = fun(zz, *args)
+            counts["njev"] += 1
+        elif callable(jac):
+            f, g = fun(zz, *args), jac(zz, *args)
+            counts["njev"] += 1
+        else:
+            f = fun(zz, *args)
+            g = approx_fprime(z, lambda y: _scalar(fun(y.reshape(shape), *args)))
+            counts["nfev"] += z.size
+        counts["nfev"] += 1
+        g = np.asarray(g, dtype=np.float64).reshape(-1)
+        if g.size != z.size:
+            raise ValueError(f"gradient has {g.size} elements, x has {z.size}")
+        return _scalar(f), g
+
+    return evaluate
+
+
+def _stop(f: float, g: np.ndarray, f_prev: float | None, nit: int, maxiter: int, gtol: float,
+          ftol: float) -> int | None:
+    """The status that ends the run here, or None to go on."""
+    if not (np.isfinite(f) and np.all(np.isfinite(g))):
+        return 4
+    if np.max(np.abs(g), initial=0.0) <= gtol:
+        return 0
+    if f_prev is not None and ftol > 0 and abs(f - f_prev) <= ftol * max(abs(f), abs(f_prev), 1.0):
+        return 2
+    if nit >= maxiter:
+        return 1
+    return None
 
 
 def _method_name(method: Any) -> str:
