@@ -191,3 +191,19 @@ def test_minimize_takes_what_scipy_takes():
     assert res.success and np.allclose(res.x, 0, atol=1e-4)
     with pytest.raises(ValueError, match="fun must return a real scalar"):
         adamkit.minimize(lambda x: x, np.ones(2))
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param(None, marks=pytest.mark.xfail(
+    strict=True, reason="the compiled kernels (kernels.py) still take a block's absmax over all its values"))])
+def test_an_overflowing_8bit_state_keeps_its_block_scale_finite(fused):
+    """Finite gradients of 1e20: Adagrad's sum overflows float32. The block's scale must stay finite, so the
+    optimizer takes its own state dict back."""
+    p = torch.nn.Parameter(torch.randn(N))
+    opt = akt.Adagrad([p], state_precision="int8", fused=fused)
+    p.grad = torch.randn(N) * 1e20
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        opt.step()
+    assert torch.isfinite(opt.state[p]["sum.absmax"]).all()
+    akt.Adagrad([torch.nn.Parameter(p.detach().clone())], state_precision="int8").load_state_dict(
+        copy.deepcopy(opt.state_dict()))
