@@ -215,3 +215,13 @@ def test_check_state_dict_returns_the_groups_hyperparameters():
     (h,) = checkpoints.check_state_dict(sd, opt.rule, [opt.param_groups[0]["params"]], [None], torch.is_tensor)
     assert h["lr"] == 0.5 and h["decoupled_weight_decay"] is True and h["amsgrad"] is False
     assert set(h) == set(opt.rule.hyperparameters())
+
+
+def test_numpy_arrays_into_the_torch_engine_are_named_as_such():
+    _, nopt = _numpy_opt("Adam")
+    _, opt = _torch_opt("Adam")
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"state 'exp_avg' of parameter 0 \(group 0\) must be an array like its "
+                                         r"parameter .*numpy.ndarray"):
+        opt.load_state_dict(nopt.state_dict())
+    _same(opt.state_dict(), before)

@@ -167,9 +167,12 @@ def _check_array(where: str, k: str, entry: Mapping[str, Any], p: Any, precision
                  is_array: Callable[[Any], bool]) -> None:
     """A state array: an array of the parameter's shape, well-formed codes, and values its storage can hold."""
     v = entry[k]
-    if not is_array(v) or tuple(v.shape) != tuple(p.shape):
-        shape = tuple(v.shape) if hasattr(v, "shape") else type(v).__name__
-        raise ValueError(f"state '{k}' of {where} has shape {shape}, the parameter has shape {tuple(p.shape)}")
+    if not is_array(v):
+        raise ValueError(f"state '{k}' of {where} must be an array like its parameter (this engine's kind), "
+                         f"not {type(v).__module__}.{type(v).__name__}")
+    if tuple(v.shape) != tuple(p.shape):
+        raise ValueError(f"state '{k}' of {where} has shape {tuple(v.shape)}, the parameter has shape "
+                         f"{tuple(p.shape)}")
     if f"{k}.absmax" in entry:
         try:
             _states.check_codes(k, v, entry[f"{k}.absmax"], int(np.prod(p.shape)))
