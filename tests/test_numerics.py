@@ -207,3 +207,23 @@ def test_an_overflowing_8bit_state_keeps_its_block_scale_finite(fused):
     assert torch.isfinite(opt.state[p]["sum.absmax"]).all()
     akt.Adagrad([torch.nn.Parameter(p.detach().clone())], state_precision="int8").load_state_dict(
         copy.deepcopy(opt.state_dict()))
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param(None, marks=pytest.mark.xfail(
+    strict=True, reason="the compiled path applies one parameter's first momentum step to its whole batch"))])
+def test_sgd_momentum_of_a_parameter_that_starts_later_matches_torch(fused):
+    """Parameter 1 has no gradient at step 1, so at step 2 only its momentum buffer is new: b = g for it alone.
+    (Found by the fuzz suite: a state dict without one parameter's momentum buffer gives the same situation.)"""
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(257, generator=gen), torch.randn(3, generator=gen)]
+    grads = [[torch.randn(257, generator=gen), None], [torch.randn(257, generator=gen), torch.randn(3, generator=gen)]]
+    ours, theirs = ([torch.nn.Parameter(x.clone()) for x in init] for _ in range(2))
+    opt = akt.SGD(ours, lr=0.05, momentum=0.9, fused=fused)
+    ref = torch.optim.SGD(theirs, lr=0.05, momentum=0.9)
+    for gs in grads:
+        for p, q, g in zip(ours, theirs, gs):
+            p.grad, q.grad = (None, None) if g is None else (g.clone(), g.clone())
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        assert torch.allclose(p, q, rtol=0, atol=1e-6)
