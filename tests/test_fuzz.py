@@ -35,7 +35,8 @@ from conftest import GRID
 
 CLASSES = list(GRID)
 BIG = states.MIN_QUANTIZED + 37  # stored in low precision (a partial last block too)
-COUNTS = {"cases": 0, "refused": 0, "stepped": 0}
+COUNTS = {"cases": 0, "refused": 0, "stepped": 0, "violations": 0}
+VIOLATIONS: list[str] = []
 INTERNAL = re.compile(r"broadcast|Boolean value of Tensor|has no attribute|unsupported operand|not subscriptable|"
                       r"index .* out of bounds|unhashable|object is not iterable|cannot convert|only integer")
 
@@ -303,14 +304,19 @@ def _compare(engine, opt, ref, params, ref_params, before_params, precision, gra
                 _close(v, ref_state[i][k], STATE_TOL[precision], f"state {i} {k}")
 
 
-def run_case(engine, precision, data):
+def run_case(engine, precision, data, seen=None):
+    """One case; ``seen`` collects what was drawn (to name a violation)."""
     COUNTS["cases"] += 1
-    name = data.draw(st.sampled_from(CLASSES), label="class")
+    if COUNTS["cases"] % 500 == 0:
+        print(f"fuzz progress: {COUNTS}", flush=True)  # shown with -s
+    seen = {} if seen is None else seen
+    name = seen["class"] = data.draw(st.sampled_from(CLASSES), label="class")
     cfg = data.draw(st.sampled_from(GRID[name]), label="hyperparameters")
-    fused = data.draw(st.sampled_from([None, False]), label="fused") if engine == "torch" else None
+    fused = seen["fused"] = data.draw(st.sampled_from([None, False]), label="fused") if engine == "torch" else None
     check_finite = data.draw(st.booleans(), label="check_finite")
     opt, params = _build(engine, name, cfg, precision, fused, check_finite, data.draw(st.integers(0, 999)))
     kind, choices = data.draw(mutation_kinds, label="mutation"), data.draw(draws, label="choices")
+    seen.update(mutation=kind, choices=choices, hyperparameters=cfg, check_finite=check_finite)
     mutated = mutate(kind, _snapshot(opt), choices)
     before, params_before = _snapshot(opt), [_values(engine, p) for p in params]
     try:
@@ -346,7 +352,18 @@ def test_fuzz_checkpoints_and_steps(engine, precision, pytestconfig):
               suppress_health_check=list(HealthCheck))
     @given(data=st.data())
     def case(data):
-        run_case(engine, precision, data)
+        if not long:
+            return run_case(engine, precision, data)  # the first violation fails, shrunk
+        seen = {}
+        try:  # the long run counts every violation and names the first few
+            run_case(engine, precision, data, seen)
+        except AssertionError as e:
+            COUNTS["violations"] = COUNTS.get("violations", 0) + 1
+            if len(VIOLATIONS) < 20:
+                VIOLATIONS.append(f"{engine} {precision} {seen}: {str(e).splitlines()[0]}")
 
+    first = len(VIOLATIONS)
     case()
     print(f"\nfuzz {engine} {precision}: {COUNTS}")
+    print("\n".join(VIOLATIONS[first:]))
+    assert len(VIOLATIONS) == first, f"{COUNTS['violations']} violations so far; the first ones are shown"
