@@ -227,3 +227,12 @@ def test_sgd_momentum_of_a_parameter_that_starts_later_matches_torch(fused):
         ref.step()
     for p, q in zip(ours, theirs):
         assert torch.allclose(p, q, rtol=0, atol=1e-6)
+
+
+def test_drift_check_measures_low_precision_against_float32():
+    import doctest
+
+    from adamkit import drift
+    assert doctest.testmod(drift).failed == 0
+    row = drift.run("Adam", "ill", "int8", steps=30, size=4096, every=10)
+    assert row["finite"] and 0 < row["drift"] < 0.05 and row["steps"] == 30
