@@ -225,3 +225,16 @@ def test_numpy_arrays_into_the_torch_engine_are_named_as_such():
                                          r"parameter .*numpy.ndarray"):
         opt.load_state_dict(nopt.state_dict())
     _same(opt.state_dict(), before)
+
+
+@pytest.mark.parametrize("engine", ["torch", "numpy"])
+def test_states_of_ids_no_group_lists_are_refused(engine):
+    """torch.optim keeps such states under their old ids, and its next state_dict hands them to other parameters
+    (found by the fuzz suite: group ids renamed to strings)."""
+    _, opt = _torch_opt("Adamax") if engine == "torch" else _numpy_opt("Adamax")
+    before = _snapshot(opt)
+    sd = _snapshot(opt)
+    sd["param_groups"][0]["params"] = ["a"]
+    with pytest.raises(ValueError, match=r"states for parameter ids \['0'\] that no group lists"):
+        opt.load_state_dict(sd)
+    _same(opt.state_dict(), before)

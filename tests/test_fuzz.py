@@ -124,6 +124,9 @@ class Draw:
     def __init__(self, pick, value, poke, dtype):
         self.pick, self.value, self.poke, self.dtype = pick, value, poke, dtype
 
+    def __repr__(self):
+        return f"Draw(pick={self.pick}, value={self.value!r}, poke={self.poke}, dtype={self.dtype})"
+
     def of(self, items):
         return items[self.pick % len(items)]
 
@@ -325,7 +328,8 @@ def run_case(engine, precision, data, seen=None):
         _refused(e, opt, before, params, params_before, engine)
         return
     ref, ref_params = _reference(name, cfg, engine, params, opt.torch_state_dict())
-    grads = data.draw(gradients, label="gradients").make([p.shape[0] for p in params])
+    spec = seen["gradients"] = data.draw(gradients, label="gradients")
+    grads = spec.make([p.shape[0] for p in params])
     before, params_before = _snapshot(opt), [_values(engine, p) for p in params]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -100,6 +100,10 @@ def check_state_dict(state_dict: Any, rule: _rules.Rule, groups: Sequence[Sequen
             _check_entry(where, states.get(saved_id, {}), rule, h, p, precisions[gi], is_array)
             index += 1
         out.append(h)
+    stray = [i for i in states if i not in seen]
+    if stray:  # torch.optim would keep them under their ids, and its next state_dict give them to other params
+        raise ValueError(f"the state dict has states for parameter ids {sorted(map(str, stray))} that no group "
+                         f"lists")
     return out
 
 
