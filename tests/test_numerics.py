@@ -236,3 +236,20 @@ def test_drift_check_measures_low_precision_against_float32():
     assert doctest.testmod(drift).failed == 0
     row = drift.run("Adam", "ill", "int8", steps=30, size=4096, every=10)
     assert row["finite"] and 0 < row["drift"] < 0.05 and row["steps"] == 30
+
+
+@pytest.mark.xfail(strict=True, reason="the rules compute m + (1-β1)(g - m); torch.lerp computes g - (g - m)·β1 "
+                                       "when 1-β1 >= 0.5, which keeps an infinite m infinite")
+def test_first_moment_of_an_infinite_state_follows_torch_lerp():
+    """Found by the fuzz suite: with betas (0.5, 0.9), an inf in a loaded exp_avg stays inf in torch.optim (lerp's
+    second branch) and becomes nan here (inf − inf)."""
+    ref, p = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    torch_opt = torch.optim.Adam([ref], lr=0.01, betas=(0.5, 0.9))
+    opt = akt.Adam([p], lr=0.01, betas=(0.5, 0.9), fused=False, check_finite=False)
+    for o, q in ((torch_opt, ref), (opt, p)):
+        q.grad = torch.ones(3)
+        o.step()
+        o.state[q]["exp_avg"][0] = float("inf")
+        q.grad = torch.ones(3)
+        o.step()
+    assert torch.equal(p.isnan(), ref.isnan())
