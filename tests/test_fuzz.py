@@ -21,6 +21,8 @@ import copy
 import os
 import re
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -118,14 +120,14 @@ def _array_keys(entry):
     return sorted(k for k, v in entry.items() if hasattr(v, "shape") and getattr(v, "ndim", 0) >= 1)
 
 
+@dataclass(frozen=True)
 class Draw:
     """The random choices of one mutation: an index to pick with, and a value of each kind."""
 
-    def __init__(self, pick, value, poke, dtype):
-        self.pick, self.value, self.poke, self.dtype = pick, value, poke, dtype
-
-    def __repr__(self):
-        return f"Draw(pick={self.pick}, value={self.value!r}, poke={self.poke}, dtype={self.dtype})"
+    pick: int
+    value: Any
+    poke: float
+    dtype: str
 
     def of(self, items):
         return items[self.pick % len(items)]
@@ -221,14 +223,14 @@ def mutate(kind, sd, r):
     return sd
 
 
+@dataclass(frozen=True)
 class Gradients:
-    """A gradient per parameter: Gaussian times ``scale``, one element set to ``bad`` (if any). Shown by its spec."""
+    """A gradient per parameter: Gaussian times ``scale``, one element set to ``bad`` (if any)."""
 
-    def __init__(self, seed, scale, bad, where):
-        self.seed, self.scale, self.bad, self.where = seed, scale, bad, where
-
-    def __repr__(self):
-        return f"Gradients(seed={self.seed}, scale={self.scale}, bad={self.bad}, where={self.where})"
+    seed: int
+    scale: float
+    bad: float | None
+    where: int
 
     def make(self, sizes):
         gen = torch.Generator().manual_seed(self.seed)
