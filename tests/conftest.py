@@ -91,3 +91,9 @@ def stepped_once(cls: Any, numel: int, **options: Any) -> tuple[torch.nn.Paramet
     p.grad = torch.randn_like(p)
     opt.step()
     return p, opt
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true", default=False,
+                     help="test_fuzz.py: about 21,000 generated cases with random seeds (default: a bounded, "
+                          "fixed-seed run)")

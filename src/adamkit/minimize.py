@@ -58,19 +58,16 @@ def minimize(fun: Callable[..., Any], x0: Sequence[float] | np.ndarray, args: tu
         ``OptimizeResult`` with ``x, fun, jac, nit, nfev, njev, success, status, message``.
         ``status`` is 0 for gtol, 1 for maxiter, 2 for ftol and 3 for a callback's ``StopIteration``.
     """
-    name = method.lower()
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    name = _method_name(method)
     options = dict(options or {})
     unknown_stop = {k for k in options if k not in _STOP and k not in _hyper_names(name)}
     if unknown_stop:
         raise ValueError(f"unknown option(s) for {method}: {', '.join(sorted(unknown_stop))}")
-    maxiter = int(options.pop("maxiter", 1000))
-    gtol = float(options.pop("gtol", 1e-6))
-    ftol = float(options.pop("ftol", 0.0))
+    maxiter, gtol, ftol = _stopping(options)
     options.pop("disp", None)
-    if maxiter < 0 or gtol < 0 or ftol < 0:
-        raise ValueError("maxiter, gtol and ftol must be >= 0")
+    if not (jac is None or isinstance(jac, bool) or callable(jac) or jac == "2-point"):
+        raise ValueError(f"jac must be a callable, True (fun returns (f, gradient)), or None, False or '2-point' "
+                         f"(finite differences), not {jac!r}")
 
     x = np.array(x0, dtype=np.float64, copy=True).reshape(-1) if np.ndim(x0) else np.array([x0], dtype=np.float64)
     shape = np.shape(x0)
@@ -79,43 +76,14 @@ def minimize(fun: Callable[..., Any], x0: Sequence[float] | np.ndarray, args: tu
     low, high = _bounds(bounds, x.size)
     np.clip(x, low, high, out=x)
     counts = {"nfev": 0, "njev": 0}
-
-    def evaluate(z: np.ndarray) -> tuple[float, np.ndarray]:
-        zz = z.reshape(shape)
-        if jac is True:
-            f, g = fun(zz, *args)
-            counts["nfev"] += 1
-            counts["njev"] += 1
-        elif callable(jac):
-            f = fun(zz, *args)
-            g = jac(zz, *args)
-            counts["nfev"] += 1
-            counts["njev"] += 1
-        else:
-            f = fun(zz, *args)
-            g = approx_fprime(z, lambda y: float(fun(y.reshape(shape), *args)))
-            counts["nfev"] += 1 + z.size
-        g = np.asarray(g, dtype=np.float64).reshape(-1)
-        if g.size != z.size:
-            raise ValueError(f"gradient has {g.size} elements, x has {z.size}")
-        return float(f), g
-
+    evaluate = _objective(fun, jac, args, shape, counts)
     optimizer = OPTIMIZERS[name]([x], **options)
     wants_result = callback is not None and "intermediate_result" in inspect.signature(callback).parameters
     f, g = evaluate(x)
     nit, status, f_prev = 0, 1, None
     while True:
-        if not (np.isfinite(f) and np.all(np.isfinite(g))):
-            status = 4
-            break
-        if np.max(np.abs(g), initial=0.0) <= gtol:
-            status = 0
-            break
-        if f_prev is not None and ftol > 0 and abs(f - f_prev) <= ftol * max(abs(f), abs(f_prev), 1.0):
-            status = 2
-            break
-        if nit >= maxiter:
-            status = 1
+        status = _stop(f, g, f_prev, nit, maxiter, gtol, ftol)
+        if status is not None:
             break
         optimizer.step([g])
         np.clip(x, low, high, out=x)
@@ -146,8 +114,7 @@ def scipy_method(name: str) -> Callable[..., OptimizeResult]:
     ``scipy.optimize.minimize(fun, x0, jac=True, method=adamkit.scipy_method("adam"), options={...})`` gives the
     same result as :func:`minimize` with the same arguments.
     """
-    if name.lower() not in OPTIMIZERS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    _method_name(name)
 
     def method(fun: Callable, x0: np.ndarray, args: tuple = (), jac: Any = None, bounds: Any = None,
                callback: Callable | None = None, **options: Any) -> OptimizeResult:
@@ -160,6 +127,77 @@ def scipy_method(name: str) -> Callable[..., OptimizeResult]:
 
     method.__name__ = f"adamkit_{name.lower()}"
     return method
+
+
+def _objective(fun: Callable, jac: Any, args: tuple, shape: tuple, counts: dict) -> Callable:
+    """``evaluate(z)`` → (f, flat gradient) at the flat point ``z``, counting evaluations in ``counts``."""
+
+    def evaluate(z: np.ndarray) -> tuple[float, np.ndarray]:
+        zz = z.reshape(shape)
+        if jac is True:
+            f, g = fun(zz, *args)
+            counts["njev"] += 1
+        elif callable(jac):
+            f, g = fun(zz, *args), jac(zz, *args)
+            counts["njev"] += 1
+        else:
+            f = fun(zz, *args)
+            g = approx_fprime(z, lambda y: _scalar(fun(y.reshape(shape), *args)))
+            counts["nfev"] += z.size
+        counts["nfev"] += 1
+        g = np.asarray(g, dtype=np.float64).reshape(-1)
+        if g.size != z.size:
+            raise ValueError(f"gradient has {g.size} elements, x has {z.size}")
+        return _scalar(f), g
+
+    return evaluate
+
+
+def _stop(f: float, g: np.ndarray, f_prev: float | None, nit: int, maxiter: int, gtol: float,
+          ftol: float) -> int | None:
+    """The status that ends the run here, or None to go on."""
+    if not (np.isfinite(f) and np.all(np.isfinite(g))):
+        return 4
+    if np.max(np.abs(g), initial=0.0) <= gtol:
+        return 0
+    if f_prev is not None and ftol > 0 and abs(f - f_prev) <= ftol * max(abs(f), abs(f_prev), 1.0):
+        return 2
+    if nit >= maxiter:
+        return 1
+    return None
+
+
+def _method_name(method: Any) -> str:
+    name = method.lower() if isinstance(method, str) else None
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return name
+
+
+def _stopping(options: dict[str, Any]) -> tuple[int, float, float]:
+    """``maxiter``, ``gtol`` and ``ftol`` popped from ``options`` and checked."""
+    maxiter = options.pop("maxiter", 1000)
+    integral = isinstance(maxiter, (int, np.integer)) or (isinstance(maxiter, (float, np.floating))
+                                                          and float(maxiter).is_integer())
+    if isinstance(maxiter, bool) or not integral or maxiter < 0:
+        raise ValueError(f"maxiter must be a whole number >= 0, got {maxiter!r}")
+    tolerances = []
+    for key, default in (("gtol", 1e-6), ("ftol", 0.0)):
+        value = options.pop(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(value) or value < 0:
+            raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+        tolerances.append(float(value))
+    return int(maxiter), tolerances[0], tolerances[1]
+
+
+def _scalar(f: Any) -> float:
+    """The objective's value as a float: a number or any one-element array (SciPy takes shape (1,) too)."""
+    value = np.asarray(f)
+    if value.size != 1 or value.dtype.kind not in "biuf":
+        raise ValueError(f"fun must return a real scalar (or a one-element array), got "
+                         f"{value.dtype} of shape {value.shape}")
+    return float(value.reshape(-1)[0])
 
 
 def _hyper_names(name: str) -> set[str]:
@@ -177,6 +215,8 @@ def _bounds(bounds: Bounds | Sequence[tuple] | None, n: int) -> tuple[np.ndarray
             raise ValueError(f"bounds has {len(pairs)} pairs for {n} variables")
         low = np.array([-np.inf if lo is None else lo for lo, _ in pairs], dtype=float)
         high = np.array([np.inf if hi is None else hi for _, hi in pairs], dtype=float)
+    if np.isnan(low).any() or np.isnan(high).any():
+        raise ValueError("bounds must not hold nan (use None or ±inf for no bound)")
     if np.any(low > high):
         raise ValueError("bounds: some lower bound exceeds its upper bound")
     return low, high

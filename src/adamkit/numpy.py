@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from . import checkpoints as _checkpoints
 from . import rules as _rules
 from . import states as _states
 from ._signature import bind as _bind, rule_signature
@@ -44,6 +45,7 @@ class Optimizer:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         values = _bind(self._signature, self, args, kwargs)
         params = values.pop("params")
+        _checkpoints.check_flag("check_finite", values["check_finite"])
         self.check_finite: bool = bool(values.pop("check_finite"))
         self.state_precision = values.pop("state_precision")
         _states.validate_precision(self.state_precision)
@@ -137,26 +139,29 @@ class Optimizer:
             self.rule.validate(h)
         skipped = 0
         for index, (p, g) in enumerate(zip(params, grads)):
-            if g is None:
-                continue
-            h = self._hyper(self.param_groups[self._group_of(index)])
-            state = self.state[index]
-            missing = {k: v for k, v in self.rule.states(h).items() if k not in state}
-            real = _real_view if np.iscomplexobj(p) else (lambda a: a)
-            arrays = {k: real(_states.load(state, k, p.dtype)) for k in self.rule.update_states if k in state}
-            arrays.update({k: np.full_like(real(p), v) for k, v in missing.items()})
-            arrays.update({k: state[k] for k in self.rule.scalar_states})
-            guard = _states.BlockGuard.take(p, g, state, self.rule.update_states, self.check_finite)
-            theta, new_arrays, scalars = _rules.step_tensor(self.rule, h, real(p), real(g), arrays, self._update,
-                                                           fresh=bool(missing))
-            real(p)[...] = theta
-            for k, v in new_arrays.items():
-                full = np.array(v, dtype=real(p).dtype).view(p.dtype) if np.iscomplexobj(p) else np.asarray(v, p.dtype)
-                _states.store(state, k, full.reshape(p.shape), self.state_precision, self._rng)
-            state.update(scalars)
-            skipped += guard.restore() if guard else 0
+            if g is not None:
+                skipped += self._step_one(p, g, self._hyper(self.param_groups[self._group_of(index)]),
+                                          self.state[index])
         if skipped:
             _states.warn_skipped_blocks(self.rule.name, skipped)
+
+    def _step_one(self, p: np.ndarray, g: np.ndarray, h: Mapping[str, Any], state: dict[str, Any]) -> int:
+        """Step one checked parameter; return how many 8-bit blocks were left unchanged (non-finite gradient)."""
+        missing = {k: v for k, v in self.rule.states(h).items() if k not in state}
+        for k, v in missing.items():  # stored first, so that the block guard sees a new 8-bit state too
+            _states.store(state, k, np.full_like(p, v), self.state_precision, self._rng)
+        real = _real_view if np.iscomplexobj(p) else (lambda a: a)
+        arrays = {k: real(_states.load(state, k, p.dtype)) for k in self.rule.update_states if k in state}
+        arrays.update({k: state[k] for k in self.rule.scalar_states})
+        guard = _states.BlockGuard.take(p, g, state, self.rule.update_states, self.check_finite)
+        theta, new_arrays, scalars = _rules.step_tensor(self.rule, h, real(p), real(g), arrays, self._update,
+                                                       fresh=bool(missing))
+        real(p)[...] = theta
+        for k, v in new_arrays.items():
+            full = np.array(v, dtype=real(p).dtype).view(p.dtype) if np.iscomplexobj(p) else np.asarray(v, p.dtype)
+            _states.store(state, k, full.reshape(p.shape), self.state_precision, self._rng)
+        state.update(scalars)
+        return guard.restore() if guard else 0
 
     def zero_grad(self) -> None:
         """Nothing to clear: gradients are passed to :meth:`step`. Present for symmetry with torch."""
@@ -170,78 +175,47 @@ class Optimizer:
             groups.append({**copy.deepcopy(self._hyper(g)), "params": list(range(start, start + n))})
             start += n
         state = {i: {k: np.array(v, copy=True) if isinstance(v, np.ndarray) else v for k, v in s.items()}
-                 for i, s in self.state.items() if s}
+                 for i, s in self.state.items() if any(k in self.rule.update_states for k in s)}
+        # a parameter that has not stepped has no state (torch.optim's layout; a bare step count would not load)
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict` or from a torch.optim optimizer of the same class.
 
-        Everything is checked first (group count and sizes, hyperparameters, state keys and shapes); on a
-        mismatch a ``ValueError`` says what does not match and the optimizer is left unchanged.
+        Everything is checked first (:func:`adamkit.checkpoints.check_state_dict`: group count and sizes,
+        hyperparameters, state keys, shapes, dtypes and values); on a mismatch a ``ValueError`` says what does not
+        match and the optimizer is left unchanged. The states are stored in this optimizer's ``state_precision``.
         """
-        groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
-        states = state_dict.get("state") if isinstance(state_dict, Mapping) else None
-        if groups is None or states is None:
-            raise ValueError("state dict must have 'state' and 'param_groups' entries")
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"state dict has {len(groups)} parameter groups, optimizer has {len(self.param_groups)}")
-        new_groups, new_state, index = [], {}, 0
-        for gi, (saved, mine) in enumerate(zip(groups, self.param_groups)):
-            if len(saved["params"]) != len(mine["params"]):
-                raise ValueError(f"group {gi} has {len(saved['params'])} parameters in the state dict, "
-                                 f"{len(mine['params'])} in the optimizer")
-            h = {k: _to_python(v) for k, v in saved.items() if k != "params" and k in self.defaults}
-            h = {**self.defaults, **h}
-            try:
-                self.rule.validate(h)
-            except ValueError as e:
-                raise ValueError(f"group {gi} of the state dict: {e}") from None
-            for saved_id, p in zip(saved["params"], mine["params"]):
-                entry = states.get(saved_id, {})
-                new_state[index] = self._check_entry(index, entry, p, h)
-                index += 1
-            new_groups.append({"params": mine["params"], **h})
-        self.param_groups = new_groups
+        groups = [g["params"] for g in self.param_groups]
+        hypers = _checkpoints.check_state_dict(state_dict, self.rule, groups, [self.state_precision] * len(groups),
+                                               _is_array)
+        full = _checkpoints.full_precision(state_dict, self.rule)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = self._params()
+        new_state = {}
+        for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
+            entry = full["state"].get(saved_id, {})
+            new_state[index] = self._stored(entry, p, hypers[self._group_of(index)])
+        self.param_groups = [{"params": ps, **{k: _to_python(v) for k, v in h.items()}}
+                             for ps, h in zip(groups, hypers)]
         self.state = new_state
 
-    def _check_entry(self, index: int, entry: Mapping[str, Any], p: np.ndarray, h: Mapping[str, Any]) -> dict:
+    def _stored(self, entry: Mapping[str, Any], p: np.ndarray, h: Mapping[str, Any]) -> dict[str, Any]:
+        """A checked, full-precision saved state as this optimizer stores it."""
         if not entry:
             return self._initial_state(p, h)
         out: dict[str, Any] = {}
-        array_keys = set(self.rule.update_states)
-        needed = set(self.rule.states(h)) | set(self.rule.scalar_states)
-        missing = needed - set(entry)
-        # SGD's momentum buffer and the AMSGrad maximum may legitimately be created later
-        missing -= {"momentum_buffer"} if self.rule.name == "SGD" else set()
-        if missing:
-            raise ValueError(f"state of parameter {index} is missing {sorted(missing)}")
         for k, v in entry.items():
-            if k in array_keys:
-                if f"{k}.absmax" in entry:  # 8-bit codes: read them as written, then store in this precision
-                    codes, absmax = np.asarray(_to_numpy(v)), np.asarray(_to_numpy(entry[f"{k}.absmax"]))
-                    try:
-                        _states.check_codes(k, codes, absmax, p.size)
-                    except ValueError as e:
-                        raise ValueError(f"parameter {index}: {e}") from None
-                    full = _states.dequantize(codes, absmax, k in _states.SIGNED_STATES, p.dtype)
-                elif entry.get(f"{k}.bf16"):
-                    full = _states.bf16_values(np.asarray(_to_numpy(v)), p.dtype)
-                else:
-                    raw = np.asarray(_to_numpy(v))
-                    if raw.dtype.kind not in "fc":
-                        raise ValueError(f"state '{k}' of parameter {index} has dtype {raw.dtype} and no "
-                                         f"'{k}.absmax': integer codes cannot be read without their scales")
-                    full = np.array(raw, dtype=p.dtype, copy=True)
-                if full.shape != p.shape:
-                    raise ValueError(f"state '{k}' of parameter {index} has shape {full.shape}, parameter {p.shape}")
-                _states.store(out, k, full, self.state_precision, self._rng)
-            elif k in self.rule.scalar_states:
-                out[k] = float(_to_numpy(v))
-            elif k.endswith((".absmax", ".bf16")) and k.rsplit(".", 1)[0] in array_keys:
-                continue
+            if k in self.rule.update_states:
+                _states.store(out, k, np.array(_to_numpy(v), dtype=p.dtype, copy=True), self.state_precision,
+                              self._rng)
             else:
-                raise ValueError(f"state of parameter {index} has unknown key '{k}' for {self.rule.name}")
+                out[k] = float(np.asarray(_to_numpy(v)).reshape(-1)[0])
         return out
+
+    def torch_state_dict(self) -> dict[str, Any]:
+        """The state in torch.optim's format (NumPy arrays): full-precision states, no adamkit storage keys."""
+        return _checkpoints.full_precision(self.state_dict(), self.rule, drop_engine_keys=True)
 
     def __repr__(self) -> str:
         lines = [f"adamkit.numpy.{type(self).__name__} ("]
@@ -252,7 +226,15 @@ class Optimizer:
 
 
 def _real_view(a: np.ndarray) -> np.ndarray:
-    return a.view(a.real.dtype)
+    """A complex array's real and imaginary parts as a writeable view of shape ``a.shape + (2,)`` (torch's
+    ``view_as_real``), for any strides and for 0-d arrays (``a.view(float)`` refuses both)."""
+    parts = a.real
+    return np.lib.stride_tricks.as_strided(parts, shape=a.shape + (2,), strides=a.strides + (parts.itemsize,),
+                                           writeable=a.flags.writeable)
+
+
+def _is_array(v: Any) -> bool:
+    return isinstance(v, np.ndarray) or (hasattr(v, "detach") and hasattr(v, "shape"))
 
 
 def _to_numpy(v: Any) -> Any:

@@ -54,9 +54,26 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------
 # Element-wise update functions (the math, once)
 # --------------------------------------------------------------------------------------------------------------
-# Free names bound by each engine: sqrt, maximum. ``abs`` and arithmetic work on every backend as they are.
+# Free names bound by each engine: sqrt, maximum, variance. ``abs`` and arithmetic work on every backend as
+# they are. ``maximum`` propagates NaN from either argument in every engine, as torch.maximum does.
 sqrt: Callable[[Any], Any] = np.sqrt
 maximum: Callable[[Any, Any], Any] = np.maximum
+
+
+def variance(v, a):
+    """``max(v − a², 0)``, the centered second moment, with ``v − a²`` as torch.optim's centered RMSprop computes
+    it, ``addcmul(v, a, a, value=-1)``: one fused multiply-add, so an ``a²`` that overflows leaves an infinite
+    ``v`` infinite (two roundings would give inf − inf = NaN). On torch tensors it is torch's own operation; on
+    NumPy arrays the overflow case is kept.
+
+    The clamp at 0: exactly, v ≥ a² (a mean of squares is at least the square of the mean), but v and a are
+    rounded separately, and with bf16 or 8-bit states by far more than float32, so the difference can come out
+    negative and its root NaN. torch.optim has no clamp; results differ only where torch.optim's is NaN. A NaN
+    stays NaN.
+    """
+    if hasattr(v, "addcmul"):
+        return v.addcmul(a, a, value=-1).clamp_min_(0)
+    return np.maximum(np.where(np.isposinf(v) & np.isfinite(a), v, v - a * a), 0)
 
 
 def gradient(theta, g, weight_decay, l2, maximize):
@@ -116,16 +133,17 @@ def rmsprop(theta, g, v, g_avg, b, lr, alpha, one_minus_alpha, eps, momentum, we
     .. math::
         v_t &= α v_{t-1} + (1-α) g_t^2 \\\\
         \\bar g_t &= α \\bar g_{t-1} + (1-α) g_t \\quad (\\text{centered}) \\\\
-        d_t &= \\sqrt{v_t - \\bar g_t^2} + ε \\quad (\\text{centered; else } \\sqrt{v_t} + ε) \\\\
+        d_t &= \\sqrt{\\max(v_t - \\bar g_t^2, 0)} + ε \\quad (\\text{centered; else } \\sqrt{v_t} + ε) \\\\
         b_t &= μ b_{t-1} + g_t / d_t, \\quad θ_t = θ_{t-1} - γ b_t \\quad (\\text{momentum; else } θ_t = θ_{t-1} - γ g_t/d_t)
 
-    ``v`` is torch's ``square_avg``, ``g_avg`` its ``grad_avg``, ``b`` its ``momentum_buffer``.
+    ``v`` is torch's ``square_avg``, ``g_avg`` its ``grad_avg``, ``b`` its ``momentum_buffer``. The centered
+    variance v − ḡ² is clamped at 0 (:func:`variance` says why).
     """
     g = gradient(theta, g, weight_decay, l2, maximize)
     v = alpha * v + one_minus_alpha * g * g
     if centered:
         g_avg = g_avg + one_minus_alpha * (g - g_avg)
-        d = sqrt(v - g_avg * g_avg) + eps
+        d = sqrt(variance(v, g_avg)) + eps  # max(v − ḡ², 0): rounding must not make it negative
     else:
         d = sqrt(v) + eps
     if use_momentum:
@@ -232,8 +250,24 @@ def radam(theta, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, l
 # Functions a rule may call; engines bind them along with the rule.
 HELPERS: dict[str, Callable] = {"gradient": gradient}
 
-NUMPY_OPS: dict[str, Any] = {"sqrt": np.sqrt, "maximum": np.maximum}
-SCALAR_OPS: dict[str, Any] = {"sqrt": math.sqrt, "maximum": max}
+def _scalar_maximum(a, b):
+    """max(a, b) of two scalars, NaN if either is NaN (as torch.maximum; Python's max drops a NaN in ``b``)."""
+    if a != a or b != b:
+        return a + b
+    return b if b > a else a
+
+
+def _scalar_variance(v, a):
+    """:func:`variance` of two scalars (NaN stays NaN: ``d > 0`` is False for it)."""
+    if v == math.inf and a - a == 0:  # v infinite, a finite: the fused multiply-add keeps v
+        return v
+    d = v - a * a
+    return d if d > 0 or d != d else d - d  # d − d: a zero of d's type (a literal would widen float32)
+
+
+NUMPY_OPS: dict[str, Any] = {"sqrt": np.sqrt, "maximum": np.maximum, "variance": variance}
+SCALAR_OPS: dict[str, Any] = {"sqrt": math.sqrt, "maximum": _scalar_maximum, "variance": _scalar_variance}
+"""Scalar primitives; the Python functions among them are compiled along with the rule (``wrap``)."""
 
 
 def bind(fn: Callable, ops: Mapping[str, Any], wrap: Callable[[Callable], Callable] = lambda f: f,
@@ -245,7 +279,7 @@ def bind(fn: Callable, ops: Mapping[str, Any], wrap: Callable[[Callable], Callab
     ``helpers`` are the functions the rule calls (default: :data:`HELPERS`).
     """
     namespace = dict(fn.__globals__)
-    namespace.update(ops)
+    namespace.update({k: wrap(v) if isinstance(v, types.FunctionType) else v for k, v in ops.items()})
     helpers = HELPERS if helpers is None else helpers
     for name, helper in helpers.items():
         if helper is not fn:

@@ -177,10 +177,11 @@ def check_codes(key: str, codes: Any, absmax: Any, numel: int) -> None:
     if scale_dtype not in ("float32", "float64", "float16", "bfloat16"):
         raise ValueError(f"state '{key}.absmax' must be floating point, got "
                          f"{getattr(absmax, 'dtype', type(absmax).__name__)}")
-    count = absmax.numel() if hasattr(absmax, "numel") and callable(absmax.numel) else absmax.size
-    if count != n_blocks(numel):
-        raise ValueError(f"state '{key}.absmax' must hold one scale per block of {BLOCK} elements "
-                         f"({n_blocks(numel)}), it holds {count}")
+    shape = tuple(getattr(absmax, "shape", ()))
+    if shape != (n_blocks(numel),):  # exactly: a (blocks, 1) array would broadcast block 0's scale over all
+        count = int(np.prod(shape))
+        raise ValueError(f"state '{key}.absmax' must hold one scale per block of {BLOCK} elements, shape "
+                         f"({n_blocks(numel)},); it holds {count}, shape {shape}")
     scales = np.asarray(absmax.detach().cpu().double() if hasattr(absmax, "detach") else absmax, dtype=np.float64)
     if not np.isfinite(scales).all() or (scales < 0).any():
         raise ValueError(f"state '{key}.absmax' must be finite and non-negative (a block's largest magnitude)")
@@ -223,11 +224,29 @@ def _blocks(flat: Any, fill: float = 0.0) -> Any:
     return torch.cat([flat, flat.new_full((pad,), fill)]).reshape(-1, BLOCK)
 
 
+def _contained(blocks: Any, signed: bool) -> tuple[Any, Any]:
+    """The blocks with their non-finite values contained, and each block's absmax over its finite values: +inf
+    becomes the block's absmax (the top code), −inf its negative (0 for a non-negative state), nan 0. One bad
+    value then costs its own element, not the scale of all 256 (which an inf or nan absmax would make nan)."""
+    if isinstance(blocks, np.ndarray):
+        finite, nan = np.isfinite(blocks), np.isnan(blocks)
+        absmax = np.where(finite, np.abs(blocks), 0).max(axis=1)
+        where = np.where
+    else:
+        import torch
+        finite, nan = torch.isfinite(blocks), torch.isnan(blocks)
+        absmax = torch.where(finite, blocks.abs(), 0).amax(dim=1)
+        where = torch.where
+    top = absmax[:, None]
+    low = -top if signed else 0 * top
+    return where(finite, blocks, where(nan, 0 * top, where(blocks > 0, top, low))), absmax
+
+
 def quantize(values: Any, signed: bool) -> tuple[Any, Any]:
-    """Codes (int8 signed / uint8 unsigned, shape of ``values``) and float32 absmax per block of ``values``."""
+    """Codes (int8 signed / uint8 unsigned, shape of ``values``) and float32 absmax per block of ``values``
+    (non-finite values contained: see :func:`_contained`)."""
     flat = values.reshape(-1)
-    blocks = _blocks(flat)
-    absmax = abs(blocks).max(axis=1) if isinstance(blocks, np.ndarray) else blocks.abs().amax(dim=1)
+    blocks, absmax = _contained(_blocks(flat), signed)
     inv = _bound("inverse_scale", blocks)(absmax)[:, None]
     codes = _bound("quantize_signed" if signed else "quantize_unsigned", blocks)(blocks, inv)
     codes = codes.reshape(-1)[: flat.shape[0]].reshape(values.shape)

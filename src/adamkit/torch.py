@@ -47,6 +47,7 @@ import torch
 import torch.optim as _optim
 from torch.optim.optimizer import _device_dtype_check_for_fused, _get_capturable_supported_devices
 
+from . import checkpoints as _checkpoints
 from . import rules as _rules
 from . import states as _states
 from . import _tensors
@@ -59,7 +60,7 @@ __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", 
 TORCH_OPS: dict[str, Any] = {"sqrt": torch.sqrt, "maximum": torch.maximum}
 
 # torch.optim group keys that are not part of the math: kept in every group so checkpoints move both ways.
-_ENGINE_KEYS = ("foreach", "capturable", "differentiable", "fused", "state_precision")
+_ENGINE_KEYS = _checkpoints.ENGINE_KEYS
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -75,6 +76,8 @@ class Optimizer(_optim.Optimizer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         values = _bind(self._signature, self, args, kwargs)
         params = values.pop("params")
+        for flag in ("check_finite", "stochastic_rounding"):
+            _checkpoints.check_flag(flag, values[flag])
         self.check_finite: bool = bool(values.pop("check_finite"))
         self.stochastic_rounding: bool = bool(values.pop("stochastic_rounding"))
         engine = {k: values.pop(k) for k in _ENGINE_KEYS if k in values}
@@ -106,11 +109,7 @@ class Optimizer(_optim.Optimizer):
         validated before it is added (the constructor's groups come through here too)."""
         h = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         self.rule.validate(self._math(h))
-        if h.get("differentiable") and h.get("fused"):
-            raise RuntimeError("`fused` does not support `differentiable`")
-        _states.validate_precision(h.get("state_precision"))
-        if h.get("fused") not in (None, True, False):
-            raise ValueError(f"Invalid fused: {h['fused']!r} (must be None, True or False)")
+        _checkpoints.check_options(h)
         super().add_param_group(param_group)
         self._plan_version = getattr(self, "_plan_version", 0) + 1
         if self.rule.name == "Adagrad":  # torch.optim.Adagrad creates its state at construction
@@ -127,9 +126,9 @@ class Optimizer(_optim.Optimizer):
         if not hasattr(self, "_reference_update"):
             self._init_engine()
         self._plan_version = getattr(self, "_plan_version", 0) + 1
-        self._valid_maths = []
+        defaults = {**self.defaults, **_checkpoints.class_defaults(self.rule)}  # torch.optim: the class's defaults
         for group in self.param_groups:
-            for k, v in self.defaults.items():
+            for k, v in defaults.items():
                 group.setdefault(k, v)
             if self.rule.defaults_override:
                 group.update(self.rule.defaults_override)
@@ -408,31 +407,43 @@ class Optimizer(_optim.Optimizer):
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """As torch.optim's, after checking that the state dict fits this optimizer.
+        """As torch.optim's, after checking that the state dict fits this optimizer
+        (:func:`adamkit.checkpoints.check_state_dict`).
 
-        Raises ``ValueError`` naming the mismatch (group count or sizes, invalid hyperparameters, missing or
-        unknown state keys, state shapes) and leaves the optimizer unchanged.
+        Raises ``ValueError`` naming the mismatch (group count or sizes, invalid hyperparameters or engine
+        options, missing or unknown state keys, state shapes, dtypes and values) and leaves the optimizer
+        unchanged. Engine options (``fused``, ``state_precision``, ...) stay this optimizer's own.
         """
-        self._validate_state_dict(state_dict)
+        engine = [{k: g[k] for k in _ENGINE_KEYS if k in g} for g in self.param_groups]
         precisions = [g.get("state_precision") for g in self.param_groups]
-        super().load_state_dict(_full_precision(state_dict, self.rule))
+        hypers = _checkpoints.check_state_dict(state_dict, self.rule, [g["params"] for g in self.param_groups],
+                                               precisions, torch.is_tensor)
+        full = _checkpoints.full_precision(state_dict, self.rule)
+        for g, h in zip(full["param_groups"], hypers):
+            g.update(h)
+        super().load_state_dict(full)
+        for group, own in zip(self.param_groups, engine):
+            group.update(own)  # this optimizer's engine options win over the checkpoint's
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         mine = [(p, precision) for g, precision in zip(self.param_groups, precisions) for p in g["params"]]
-        for group, precision in zip(self.param_groups, precisions):
-            group["state_precision"] = precision  # this optimizer's storage wins over the checkpoint's
         for saved_id, (p, precision) in zip(saved_ids, mine):
-            state = self.state.get(p)
-            entry = state_dict["state"].get(saved_id, {})
-            for k in self.rule.update_states:
-                if not state or k not in state:
-                    continue
-                if f"{k}.absmax" in entry and _states.is_quantized(precision, p.numel()):
-                    # already in this optimizer's 8-bit format: keep the codes and scales bit for bit
-                    state[k] = entry[k].clone().contiguous()
-                    state[f"{k}.absmax"] = entry[f"{k}.absmax"].clone().to(torch.float32)
-                else:  # stored as this optimizer keeps it, laid out like its parameter
-                    self._store_state(p, state, k, state[k].contiguous() if p.is_contiguous() else state[k],
-                                      precision)
+            self._restore_storage(p, state_dict["state"].get(saved_id, {}), precision)
+
+    def _restore_storage(self, p: torch.Tensor, entry: Mapping[str, Any], precision: str | None) -> None:
+        """Store ``p``'s loaded states as this optimizer keeps them (8-bit codes already in its format are kept
+        bit for bit)."""
+        state = self.state.get(p)
+        for k in self.rule.scalar_states:
+            if state and k in state and not torch.is_tensor(state[k]):  # a number: the tensor torch.optim keeps
+                state[k] = torch.tensor(float(state[k]), dtype=_scalar_dtype())
+        for k in self.rule.update_states:
+            if not state or k not in state:
+                continue
+            if f"{k}.absmax" in entry and _states.is_quantized(precision, p.numel()):
+                state[k] = entry[k].detach().clone().contiguous()
+                state[f"{k}.absmax"] = entry[f"{k}.absmax"].detach().clone().to(torch.float32)
+            else:  # stored as this optimizer keeps it, laid out like its parameter
+                self._store_state(p, state, k, state[k].contiguous() if p.is_contiguous() else state[k], precision)
 
     def state_dict(self) -> dict[str, Any]:
         """As torch.optim's: per-parameter states as plain dicts (``torch.load(weights_only=True)`` reads them)."""
@@ -444,61 +455,10 @@ class Optimizer(_optim.Optimizer):
         """The state in torch.optim's own format: full-precision states in the parameter's dtype, no adamkit
         keys. ``torch.optim.<Class>.load_state_dict`` takes it; for full-precision states it equals
         :meth:`state_dict`."""
-        return _full_precision(self.state_dict(), self.rule, drop_engine_keys=True)
-
-    def _validate_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("state dict must be a mapping with 'state' and 'param_groups' entries")
-        groups, states = state_dict["param_groups"], state_dict["state"]
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"state dict has {len(groups)} parameter groups, optimizer has {len(self.param_groups)}")
-        index = 0
-        for gi, (saved, mine) in enumerate(zip(groups, self.param_groups)):
-            if len(saved["params"]) != len(mine["params"]):
-                raise ValueError(f"group {gi} has {len(saved['params'])} parameters in the state dict, "
-                                 f"{len(mine['params'])} in the optimizer")
-            h = {**self.defaults, **{k: v for k, v in saved.items() if k != "params"}}
-            try:
-                self.rule.validate(self._math(h))
-            except ValueError as e:
-                raise ValueError(f"group {gi} of the state dict: {e}") from None
-            needed = set(self.rule.states(self._math(h))) | set(self.rule.scalar_states)
-            if self.rule.name == "SGD":
-                needed = set()  # the momentum buffer appears at the first step
-            known = set(self.rule.update_states) | set(self.rule.scalar_states) | {
-                f"{s}.absmax" for s in self.rule.update_states}
-            for saved_id, p in zip(saved["params"], mine["params"]):
-                entry = states.get(saved_id)
-                if entry:
-                    missing = needed - set(entry)
-                    if missing:
-                        raise ValueError(f"state of parameter {index} (group {gi}) is missing {sorted(missing)}")
-                    unknown = set(entry) - known
-                    if unknown:
-                        raise ValueError(f"state of parameter {index} (group {gi}) has unknown keys {sorted(unknown)} "
-                                         f"for {self.rule.name}")
-                    for k, v in entry.items():
-                        where = f"parameter {index} (group {gi})"
-                        if k in self.rule.update_states:
-                            if not torch.is_tensor(v) or v.shape != p.shape:
-                                shape = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
-                                raise ValueError(f"state '{k}' of {where} has shape {shape}, "
-                                                 f"the parameter has shape {tuple(p.shape)}")
-                            if f"{k}.absmax" in entry:
-                                try:
-                                    _states.check_codes(k, v, entry[f"{k}.absmax"], p.numel())
-                                except ValueError as e:
-                                    raise ValueError(f"{where}: {e}") from None
-                            elif not (v.is_floating_point() or v.is_complex()):
-                                raise ValueError(f"state '{k}' of {where} has dtype {v.dtype} and no '{k}.absmax': "
-                                                 f"integer codes cannot be read without their scales")
-                        elif k.endswith(".absmax"):
-                            if k[:-len(".absmax")] not in entry or not torch.is_tensor(v):
-                                raise ValueError(f"state of {where} has '{k}' (a tensor of scales) without the "
-                                                 f"codes '{k[:-len('.absmax')]}'")
-                        elif torch.is_tensor(v) and v.numel() != 1:
-                            raise ValueError(f"state '{k}' of parameter {index} must be a scalar")
-                index += 1
+        out = _checkpoints.full_precision(self.state_dict(), self.rule, drop_engine_keys=True)
+        for group in out["param_groups"]:
+            group.pop(ROUNDING, None)
+        return out
 
 
 def _check_tensor_lr(lr: Any, engine: Mapping[str, Any]) -> None:
@@ -587,27 +547,6 @@ def _check_scalar_state(where: str, key: str, value: Any) -> None:
                            f"{' >= 0' if key == 'step' else ''}")
 
 
-def _full_precision(state_dict: Mapping[str, Any], rule: _rules.Rule, drop_engine_keys: bool = False) -> dict:
-    """A copy of ``state_dict`` with every quantized state dequantized to float32 and its absmax dropped."""
-    out = {"state": {}, "param_groups": [dict(g) for g in state_dict["param_groups"]]}
-    if drop_engine_keys:
-        for g in out["param_groups"]:
-            g.pop("state_precision", None)
-            if rule.name not in ("SGD", "Adagrad", "Adam", "AdamW"):
-                g.pop("fused", None)  # torch.optim has no fused path for this class
-    for i, entry in state_dict["state"].items():
-        entry = dict(entry)
-        for k in list(entry):
-            if k not in entry:
-                continue
-            if f"{k}.absmax" in entry:
-                entry[k] = _states.dequantize(entry[k], entry.pop(f"{k}.absmax"), k in _states.SIGNED_STATES,
-                                              torch.float32)
-            elif drop_engine_keys and torch.is_tensor(entry[k]) and entry[k].dtype == torch.bfloat16 \
-                    and k in rule.update_states:
-                entry[k] = entry[k].to(torch.float32)
-        out["state"][i] = entry
-    return out
 
 
 def _make(rule: _rules.Rule) -> type[Optimizer]:

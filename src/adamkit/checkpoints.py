@@ -1,0 +1,257 @@
+"""Checkpoints, for both engines: validating a torch-layout state dict, and exporting one in torch.optim's format.
+
+A state dict has torch.optim's layout, ``{"state": {id: {"step": ..., "exp_avg": array, ...}}, "param_groups":
+[{...hyperparameters, "params": [ids]}]}``, with adamkit's storage keys next to the states: ``"<state>.absmax"``
+(8-bit codes and one scale per block of 256) and, from the NumPy engine, ``"<state>.bf16"`` (bfloat16 bits in
+a uint16 array). Arrays are NumPy arrays or torch tensors alike.
+
+* :func:`check_state_dict` checks everything a load needs before anything changes, raising ``ValueError`` that
+  names the problem (torch.optim's own words first where torch.optim raises too), and returns each group's
+  hyperparameters as the load must set them.
+* :func:`full_precision` drops the storage keys, giving every state in full precision (torch.optim's format).
+* :func:`check_options` validates the engine options of a constructor, a new group or a loaded group.
+
+Engine options (``fused``, ``state_precision``, ``capturable``, ``differentiable``, ``foreach``) say how an
+optimizer runs, not what it computes: a loaded group keeps the optimizer's own, after the saved ones are
+validated like the constructor's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from . import rules as _rules
+from . import states as _states
+
+__all__ = ["ENGINE_KEYS", "check_flag", "check_options", "check_state_dict", "class_defaults", "full_precision"]
+
+ENGINE_KEYS = ("foreach", "capturable", "differentiable", "fused", "state_precision")
+"""torch.optim group keys that are not part of the math."""
+
+_STORAGE_SUFFIXES = (".absmax", ".bf16")
+
+
+def check_flag(name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is True or False (a None from a config lookup is not False)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"Invalid {name}: {value!r} (must be True or False)")
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """Validate the engine options present in ``options`` (a group or constructor keywords)."""
+    for name in ("capturable", "differentiable"):
+        if name in options:
+            check_flag(name, options[name])
+    if options.get("differentiable") and options.get("fused"):
+        raise RuntimeError("`fused` does not support `differentiable`")
+    for name in ("fused", "foreach"):
+        if options.get(name) is not None and not isinstance(options[name], (bool, np.bool_)):
+            raise ValueError(f"Invalid {name}: {options[name]!r} (must be None, True or False)")
+    if "state_precision" in options:
+        _states.validate_precision(options["state_precision"])
+
+
+def class_defaults(rule: _rules.Rule) -> dict[str, Any]:
+    """The class's own defaults (torch.optim's signature), which fill a loaded group's missing keys."""
+    return rule.hyperparameters()
+
+
+def group_hyperparameters(rule: _rules.Rule, saved: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyperparameters a loaded group gets: class defaults for missing keys (as torch.optim's
+    ``__setstate__``), the saved values, then the rule's fixed values (AdamW's decoupled decay), validated."""
+    defaults = class_defaults(rule)
+    h = {**defaults, **{k: v for k, v in saved.items() if k in defaults}, **rule.defaults_override}
+    rule.validate(h)
+    return h
+
+
+def check_state_dict(state_dict: Any, rule: _rules.Rule, groups: Sequence[Sequence[Any]],
+                     precisions: Sequence[str | None], is_array: Callable[[Any], bool]) -> list[dict[str, Any]]:
+    """Check ``state_dict`` against an optimizer running ``rule`` on the parameter groups ``groups``, whose states
+    are stored in ``precisions`` (one per group); ``is_array`` says which values the engine takes as state arrays.
+
+    Returns each group's hyperparameters (see :func:`group_hyperparameters`). Raises ``ValueError`` naming the
+    first problem; nothing is changed either way.
+    """
+    saved_groups, states = _structure(state_dict)
+    if len(saved_groups) != len(groups):
+        raise ValueError(f"loaded state dict has a different number of parameter groups: the state dict has "
+                         f"{len(saved_groups)} parameter groups, the optimizer has {len(groups)}")
+    out, index, seen = [], 0, set()
+    for gi, (saved, params) in enumerate(zip(saved_groups, groups)):
+        if len(saved["params"]) != len(params):
+            raise ValueError(f"loaded state dict contains a parameter group that doesn't match the size of "
+                             f"optimizer's group: group {gi} has {len(saved['params'])} parameters in the state "
+                             f"dict, {len(params)} in the optimizer")
+        try:
+            check_options(saved)
+            h = group_hyperparameters(rule, saved)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"group {gi} of the state dict: {e}") from None
+        for saved_id, p in zip(saved["params"], params):
+            if saved_id in seen:
+                raise ValueError(f"parameter id {saved_id!r} appears twice in the state dict's groups")
+            seen.add(saved_id)
+            where = f"parameter {index} (group {gi})"
+            _check_entry(where, states.get(saved_id, {}), rule, h, p, precisions[gi], is_array)
+            index += 1
+        out.append(h)
+    stray = [i for i in states if i not in seen]
+    if stray:  # torch.optim would keep them under their ids, and its next state_dict give them to other params
+        raise ValueError(f"the state dict has states for parameter ids {sorted(map(str, stray))} that no group "
+                         f"lists")
+    return out
+
+
+def _structure(state_dict: Any) -> tuple[list[Mapping[str, Any]], Mapping[Any, Any]]:
+    """The groups and states of a state dict whose structure is torch.optim's, or a ``ValueError``."""
+    if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("state dict must be a mapping with 'state' and 'param_groups' entries")
+    groups, states = state_dict["param_groups"], state_dict["state"]
+    if not isinstance(states, Mapping):
+        raise ValueError(f"the state dict's 'state' must be a mapping from parameter ids to states, "
+                         f"not {type(states).__name__}")
+    if not isinstance(groups, (list, tuple)):
+        raise ValueError(f"the state dict's 'param_groups' must be a list of groups, not {type(groups).__name__}")
+    for gi, g in enumerate(groups):
+        if not isinstance(g, Mapping) or not isinstance(g.get("params"), (list, tuple)):
+            raise ValueError(f"group {gi} of the state dict must be a mapping with a 'params' list of parameter ids")
+        for i in g["params"]:
+            if isinstance(i, (bool, float)) or not isinstance(i, (int, np.integer, str)):
+                raise ValueError(f"group {gi} of the state dict has a parameter id {i!r}: ids are integers")
+    return list(groups), states
+
+
+def _check_entry(where: str, entry: Any, rule: _rules.Rule, h: Mapping[str, Any], p: Any,
+                 precision: str | None, is_array: Callable[[Any], bool]) -> None:
+    """Check one parameter's saved state against the parameter ``p`` it will belong to."""
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"state of {where} must be a mapping of state names to values, not {type(entry).__name__}")
+    if not entry:
+        return
+    needed = set() if rule.name == "SGD" else set(rule.states(h)) | set(rule.scalar_states)  # SGD: made at step 1
+    missing = needed - set(entry)
+    if missing:
+        raise ValueError(f"state of {where} is missing {sorted(missing)}")
+    arrays = set(rule.update_states)
+    known = arrays | set(rule.scalar_states) | {k + s for k in arrays for s in _STORAGE_SUFFIXES}
+    unknown = [k for k in entry if k not in known]
+    if unknown:
+        raise ValueError(f"state of {where} has unknown keys {sorted(map(str, unknown))} for {rule.name}")
+    for k, v in entry.items():
+        if k in arrays:
+            _check_array(where, k, entry, p, precision, is_array)
+        elif k in rule.scalar_states:
+            _check_scalar(where, k, v)
+        else:
+            base = k.rsplit(".", 1)[0]
+            if base not in entry:
+                raise ValueError(f"state of {where} has '{k}' without the state '{base}' it belongs to")
+            if k.endswith(".bf16") and v is not True:
+                raise ValueError(f"state '{k}' of {where} must be True (it marks bfloat16 bits), not {v!r}")
+
+
+def _dtype_name(v: Any) -> str:
+    return str(getattr(v, "dtype", type(v).__name__)).replace("torch.", "")
+
+
+def _numpy(v: Any) -> np.ndarray:
+    """A NumPy copy of an array or tensor (bfloat16 widened to float32, exactly)."""
+    if hasattr(v, "detach"):
+        v = v.detach().cpu()
+        return (v.float() if _dtype_name(v) == "bfloat16" else v).numpy()
+    return np.asarray(v)
+
+
+def _check_array(where: str, k: str, entry: Mapping[str, Any], p: Any, precision: str | None,
+                 is_array: Callable[[Any], bool]) -> None:
+    """A state array: an array of the parameter's shape, well-formed codes, and values its storage can hold."""
+    v = entry[k]
+    if not is_array(v):
+        raise ValueError(f"state '{k}' of {where} must be an array like its parameter (this engine's kind), "
+                         f"not {type(v).__module__}.{type(v).__name__}")
+    if tuple(v.shape) != tuple(p.shape):
+        raise ValueError(f"state '{k}' of {where} has shape {tuple(v.shape)}, the parameter has shape "
+                         f"{tuple(p.shape)}")
+    if f"{k}.absmax" in entry:
+        try:
+            _states.check_codes(k, v, entry[f"{k}.absmax"], int(np.prod(p.shape)))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        return
+    if f"{k}.bf16" in entry:
+        if _dtype_name(v) != "uint16":
+            raise ValueError(f"state '{k}' of {where} is marked bfloat16 bits and must be uint16, not {_dtype_name(v)}")
+        values = _states.bf16_values(_numpy(v), np.float32)
+    else:
+        complex_param = "complex" in _dtype_name(p)
+        if "float" not in _dtype_name(v) and "complex" not in _dtype_name(v):
+            raise ValueError(f"state '{k}' of {where} has dtype {_dtype_name(v)} and no '{k}.absmax': integer "
+                             f"codes cannot be read without their scales")
+        if ("complex" in _dtype_name(v)) != complex_param:
+            raise ValueError(f"state '{k}' of {where} has dtype {_dtype_name(v)}, the parameter {_dtype_name(p)}: "
+                             f"a complex parameter needs complex states and a real one real states")
+        values = _numpy(v)
+    _check_values(where, k, values, precision, int(np.prod(p.shape)))
+
+
+def _check_values(where: str, k: str, values: np.ndarray, precision: str | None, numel: int) -> None:
+    if k not in _states.SIGNED_STATES and values.dtype.kind == "f" and (values < 0).any():
+        raise ValueError(f"state '{k}' of {where} holds negative values: it is a running maximum or sum of "
+                         f"squares or magnitudes, never below 0")
+    if _states.is_quantized(precision, numel) and values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise ValueError(f"state '{k}' of {where} holds inf or nan, which this optimizer's 8-bit states cannot "
+                         f"hold (one would set the scale of its whole block of {_states.BLOCK})")
+
+
+def _check_scalar(where: str, k: str, v: Any) -> None:
+    """A scalar state (``step``, ``mu_product``): a finite real number, as a number or a one-element tensor."""
+    numel = getattr(v, "numel", None)
+    if callable(numel):
+        ok = numel() == 1 and ("float" in _dtype_name(v) or "int" in _dtype_name(v))
+    else:
+        ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+    value = float(_numpy(v).reshape(-1)[0]) if ok and callable(numel) else (float(v) if ok else math.nan)
+    low, high = (0.0, 1.0) if k == "mu_product" else (0.0, math.inf)
+    if not (ok and low <= value <= high and math.isfinite(value)):
+        rule = "in [0, 1]" if k == "mu_product" else ">= 0"
+        raise ValueError(f"state '{k}' of {where} must be a finite real number {rule} (a number or a one-element "
+                         f"tensor), got {v!r}")
+
+
+def full_precision(state_dict: Mapping[str, Any], rule: _rules.Rule, drop_engine_keys: bool = False) -> dict:
+    """A copy of a (checked) ``state_dict`` with every state in full precision and no storage keys: 8-bit codes
+    dequantized and bfloat16 widened to float32; tensors detached (a state never carries autograd history).
+    ``drop_engine_keys`` also drops the keys torch.optim's class of that name does not have (its format)."""
+    out = {"state": {}, "param_groups": [dict(g) for g in state_dict["param_groups"]]}
+    if drop_engine_keys:
+        for g in out["param_groups"]:
+            g.pop("state_precision", None)
+            if rule.name not in ("SGD", "Adagrad", "Adam", "AdamW"):
+                g.pop("fused", None)  # torch.optim has no fused path for this class
+    for i, entry in state_dict["state"].items():
+        out["state"][i] = {k: v for k, v in ((k, _full_value(entry, k, rule)) for k in entry)
+                           if not str(k).endswith(_STORAGE_SUFFIXES)}
+    return out
+
+
+def _full_value(entry: Mapping[str, Any], k: str, rule: _rules.Rule) -> Any:
+    v = entry[k]
+    if hasattr(v, "detach"):
+        v = v.detach()
+    if f"{k}.absmax" in entry:
+        dtype = np.float32 if isinstance(v, np.ndarray) else _torch_float32()
+        return _states.dequantize(v, entry[f"{k}.absmax"], k in _states.SIGNED_STATES, dtype)
+    if entry.get(f"{k}.bf16"):
+        return _states.bf16_values(np.asarray(v), np.float32)
+    if k in rule.update_states and _dtype_name(v) == "bfloat16":
+        return v.float()
+    return v
+
+
+def _torch_float32() -> Any:
+    import torch
+    return torch.float32
