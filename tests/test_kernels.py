@@ -185,7 +185,8 @@ def test_rounding_noise_is_uniform_and_streams_independent():
 
 
 def test_rounding_hash_is_lowbias32():
-    """The 32-bit intrinsic computes Wellons' lowbias32 (checked against plain Python integers)."""
+    """The 32-bit intrinsic computes Wellons' lowbias32 of the index's low 32 bits, halves swapped, xor the key
+    (checked against plain Python integers)."""
     import numba
 
     def lowbias32(x):
@@ -195,4 +196,5 @@ def test_rounding_hash_is_lowbias32():
 
     hashed = numba.njit(lambda key, i: kernels.random32(key, i))
     for key, index in ((0, 0), (0x9E3779B9, 12345), (0xFFFFFFFF, 2 ** 31 + 7), (7, 2 ** 40 + 3)):
-        assert hashed(np.uint32(key), index) == lowbias32((index & 0xFFFFFFFF) ^ key)
+        low = index & 0xFFFFFFFF
+        assert hashed(np.uint32(key), index) == lowbias32((((low << 16) | (low >> 16)) & 0xFFFFFFFF) ^ key)

@@ -133,27 +133,29 @@ def stream_key(seed, tensor, stream):
 
 
 @intrinsic
-def _lowbias32(typingctx, x):
-    """Wellons' lowbias32 hash of a uint32 (a bijection with full avalanche), emitted as 32-bit integer operations so
-    that a vector loop keeps 8 (AVX2) or 16 (AVX-512) lanes; numba's own arithmetic would widen it to 64 bits."""
+def random32(typingctx, key, index):
+    """32 random bits for element ``index`` of the stream pair ``key``: Wellons' lowbias32 hash (a bijection with
+    full avalanche) of the index's low 32 bits, rotated by 16, xor the key. The low 16 bits round one stream, the high 16 bits the
+    other (:func:`low16`, :func:`high16`), so one hash serves two stochastically rounded values. Emitted as 32-bit
+    integer operations, so that a vector loop keeps 8 (AVX2) or 16 (AVX-512) lanes: numba's own arithmetic would
+    widen it to 64 bits."""
+    if not (isinstance(key, types.Integer) and isinstance(index, types.Integer)):
+        return None
 
     def codegen(context, builder, signature, args):
         i32 = ir.IntType(32)
-        v = args[0]
+        k, i = (builder.trunc(a, i32) if a.type.width > 32 else builder.zext(a, i32) if a.type.width < 32 else a
+                for a in args)
+        # the index's halves swapped (a rotation, which keeps the hash a bijection of the index) before the key:
+        # LLVM cannot move the truncation past it, so the loop counts the index in 32-bit lanes
+        rotate = builder.module.declare_intrinsic("llvm.fshl", [i32], ir.FunctionType(i32, [i32, i32, i32]))
+        v = builder.xor(builder.call(rotate, [i, i, ir.Constant(i32, 16)]), k)
         for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
             v = builder.xor(v, builder.lshr(v, ir.Constant(i32, shift)))
             v = builder.mul(v, ir.Constant(i32, multiplier))
         return builder.xor(v, builder.lshr(v, ir.Constant(i32, 16)))
 
-    return types.uint32(types.uint32), codegen
-
-
-@numba.njit(inline="always")
-def random32(key, index):
-    """32 random bits for element ``index`` of the stream pair ``key``: the hash of the index mixed with the key. The
-    low 16 bits round one stream, the high 16 bits the other (:func:`low16`, :func:`high16`), so one hash serves
-    two stochastically rounded values."""
-    return _lowbias32(np.uint32(np.uint32(index) ^ key))
+    return types.uint32(key, index), codegen
 
 
 @numba.njit(inline="always")
