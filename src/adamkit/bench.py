@@ -152,9 +152,9 @@ def interleaved_medians(steps_by_name: dict[str, Callable[[], Any]], rounds: int
     Each round starts one place further along the list, so every callable runs equally often right after each
     other one (the first call after a cache-flushing one pays for code and data that the later ones find warm).
 
-    ``warmup`` untimed rounds come first: first-use compiles and lazy state, and on this VM freshly allocated
-    memory streams slowly for the first few passes (a new int8 AdamW's first ~6 steps took 11–17 ms, then
-    7 ms), while a training run lives in the steady state.
+    ``warmup`` untimed rounds come first: first-use compiles and lazy state, and on virtual machines freshly
+    allocated memory can stream slowly for the first few passes (a new int8 AdamW's first ~6 steps took 11–17 ms,
+    then 7 ms, on a 2-vCPU cloud VM), while a training run lives in the steady state.
     """
     for _ in range(warmup):
         for fn in steps_by_name.values():
@@ -398,7 +398,7 @@ def state_table(results: dict) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adamkit bench", description=__doc__)
     parser.add_argument("--params", type=float, default=25e6, help="parameters in the transformer-like model")
     parser.add_argument("--steps", type=int, default=15, help="timed rounds per measurement (median reported)")
@@ -417,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-precision", default="", help="also compare AdamW with these state precisions "
                         "(comma-separated: bf16,int8) against torch fused fp32; add 'only' to skip the other tables "
                         "(e.g. bf16,int8,only)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ENVIRONMENT.items()):
         os.environ.update(AVX2_ENVIRONMENT)  # both libraries read them once, at import: start again with them

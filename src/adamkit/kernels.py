@@ -7,6 +7,11 @@ compiled by numba) and, for low-precision states, the load/store functions of :m
 rounding, 8-bit codes block by block), so the math is never re-typed. One call covers many tensors: a table of
 chunks ``(tensor, start, stop)`` is split across threads, each chunk reads and writes every byte once.
 
+The generator is a few small emitters: the layout of a configuration (:class:`_Layout`: storage, loads, stores,
+random streams), the chunk's views, the element step (built once, used by both loops), and the flat or
+block-by-block loop. A call whose tensors share their option flags (every call of one param group) runs a loop
+compiled with the flags as constants (:class:`Kernel`), so that the branches they select are gone from it.
+
 Tensors are reached through their addresses (``data_ptr``), so torch tensors and NumPy arrays need no copies.
 Per-tensor coefficients (bias corrections for that tensor's step) come as rows of a float64 matrix and are
 rounded to the parameter's dtype once per chunk, as torch.optim does.
@@ -283,7 +288,9 @@ def _emit_header(lay: _Layout) -> list[str]:
         f"EXPONENT = BITS({exponent:#x})",
         f"MAGNITUDE = BITS({(1 << (8 * np.dtype(bits).itemsize - 1)) - 1:#x})",
         "",
-        "@njit(parallel=True, cache=True, nogil=True, error_model='numpy')",
+        # FMA contraction and reciprocals of a tensor's constants (a division by bc2_sqrt becomes a multiplication):
+        # within an ulp per operation, no assumption about inf or nan
+        "@njit(parallel=True, cache=True, nogil=True, error_model='numpy', fastmath={'arcp', 'contract'})",
         "def kernel(chunk_tensor, chunk_start, chunk_stop, sizes, addresses, coefficients, flags, seed):",
         "    zero = DT(0.0)",
         "    skipped = 0  # 8-bit blocks left unchanged because their gradient was not finite",
