@@ -198,3 +198,35 @@ def test_rounding_hash_is_lowbias32():
     for key, index in ((0, 0), (0x9E3779B9, 12345), (0xFFFFFFFF, 2 ** 31 + 7), (7, 2 ** 40 + 3)):
         low = index & 0xFFFFFFFF
         assert hashed(np.uint32(key), index) == lowbias32((((low << 16) | (low >> 16)) & 0xFFFFFFFF) ^ key)
+
+
+def _adamw_call(n, seed=0):
+    """Arguments of an AdamW kernel call on one tensor of ``n`` elements with fp32 states (fresh arrays)."""
+    rng = np.random.default_rng(seed)
+    arrays = [rng.standard_normal(n).astype(np.float32), (rng.standard_normal(n) * 1e-3).astype(np.float32),
+              (rng.standard_normal(n) * 1e-3).astype(np.float32), (rng.standard_normal(n) * 1e-3).astype(np.float32) ** 2]
+    sizes = np.array([n], np.int64)
+    addresses = np.array([[a.ctypes.data for a in arrays]], np.int64)
+    coefficients = np.array([[0.9, 0.1, 0.999, 0.001, 1e-8, 1e-3, 0.3, 0.01, 1 - 1e-5]])
+    flags = np.array([[0, 1, 0, 0]], np.uint8)  # l2, decoupled, amsgrad, maximize
+    return arrays, (*kernels.chunk_table(sizes), sizes, addresses, coefficients, flags, 7)
+
+
+def test_a_kernel_compiles_shared_flags_in_after_enough_elements_and_steps_alike(monkeypatch):
+    rule = kernels._rules.RULES["AdamW"]
+    n = 5000
+    monkeypatch.setattr(kernels, "SPECIALISE_AFTER", n + 1)
+    kern = kernels.Kernel(rule, (True, True, False), "float32", False, ("plain",) * 3)
+    generic, args = _adamw_call(n)
+    kern(*args)
+    assert set(kern.loops) == {-1}  # n elements so far: the loop that reads the flags
+    kern(*args)
+    assert set(kern.loops) == {-1, 0b0010}  # 2n: decoupled compiled in
+    assert kernels.uniform_flags(np.array([[0, 1], [1, 1]], np.uint8), np.array([3, 4]))[0] == -1
+    special, args = _adamw_call(n)
+    generic, generic_args = _adamw_call(n)
+    for _ in range(3):
+        kern.loop(0b0010)(*args)
+        kern.loop(-1)(*generic_args)
+    for a, b in zip(special, generic):  # FMA contraction may differ between the two loops: within an ulp or so
+        assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()

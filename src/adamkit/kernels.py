@@ -9,8 +9,9 @@ chunks ``(tensor, start, stop)`` is split across threads, each chunk reads and w
 
 The generator is a few small emitters: the layout of a configuration (:class:`_Layout`: storage, loads, stores,
 random streams), the chunk's views, the element step (built once, used by both loops), and the flat or
-block-by-block loop. A call whose tensors share their option flags (every call of one param group) runs a loop
-compiled with the flags as constants (:class:`Kernel`), so that the branches they select are gone from it.
+block-by-block loop. Once calls whose tensors share their option flags (every call of one param group) have
+stepped enough elements, they run a loop compiled with the flags as constants (:class:`Kernel`), so that the
+branches they select are gone from it.
 
 Tensors are reached through their addresses (``data_ptr``), so torch tensors and NumPy arrays need no copies.
 Per-tensor coefficients (bias corrections for that tensor's step) come as rows of a float64 matrix and are
@@ -417,19 +418,25 @@ def _select(condition, a, b):
     return a if condition else b
 
 
+SPECIALISE_AFTER = 1 << 27
+"""Elements stepped with one set of flags after which a kernel compiles a loop with those flags as constants (a
+compile of a few seconds pays back only over long runs: 134 M elements are about 5 steps of a 25 M model)."""
+
+
 class Kernel:
     """The compiled multi-tensor loop of one configuration, called as ``kernel(chunk_tensor, chunk_start,
     chunk_stop, sizes, addresses, coefficients, flags, seed) -> skipped``.
 
-    A call whose tensors all carry the same flags (one param group: every call the engines make, except a step
-    where some tensors start and others do not) runs a loop compiled with those flags as constants, so that
-    the branches they select and the code they switch off are gone from the loop; other calls run the loop
-    that reads each tensor's flags."""
+    A call runs the loop that reads each tensor's flags, until calls whose tensors all carry the same flags (one
+    param group: every call the engines make, except a step where some tensors start and others do not) have
+    stepped :data:`SPECIALISE_AFTER` elements; from then on such calls run a loop compiled with those flags as
+    constants, so that the branches they select and the code they switch off are gone from it."""
 
     def __init__(self, rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic: bool,
                  kinds: tuple[str, ...]) -> None:
         self.config = (rule, present, fmt, stochastic, kinds)
         self.loops: dict[int, Callable] = {}
+        self.stepped: dict[int, int] = {}  # elements stepped per flags code, until its loop is compiled
 
     def loop(self, code: int) -> Callable:
         """The compiled loop for the flags ``code`` (bit j: flag j) of :func:`uniform_flags`; -1: flags read per
@@ -445,23 +452,30 @@ class Kernel:
         return fn
 
     def __call__(self, chunk_tensor, chunk_start, chunk_stop, sizes, addresses, coefficients, flags, seed) -> int:
-        return self.loop(uniform_flags(flags))(chunk_tensor, chunk_start, chunk_stop, sizes, addresses,
-                                               coefficients, flags, seed)
+        code, elements = uniform_flags(flags, sizes)
+        if code >= 0 and code not in self.loops:
+            self.stepped[code] = self.stepped.get(code, 0) + elements
+            code = code if self.stepped[code] > SPECIALISE_AFTER else -1
+        return self.loop(code)(chunk_tensor, chunk_start, chunk_stop, sizes, addresses, coefficients, flags, seed)
 
 
 @numba.njit(nogil=True, cache=True)
-def uniform_flags(flags):
-    """The flags every row of ``flags`` shares, as bits (bit j: flag j), or -1 if the rows differ (or are none)."""
+def uniform_flags(flags, sizes):
+    """The flags every row of ``flags`` shares, as bits (bit j: flag j), or -1 if the rows differ (or are none);
+    and the number of elements in ``sizes``."""
+    elements = 0
+    for k in range(sizes.shape[0]):
+        elements += sizes[k]
     if flags.shape[0] == 0:
-        return -1
+        return -1, elements
     code = 0
     for j in range(flags.shape[1]):
         first = flags[0, j] != 0
         for k in range(1, flags.shape[0]):
             if (flags[k, j] != 0) != first:
-                return -1
+                return -1, elements
         code |= (1 << j) if first else 0
-    return code
+    return code, elements
 
 
 def kernel(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic: bool = False,
