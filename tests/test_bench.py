@@ -17,7 +17,8 @@ def test_bench_writes_a_consistent_table(tmp_path, capsys):
     rows = {r["config"]: r for suite in results["suites"].values() for r in suite["rows"]}
     assert {"Adam", "NAdam"} <= set(rows)
     adam = rows["Adam"]
-    assert adam["bytes_per_param"] == 28 and adam["torch_best_path"] == "torch fused"
+    torch_paths = {k: v for k, v in adam["ms"].items() if k.startswith("torch")}
+    assert adam["bytes_per_param"] == 28 and adam["torch_best_path"] == min(torch_paths, key=torch_paths.get)
     assert adam["floor_ms"] > 0 and adam["speedup_vs_torch_best"] == pytest.approx(
         adam["torch_best_ms"] / adam["ms"]["adamkit"])
     assert set(adam["ms"]) == {"adamkit", "adamkit (check_finite)", "torch single", "torch foreach", "torch fused"}
