@@ -12,30 +12,51 @@ from adamkit import bench  # noqa: E402
 def test_bench_writes_a_consistent_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--params", "3e5", "--steps", "2", "--only", "Adam,NAdam", "--state-precision", "bf16,int8",
-                       "--no-libraries", "--json", str(out)]) == 0
+                       "--bf16-params", "--no-libraries", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     rows = {r["config"]: r for suite in results["suites"].values() for r in suite["rows"]}
     assert {"Adam", "NAdam"} <= set(rows)
     adam = rows["Adam"]
-    assert adam["bytes_per_param"] == 28 and adam["torch_best_path"] == "torch fused"
+    torch_paths = {k: v for k, v in adam["ms"].items() if k.startswith("torch")}
+    assert adam["bytes_per_param"] == 28 and adam["torch_best_path"] == min(torch_paths, key=torch_paths.get)
     assert adam["floor_ms"] > 0 and adam["speedup_vs_torch_best"] == pytest.approx(
         adam["torch_best_ms"] / adam["ms"]["adamkit"])
     assert set(adam["ms"]) == {"adamkit", "adamkit (check_finite)", "torch single", "torch foreach", "torch fused"}
     assert "torch fused" not in rows["NAdam"]["ms"]  # torch has no fused NAdam
     sp = {r["optimizer"]: r for r in results["state_precision"]["rows"]}
     assert set(sp) == {"torch fused fp32", "adamkit fp32", "adamkit bf16", "adamkit int8",
-                       "adamkit int8, check_finite=True"}
+                       "adamkit int8, check_finite=True", "torch fused, bf16 params", "adamkit bf16 params",
+                       "adamkit bf16 params, stochastic rounding"}
+    assert sp["adamkit bf16 params, stochastic rounding"]["floor"] == "bf16 params"
+    assert sp["adamkit bf16 params"]["params"] == "bfloat16" and sp["adamkit bf16"]["params"] == "float32"
     assert sp["torch fused fp32"]["state_bytes_per_param"] == pytest.approx(8.0)
     # on this tiny model the biases and norms (< 4,096 elements) keep fp32 states: a little over 2 and 4 B/param
     assert 2.0 < sp["adamkit int8"]["state_bytes_per_param"] <= 2.2
     assert 4.0 <= sp["adamkit bf16"]["state_bytes_per_param"] <= 4.1
     # each row is set against the memory floor of its own storage, measured in the same run
     floors = results["state_precision"]["floors_ms"]
-    assert set(floors) == {"fp32", "bf16", "int8"} and all(v > 0 for v in floors.values())
+    assert set(floors) == {"fp32", "bf16", "int8", "bf16 params"} and all(v > 0 for v in floors.values())
     assert [sp[k]["floor"] for k in ("adamkit fp32", "adamkit bf16", "adamkit int8")] == ["fp32", "bf16", "int8"]
     assert sp["adamkit int8"]["pct_of_floor"] == pytest.approx(100 * floors["int8"] / sp["adamkit int8"]["ms"])
     printed = capsys.readouterr().out
     assert "| AdamW | ms/step | state B/param | × vs torch fused fp32 | % of its floor |" in printed
+    # the ISA both sides ran is printed and kept, as the kernels were compiled for it
+    isa = results["machine"]["isa"]
+    assert isa == bench.compiled_isa() and isa["adamkit"] in ("AVX-512", "AVX2", "AVX", "SSE2", "scalar")
+    assert f"adamkit kernels compiled for {isa['adamkit']}" in printed
+    assert "stochastic rounding runs at" in printed
+
+
+def test_compiled_isa_follows_numba_target_features(monkeypatch):
+    """The ISA comes from numba's target features (a CPU name alone keeps the host's), so a table never says AVX2
+    for AVX-512 code."""
+    import numba
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", bench.AVX2_ENVIRONMENT["NUMBA_CPU_FEATURES"])
+    assert bench.compiled_isa()["adamkit"] == "AVX2"
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx,+avx2,+avx512f,+fma")
+    assert bench.compiled_isa()["adamkit"] == "AVX-512"
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+sse2,-avx2")
+    assert bench.compiled_isa()["adamkit"] == "SSE2"
 
 
 def test_floor_step_touches_every_stream_once_per_call():
@@ -52,6 +73,11 @@ def test_floor_step_touches_every_stream_once_per_call():
     assert m.dtype == np.uint16 and np.all(m == 3) and np.all(v == 3)
     g2, theta2, m2, v2 = step.keep_alive[1]  # a second tensor, smaller than a chunk, is covered too
     assert np.all(theta2 == expected) and np.all(m2 == 3) and np.all(v2 == 3)
+    narrow = bench.floor_step([(3000,)], 0, 3, np.uint16)  # bf16 params: the gradient is 16-bit too
+    for _ in range(2):
+        narrow()
+    g, theta, m, v = narrow.keep_alive[0]
+    assert g.dtype == np.uint16 and np.all(g == 1) and np.all(theta == 2) and np.all(m == 2) and np.all(v == 2)
 
 
 @pytest.mark.parametrize("value, message", [

@@ -159,24 +159,74 @@ def test_bfloat16_stochastic_rounding_keeps_tiny_updates():
 
 
 def test_rounding_noise_is_uniform_and_streams_independent():
-    """The stochastic-rounding noise: 16 bits per element, uniform over its range for every key, and the streams of
-    two tensors (or of one tensor in two steps) uncorrelated."""
+    """The stochastic-rounding noise: 16 bits per element and stream (each half of one 32-bit hash rounds one of a
+    pair of streams), uniform over its range for every key, and the two halves, the streams of two tensors (or of
+    one tensor in two steps) and neighbouring elements uncorrelated."""
     import numba
 
     @numba.njit
     def noise(seed, tensor, stream, n):
         key = kernels.stream_key(seed, tensor, stream)
-        out = np.empty(n, np.float64)
+        out = np.empty((2, n), np.float64)
         for i in range(n):
-            out[i] = kernels.random16(key, i)
+            bits = kernels.random32(key, i)
+            out[0, i], out[1, i] = kernels.low16(bits), kernels.high16(bits)
         return out
 
     n = 1 << 18
-    a, b, c = noise(1, 0, 1, n), noise(1, 1, 1, n), noise(2, 0, 1, n)
-    for x in (a, b, c):
+    (a, a_high), (b, _), (c, _) = noise(1, 0, 1, n), noise(1, 1, 1, n), noise(2, 0, 1, n)
+    for x in (a, a_high, b, c):
         assert x.min() >= 0 and x.max() <= 0xFFFF
         counts = np.bincount((x // 256).astype(np.int64), minlength=256)  # 256 bins of 1,024 expected each
         assert np.abs(counts - n / 256).max() < 6 * np.sqrt(n / 256)
         assert abs(x.mean() / 0xFFFF - 0.5) < 0.005
-    assert abs(np.corrcoef(a, b)[0, 1]) < 0.01 and abs(np.corrcoef(a, c)[0, 1]) < 0.01
-    assert abs(np.corrcoef(a[:-1], a[1:])[0, 1]) < 0.01  # neighbours within a stream
+    for x, y in ((a, b), (a, c), (a, a_high), (a[:-1], a[1:]), (a_high[:-1], a_high[1:])):
+        assert abs(np.corrcoef(x, y)[0, 1]) < 0.01
+
+
+def test_rounding_hash_is_lowbias32():
+    """The 32-bit intrinsic computes Wellons' lowbias32 of the index's low 32 bits, halves swapped, xor the key
+    (checked against plain Python integers)."""
+    import numba
+
+    def lowbias32(x):
+        for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+            x = ((x ^ (x >> shift)) * multiplier) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    hashed = numba.njit(lambda key, i: kernels.random32(key, i))
+    for key, index in ((0, 0), (0x9E3779B9, 12345), (0xFFFFFFFF, 2 ** 31 + 7), (7, 2 ** 40 + 3)):
+        low = index & 0xFFFFFFFF
+        assert hashed(np.uint32(key), index) == lowbias32((((low << 16) | (low >> 16)) & 0xFFFFFFFF) ^ key)
+
+
+def _adamw_call(n, seed=0):
+    """Arguments of an AdamW kernel call on one tensor of ``n`` elements with fp32 states (fresh arrays)."""
+    rng = np.random.default_rng(seed)
+    arrays = [rng.standard_normal(n).astype(np.float32), (rng.standard_normal(n) * 1e-3).astype(np.float32),
+              (rng.standard_normal(n) * 1e-3).astype(np.float32), (rng.standard_normal(n) * 1e-3).astype(np.float32) ** 2]
+    sizes = np.array([n], np.int64)
+    addresses = np.array([[a.ctypes.data for a in arrays]], np.int64)
+    coefficients = np.array([[0.9, 0.1, 0.999, 0.001, 1e-8, 1e-3, 0.3, 0.01, 1 - 1e-5]])
+    flags = np.array([[0, 1, 0, 0]], np.uint8)  # l2, decoupled, amsgrad, maximize
+    return arrays, (*kernels.chunk_table(sizes), sizes, addresses, coefficients, flags, 7)
+
+
+def test_a_kernel_compiles_shared_flags_in_after_enough_elements_and_steps_alike(monkeypatch):
+    rule = kernels._rules.RULES["AdamW"]
+    n = 5000
+    monkeypatch.setattr(kernels, "SPECIALISE_AFTER", n + 1)
+    kern = kernels.Kernel(rule, (True, True, False), "float32", False, ("plain",) * 3)
+    generic, args = _adamw_call(n)
+    kern(*args)
+    assert set(kern.loops) == {-1}  # n elements so far: the loop that reads the flags
+    kern(*args)
+    assert set(kern.loops) == {-1, 0b0010}  # 2n: decoupled compiled in
+    assert kernels.uniform_flags(np.array([[0, 1], [1, 1]], np.uint8), np.array([3, 4]))[0] == -1
+    special, args = _adamw_call(n)
+    generic, generic_args = _adamw_call(n)
+    for _ in range(3):
+        kern.loop(0b0010)(*args)
+        kern.loop(-1)(*generic_args)
+    for a, b in zip(special, generic):  # FMA contraction may differ between the two loops: within an ulp or so
+        assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()

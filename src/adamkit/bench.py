@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -51,9 +52,38 @@ def transformer_shapes(total: int, d: int | None = None) -> list[tuple[int, ...]
     return shapes
 
 
+# An AVX2 machine's code on an AVX-512 one: numba takes its target CPU and its features from these variables (a CPU
+# name alone keeps the host's features, AVX-512 included), torch its kernels' ISA from ATEN_CPU_CAPABILITY.
+AVX2_ENVIRONMENT = {
+    "NUMBA_CPU_NAME": "haswell",
+    "NUMBA_CPU_FEATURES": "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fsgsbase,+fxsr,+lzcnt,+mmx,"
+                          "+movbe,+pclmul,+popcnt,+rdrnd,+sahf,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+xsaveopt",
+    "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def compiled_isa() -> dict[str, str]:
+    """The vector ISA the kernels are compiled for (numba's target: NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, else the
+    host's) and the one torch's CPU kernels run."""
+    import numba
+    from llvmlite import binding
+    from numba.core.codegen import get_host_cpu_features
+    features = numba.config.CPU_FEATURES
+    features = get_host_cpu_features() if features is None else features
+    on = {f[1:] for f in features.split(",") if f.startswith("+")}
+    isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse2", "SSE2"))
+                if flag in on), "scalar")
+    try:
+        import torch
+        torch_isa = torch.backends.cpu.get_cpu_capability().replace("AVX512", "AVX-512")
+    except ImportError:
+        torch_isa = "none"
+    return {"adamkit": isa, "numba_cpu": numba.config.CPU_NAME or binding.get_host_cpu_name(), "torch": torch_isa}
+
+
 def _stream_kernel():
     """The floor loop: read a gradient once, read-modify-write ``n_rmw`` float32 arrays and ``n_narrow`` arrays of
-    ``narrow``'s dtype (8- or 16-bit state codes) once (compiled on first use)."""
+    ``narrow``'s dtype (8- or 16-bit state codes, bf16 params) once; with no float32 array, the gradient has the
+    narrow dtype and is read with the first narrow array (compiled on first use)."""
     import numba
     from numba import prange
     from . import kernels
@@ -65,6 +95,7 @@ def _stream_kernel():
             k = tensor[c]
             lo, hi = start[c], stop[c]
             g = numba.carray(kernels.address_as_pointer(addresses[k, 0]), sizes[k], dtype=np.float32)[lo:hi]
+            g_narrow = numba.carray(kernels.address_as_pointer(addresses[k, 0]), sizes[k], dtype=narrow.dtype)[lo:hi]
             for s in range(n_rmw):
                 a = numba.carray(kernels.address_as_pointer(addresses[k, 1 + s]), sizes[k], dtype=np.float32)[lo:hi]
                 for i in range(a.size):
@@ -72,21 +103,27 @@ def _stream_kernel():
             for s in range(n_narrow):
                 b = numba.carray(kernels.address_as_pointer(addresses[k, 1 + n_rmw + s]), sizes[k],
                                  dtype=narrow.dtype)[lo:hi]
-                for i in range(b.size):
-                    b[i] = b[i] + one
+                if n_rmw == 0 and s == 0:
+                    for i in range(b.size):
+                        b[i] = b[i] + g_narrow[i]
+                else:
+                    for i in range(b.size):
+                        b[i] = b[i] + one
 
     return stream
 
 
 def floor_step(shapes: list[tuple[int, ...]], rmw_streams: int, narrow_streams: int = 0,
                narrow_dtype: Any = np.uint8) -> Callable[[], None]:
-    """A callable with the memory traffic of a step: one float32 read stream, ``rmw_streams`` float32
+    """A callable with the memory traffic of a step: one gradient read stream, ``rmw_streams`` float32
     read-modify-write ones and ``narrow_streams`` read-modify-write ones of ``narrow_dtype`` (low-precision states:
-    uint16 for bf16, uint8 for 8-bit codes, whose per-block absmax adds 1/64 of their bytes and is left out)."""
+    uint16 for bf16, uint8 for 8-bit codes, whose per-block absmax adds 1/64 of their bytes and is left out). The
+    gradient is float32, or ``narrow_dtype`` when ``rmw_streams`` is 0 (bf16 params)."""
     from . import kernels
     stream = _stream_kernel()
     sizes = np.array([int(np.prod(s)) for s in shapes], dtype=np.int64)
-    arrays = [[np.ones(n, dtype=np.float32) for _ in range(1 + rmw_streams)]
+    grad_dtype = np.float32 if rmw_streams else narrow_dtype
+    arrays = [[np.ones(n, dtype=grad_dtype)] + [np.ones(n, dtype=np.float32) for _ in range(rmw_streams)]
               + [np.zeros(n, dtype=narrow_dtype) for _ in range(narrow_streams)] for n in sizes]
     addresses = np.array([[a.ctypes.data for a in row] for row in arrays], dtype=np.int64)
     table = kernels.chunk_table(sizes)
@@ -99,12 +136,12 @@ def floor_step(shapes: list[tuple[int, ...]], rmw_streams: int, narrow_streams: 
     return step
 
 
-def _params(shapes, seed=0):
+def _params(shapes, seed=0, dtype=None):
     import torch
     gen = torch.Generator().manual_seed(seed)
-    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
     for p in ps:
-        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(dtype)
     return ps
 
 
@@ -115,9 +152,9 @@ def interleaved_medians(steps_by_name: dict[str, Callable[[], Any]], rounds: int
     Each round starts one place further along the list, so every callable runs equally often right after each
     other one (the first call after a cache-flushing one pays for code and data that the later ones find warm).
 
-    ``warmup`` untimed rounds come first: first-use compiles and lazy state, and on this VM freshly allocated
-    memory streams slowly for the first few passes (a new int8 AdamW's first ~6 steps took 11–17 ms, then
-    7 ms), while a training run lives in the steady state.
+    ``warmup`` untimed rounds come first: first-use compiles and lazy state, and on virtual machines freshly
+    allocated memory can stream slowly for the first few passes (a new int8 AdamW's first ~6 steps took 11–17 ms,
+    then 7 ms, on a 2-vCPU cloud VM), while a training run lives in the steady state.
     """
     for _ in range(warmup):
         for fn in steps_by_name.values():
@@ -139,18 +176,22 @@ def _state_streams(name: str, cfg: dict) -> int:
     return 1 + len(rules.RULES[name].states(h))
 
 
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on, the ISA of both sides included."""
+    import torch
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "python": sys.version.split()[0], "torch": torch.__version__,
+            "isa": compiled_isa()}
+
+
 def run(total: int, steps: int, only: list[str] | None, small: bool, log: Callable[[str], None]) -> dict:
     import torch
     import adamkit.torch as akt
 
-    threads = torch.get_num_threads()
     suites = [("transformer", transformer_shapes(total))]
     if small:
         suites.append(("1000x1024", [(1024,)] * 1000))
-    results: dict[str, Any] = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "threads": threads, "python": sys.version.split()[0], "torch": torch.__version__},
-        "steps": steps, "suites": {}}
+    results: dict[str, Any] = {"machine": machine(), "steps": steps, "suites": {}}
     for suite, shapes in suites:
         n = sum(int(np.prod(s)) for s in shapes)
         log(f"[{suite}] {len(shapes)} tensors, {n / 1e6:.1f} M params, median of {steps} steps")
@@ -204,44 +245,60 @@ def state_bytes(opt: Any) -> int:
                if k not in ("step", "mu_product") and hasattr(v, "numel"))
 
 
-def run_state_precision(total: int, steps: int, precisions: list[str], log: Callable[[str], None],
-                        libraries: bool = True) -> dict:
-    """AdamW with low-precision states next to torch's fused fp32 AdamW (and bitsandbytes / torchao if installed)."""
+def _state_precision_makers(precisions: list[str], libraries: bool, bf16_params: bool) -> dict[str, tuple]:
+    """label -> (make optimizer from params, the storage whose floor it is set against, params dtype name).
+
+    adamkit rows do the work torch does (check_finite=False: int8 still leaves a block with a non-finite gradient
+    unchanged); the last state-precision row adds the default check_finite=True scan."""
     import importlib.util
-    import resource
     import torch
     import adamkit.torch as akt
+    makers: dict[str, tuple] = {"torch fused fp32": (lambda ps: torch.optim.AdamW(ps, fused=True), "fp32", "float32"),
+                                "adamkit fp32": (lambda ps: akt.AdamW(ps, check_finite=False), "fp32", "float32")}
+    for precision in precisions:
+        makers[f"adamkit {precision}"] = (lambda ps, precision=precision: akt.AdamW(
+            ps, state_precision=precision, check_finite=False), precision, "float32")
+    if precisions:
+        last = precisions[-1]
+        makers[f"adamkit {last}, check_finite=True"] = (lambda ps: akt.AdamW(ps, state_precision=last), last,
+                                                        "float32")
+    if bf16_params:  # params, gradients and states all bfloat16
+        makers["torch fused, bf16 params"] = (lambda ps: torch.optim.AdamW(ps, fused=True), "bf16 params", "bfloat16")
+        makers["adamkit bf16 params"] = (lambda ps: akt.AdamW(ps, check_finite=False), "bf16 params", "bfloat16")
+        makers["adamkit bf16 params, stochastic rounding"] = (lambda ps: akt.AdamW(
+            ps, check_finite=False, stochastic_rounding=True), "bf16 params", "bfloat16")
+    if libraries and importlib.util.find_spec("bitsandbytes"):
+        import bitsandbytes as bnb
+        makers["bitsandbytes AdamW8bit"] = (lambda ps: bnb.optim.AdamW8bit(ps), "int8", "float32")
+    if libraries and importlib.util.find_spec("torchao"):
+        from torchao.optim import AdamW8bit
+        makers["torchao AdamW8bit"] = (lambda ps: AdamW8bit(ps), "int8", "float32")
+    return makers
+
+
+# each storage's memory floor: (float32 read-modify-write streams, narrow ones, their dtype); the gradient is read
+# as float32, or as the narrow dtype when no stream is float32 (bf16 params: param, gradient and states 16-bit)
+FLOOR_STREAMS = {"fp32": (3, 0, np.uint8), "bf16": (1, 2, np.uint16), "int8": (1, 2, np.uint8),
+                 "bf16 params": (0, 3, np.uint16)}
+
+
+def run_state_precision(total: int, steps: int, precisions: list[str], log: Callable[[str], None],
+                        libraries: bool = True, bf16_params: bool = False) -> dict:
+    """AdamW with low-precision states (and, with ``bf16_params``, bf16 params with and without stochastic
+    rounding) next to torch's fused AdamW (and bitsandbytes / torchao if installed), each against its floor."""
+    import resource
+    import torch
 
     shapes = transformer_shapes(total)
     n = sum(int(np.prod(s)) for s in shapes)
-    # adamkit rows do the work torch does (check_finite=False: int8 still leaves a block with a non-finite
-    # gradient unchanged); the last adamkit row adds the default check_finite=True scan
-    makers: dict[str, Callable[[list], Any]] = {"torch fused fp32": lambda ps: torch.optim.AdamW(ps, fused=True),
-                                                "adamkit fp32": lambda ps: akt.AdamW(ps, check_finite=False)}
-    for precision in precisions:
-        makers[f"adamkit {precision}"] = lambda ps, precision=precision: akt.AdamW(
-            ps, state_precision=precision, check_finite=False)
-    if precisions:
-        last = precisions[-1]
-        makers[f"adamkit {last}, check_finite=True"] = lambda ps: akt.AdamW(ps, state_precision=last)
-    if libraries and importlib.util.find_spec("bitsandbytes"):
-        import bitsandbytes as bnb
-        makers["bitsandbytes AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit(ps)
-    if libraries and importlib.util.find_spec("torchao"):
-        from torchao.optim import AdamW8bit
-        makers["torchao AdamW8bit"] = lambda ps: AdamW8bit(ps)
+    makers = _state_precision_makers(precisions, libraries, bf16_params)
     log(f"[state precision] AdamW, {len(shapes)} tensors, {n / 1e6:.1f} M params, median of {steps} rounds "
         f"(adamkit rows check_finite=False unless marked)")
-    # each storage's memory floor, in the same round-robin: param read-modify-write, gradient read, two states
-    floors = {"fp32": floor_step(shapes, 3)}
-    if "bf16" in precisions:
-        floors["bf16"] = floor_step(shapes, 1, 2, np.uint16)
-    if "int8" in precisions or any(k.endswith("AdamW8bit") for k in makers):
-        floors["int8"] = floor_step(shapes, 1, 2, np.uint8)
+    floors = {storage: floor_step(shapes, *FLOOR_STREAMS[storage]) for _, storage, _ in makers.values()}
     calls: dict[str, Callable[[], Any]] = {f"floor {k}": f for k, f in floors.items()}
     optimizers = {}
-    for label, make in makers.items():
-        opt = make(_params(shapes))
+    for label, (make, _, dtype) in makers.items():
+        opt = make(_params(shapes, dtype=getattr(torch, dtype)))
         calls[label], optimizers[label] = opt.step, opt
     ms = interleaved_medians(calls, steps)
     floor_ms = {k: ms.pop(f"floor {k}") for k in floors}
@@ -251,15 +308,14 @@ def run_state_precision(total: int, steps: int, precisions: list[str], log: Call
     eight_bit = [k for k in ms if k.endswith("AdamW8bit")]
     for label, value in ms.items():
         b = state_bytes(optimizers[label]) / n
-        storage = "int8" if ("int8" in label or label.endswith("AdamW8bit")) else "bf16" if "bf16" in label \
-            else "fp32"
-        row = {"optimizer": label, "ms": value, "state_bytes_per_param": b,
+        storage = makers[label][1]
+        row = {"optimizer": label, "ms": value, "state_bytes_per_param": b, "params": makers[label][2],
                "speedup_vs_torch_fused": ms["torch fused fp32"] / value, "floor": storage,
                "floor_ms": floor_ms[storage], "pct_of_floor": 100 * floor_ms[storage] / value}
         row.update({f"speedup_vs_{k.split()[0]}": ms[k] / value for k in eight_bit})
         rows.append(row)
         others = "  ".join(f"{ms[k] / value:6.1f}x vs {k.split()[0]}" for k in eight_bit)
-        log(f"  {label:34s} {value:8.2f} ms  {b:5.2f} B/param state  "
+        log(f"  {label:40s} {value:8.2f} ms  {b:5.2f} B/param state  "
             f"{ms['torch fused fp32'] / value:5.2f}x vs torch fused fp32  {row['pct_of_floor']:4.0f} % of "
             f"{storage} floor  {others}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -316,7 +372,33 @@ def table(results: dict) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def state_table(results: dict) -> str:
+    """The state-precision table: each AdamW row against torch fused fp32 and its own storage's floor, with the
+    ISA both sides ran, the floors, and (with bf16 params) what stochastic rounding costs."""
+    sp, isa = results["state_precision"], results["machine"]["isa"]
+    rows, floors = sp["rows"], sp["floors_ms"]
+    others = [k[len("speedup_vs_"):] for k in rows[0] if k.startswith("speedup_vs_") and k != "speedup_vs_torch_fused"]
+    out = [f"\nadamkit {isa['adamkit']}, torch {isa['torch']}, {results['machine']['threads']} threads, "
+           f"{sp['params'] / 1e6:.1f} M params",
+           "| AdamW | ms/step | state B/param | × vs torch fused fp32 | % of its floor |" + "".join(
+               f" × vs {o} |" for o in others), "|---|---|---|---|---|" + "---|" * len(others)]
+    for r in rows:
+        out.append(f"| {r['optimizer']} | {r['ms']:.2f} | {r['state_bytes_per_param']:.2f} | "
+                   f"{r['speedup_vs_torch_fused']:.2f}× | {r['pct_of_floor']:.0f} % ({r['floor']}) |"
+                   + "".join(f" {r[f'speedup_vs_{o}']:.1f}× |" for o in others))
+    ms = {r["optimizer"]: r["ms"] for r in rows}
+    out.append("\nFloors (same memory streams, no math): " + ", ".join(
+        f"{k} {v:.2f} ms = {ms['torch fused fp32'] / v:.2f}× torch fused fp32" for k, v in floors.items())
+        + " — the most any step of that storage could reach in this run.")
+    if "adamkit bf16 params, stochastic rounding" in ms:
+        out.append(f"bf16 params: stochastic rounding runs at "
+                   f"{ms['adamkit bf16 params'] / ms['adamkit bf16 params, stochastic rounding']:.2f}× the speed of "
+                   f"round-to-nearest; torch fused on bf16 params "
+                   f"{ms['torch fused, bf16 params'] / ms['adamkit bf16 params']:.2f}× slower than adamkit's.")
+    return "\n".join(out)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adamkit bench", description=__doc__)
     parser.add_argument("--params", type=float, default=25e6, help="parameters in the transformer-like model")
     parser.add_argument("--steps", type=int, default=15, help="timed rounds per measurement (median reported)")
@@ -327,22 +409,41 @@ def main(argv: list[str] | None = None) -> int:
                         "precision, each in a fresh process (AdamW, 3 steps)")
     parser.add_argument("--no-libraries", action="store_true", help="with --state-precision: leave out "
                         "bitsandbytes and torchao even when installed")
+    parser.add_argument("--bf16-params", action="store_true", help="with --state-precision: also AdamW with "
+                        "bfloat16 params, with and without stochastic rounding, next to torch fused on bf16 params")
+    parser.add_argument("--isa", choices=("host", "avx2"), default="host", help="avx2: compile the kernels and run "
+                        "torch for AVX2 (an AVX2 machine's code, measured on this one); restarts the command with "
+                        "NUMBA_CPU_NAME, NUMBA_CPU_FEATURES and ATEN_CPU_CAPABILITY set")
     parser.add_argument("--state-precision", default="", help="also compare AdamW with these state precisions "
                         "(comma-separated: bf16,int8) against torch fused fp32; add 'only' to skip the other tables "
                         "(e.g. bf16,int8,only)")
     parser.add_argument("--distributed", action="store_true", help="instead: the step on FSDP2 shards, 2 processes "
                         "(gloo), against torch.optim's paths on DTensors and the shard's memory floor")
+    return parser
+
+
+def _distributed(args: argparse.Namespace, only: list[str] | None, log: Callable[[str], None]) -> int:
+    from . import bench_distributed
+    results = bench_distributed.run(int(args.params), args.steps, only, log)
+    results["machine"] = {**machine(), "isa": compiled_isa()}
+    print(bench_distributed.table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ENVIRONMENT.items()):
+        os.environ.update(AVX2_ENVIRONMENT)  # both libraries read them once, at import: start again with them
+        os.execv(sys.executable, [sys.executable, "-m", "adamkit.cli", "bench",
+                                  *(sys.argv[2:] if argv is None else argv)])
     only = [s.strip() for s in args.only.split(",") if s.strip()] or None
     log = lambda s: print(s, flush=True)  # noqa: E731
     if args.distributed:
-        from . import bench_distributed
-        results = bench_distributed.run(int(args.params), args.steps, only, log)
-        print(bench_distributed.table(results))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
-        return 0
+        return _distributed(args, only, log)
     names = [p.strip() for p in args.state_precision.split(",") if p.strip()]
     precisions = [p for p in names if p != "only"]
     choices = [p for p in PRECISIONS if p]
@@ -353,29 +454,18 @@ def main(argv: list[str] | None = None) -> int:
     if "only" in names and not precisions:
         parser.error("--state-precision only: name the precisions to compare too, e.g. --state-precision "
                      "bf16,int8,only")
+    isa = compiled_isa()
+    log(f"ISA: adamkit kernels compiled for {isa['adamkit']} (numba target {isa['numba_cpu']}), torch runs "
+        f"{isa['torch']}")
     if "only" in names:
-        results = {"machine": {}, "suites": {}}
+        results = {"machine": machine(), "suites": {}}
     else:
         results = run(int(args.params), args.steps, only, not args.no_small, log)
         print(table(results))
     if precisions:
         results["state_precision"] = run_state_precision(int(args.params), args.steps, precisions, log,
-                                                         not args.no_libraries)
-        rows = results["state_precision"]["rows"]
-        others = [k[len("speedup_vs_"):] for k in rows[0]
-                  if k.startswith("speedup_vs_") and k != "speedup_vs_torch_fused"]
-        floors = results["state_precision"]["floors_ms"]
-        print("\n| AdamW | ms/step | state B/param | × vs torch fused fp32 | % of its floor |"
-              + "".join(f" × vs {o} |" for o in others))
-        print("|---|---|---|---|---|" + "---|" * len(others))
-        for r in rows:
-            print(f"| {r['optimizer']} | {r['ms']:.2f} | {r['state_bytes_per_param']:.2f} | "
-                  f"{r['speedup_vs_torch_fused']:.2f}× | {r['pct_of_floor']:.0f} % ({r['floor']}) |"
-                  + "".join(f" {r[f'speedup_vs_{o}']:.1f}× |" for o in others))
-        torch_ms = next(r["ms"] for r in rows if r["optimizer"] == "torch fused fp32")
-        print("\nFloors (same memory streams, no math): " + ", ".join(
-            f"{k} {v:.2f} ms = {torch_ms / v:.2f}× torch fused fp32" for k, v in floors.items())
-            + " — the most any step of that storage could reach in this run.")
+                                                         not args.no_libraries, args.bf16_params)
+        print(state_table(results))
         if args.memory:
             mem = peak_memory(int(args.params), ["torch", "None", *precisions])
             results["peak_memory"] = mem

@@ -7,6 +7,12 @@ compiled by numba) and, for low-precision states, the load/store functions of :m
 rounding, 8-bit codes block by block), so the math is never re-typed. One call covers many tensors: a table of
 chunks ``(tensor, start, stop)`` is split across threads, each chunk reads and writes every byte once.
 
+The generator is a few small emitters: the layout of a configuration (:class:`_Layout`: storage, loads, stores,
+random streams), the chunk's views, the element step (built once, used by both loops), and the flat or
+block-by-block loop. Once calls whose tensors share their option flags (every call of one param group) have
+stepped enough elements, they run a loop compiled with the flags as constants (:class:`Kernel`), so that the
+branches they select are gone from it.
+
 Tensors are reached through their addresses (``data_ptr``), so torch tensors and NumPy arrays need no copies.
 Per-tensor coefficients (bias corrections for that tensor's step) come as rows of a float64 matrix and are
 rounded to the parameter's dtype once per chunk, as torch.optim does.
@@ -45,7 +51,7 @@ FORMATS: dict[str, tuple[Any, Any, int]] = {
     "bfloat16": (np.uint16, np.float32, 0x7F80),
 }
 _lock = threading.Lock()
-_kernels: dict[tuple, Callable] = {}
+_kernels: dict[tuple, "Kernel"] = {}
 _finite_kernels: dict[str, Callable] = {}
 
 
@@ -132,18 +138,40 @@ def stream_key(seed, tensor, stream):
     return np.uint32(x & np.uint64(0xFFFFFFFF))
 
 
+@intrinsic
+def random32(typingctx, key, index):
+    """32 random bits for element ``index`` of the stream pair ``key``: Wellons' lowbias32 hash (a bijection with
+    full avalanche) of the index's low 32 bits, rotated by 16, xor the key. The low 16 bits round one stream, the high 16 bits the
+    other (:func:`low16`, :func:`high16`), so one hash serves two stochastically rounded values. Emitted as 32-bit
+    integer operations, so that a vector loop keeps 8 (AVX2) or 16 (AVX-512) lanes: numba's own arithmetic would
+    widen it to 64 bits."""
+    if not (isinstance(key, types.Integer) and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        k, i = (builder.trunc(a, i32) if a.type.width > 32 else builder.zext(a, i32) if a.type.width < 32 else a
+                for a in args)
+        # the index's halves swapped (a rotation, which keeps the hash a bijection of the index) before the key:
+        # LLVM cannot move the truncation past it, so the loop counts the index in 32-bit lanes
+        rotate = builder.module.declare_intrinsic("llvm.fshl", [i32], ir.FunctionType(i32, [i32, i32, i32]))
+        v = builder.xor(builder.call(rotate, [i, i, ir.Constant(i32, 16)]), k)
+        for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+            v = builder.xor(v, builder.lshr(v, ir.Constant(i32, shift)))
+            v = builder.mul(v, ir.Constant(i32, multiplier))
+        return builder.xor(v, builder.lshr(v, ir.Constant(i32, 16)))
+
+    return types.uint32(key, index), codegen
+
+
 @numba.njit(inline="always")
-def random16(key, index):
-    """16 random bits for element ``index`` of the stream ``key``: a 32-bit integer hash (Wellons' lowbias32, a
-    bijection with full avalanche) of the index mixed with the key; every step is cast back to 32 bits, since
-    numba widens 32-bit arithmetic to 64."""
-    x = np.uint32(np.uint32(index) ^ key)
-    x = np.uint32(x ^ (x >> np.uint32(16)))
-    x = np.uint32(x * np.uint32(0x7FEB352D))
-    x = np.uint32(x ^ (x >> np.uint32(15)))
-    x = np.uint32(x * np.uint32(0x846CA68B))
-    x = np.uint32(x ^ (x >> np.uint32(16)))
-    return np.uint32(x >> np.uint32(16))
+def low16(bits):
+    return np.uint32(bits & np.uint32(0xFFFF))
+
+
+@numba.njit(inline="always")
+def high16(bits):
+    return np.uint32(bits >> np.uint32(16))
 
 
 _scalar_updates: dict[str, Callable] = {}
@@ -188,163 +216,176 @@ def address_columns(rule: _rules.Rule, present: tuple[bool, ...], kinds: tuple[s
     return cols
 
 
-def _generate(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic: bool = False,
-              kinds: tuple[str, ...] | None = None) -> str:
-    """Source of the loop for ``rule``: parameter stored as ``fmt``, each present state stored as its ``kind``.
+class _Layout:
+    """What one generated kernel reads and writes: the parameter's format, each present state's storage, the
+    coefficient and flag names, and the stochastic-rounding streams (0: the parameter, j + 1: state j), paired so
+    that one 32-bit hash rounds two of them. ``constants``, if given, are the flags' values compiled in."""
 
-    The loop loads (and dequantizes) each element, calls the rule, and stores (and rounds or quantizes) the
-    results; 8-bit states go block by block (new values in a small buffer, then the block's absmax, then codes).
-    A block whose gradient holds inf or nan is left unchanged (params, codes, absmax) and counted; the kernel
-    returns that count (0 for kernels without 8-bit states).
-    """
-    kinds = kinds or tuple("plain" for _ in rule.update_states)
-    bits, compute, exponent = FORMATS[fmt]
-    bf16_param = fmt == "bfloat16"
-    on = [(j, s, kind) for j, (s, p, kind) in enumerate(zip(rule.update_states, present, kinds)) if p]
-    quantized = [(j, s) for j, s, kind in on if kind == "q8"]
-    names = list(inspect.signature(rule.update).parameters)[2 + len(rule.update_states):]
-    floats, bools = coefficient_names(rule)
-    signed = _states.SIGNED_STATES
+    def __init__(self, rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic: bool,
+                 kinds: tuple[str, ...], constants: tuple[bool, ...] | None) -> None:
+        self.rule, self.fmt, self.stochastic, self.constants = rule, fmt, stochastic, constants
+        self.bf16_param = fmt == "bfloat16"
+        self.on = [(j, s, kind) for j, (s, p, kind) in enumerate(zip(rule.update_states, present, kinds)) if p]
+        self.kind_of = {s: kind for _, s, kind in self.on}
+        self.quantized = [s for _, s, kind in self.on if kind == "q8"]
+        self.names = list(inspect.signature(rule.update).parameters)[2 + len(rule.update_states):]
+        self.floats, self.bools = coefficient_names(rule)
+        rounded = [stream for stream, kind in [(0, "plain")] + [(j + 1, kind) for j, _, kind in self.on]
+                   if self.rounds_stochastically(kind)]
+        self.pairs = [tuple(rounded[i:i + 2]) for i in range(0, len(rounded), 2)]
 
-    def storage(kind: str, s: str = "") -> str:
-        if kind == "q8":
-            return "np.int8" if s in signed else "np.uint8"
-        if kind == "bf16" or (kind == "plain" and bf16_param):
-            return "np.uint16"
-        return "DT"
-
-    def load(kind: str, s: str, x: str) -> str:
-        if kind == "q8":
-            fn = "dequantize_signed" if s in signed else "dequantize_unsigned"
-            return f"DT({fn}({x}, {s}_scale))"
-        if kind == "bf16" or (kind == "plain" and bf16_param):
-            return f"DT(bf16_load({x}))"
-        return x
-
-    def rounds_stochastically(kind: str) -> bool:
+    def rounds_stochastically(self, kind: str) -> bool:
         """bf16 states always; bf16 params (and states stored like them) when ``stochastic``."""
-        return kind == "bf16" or (kind == "plain" and bf16_param and stochastic)
+        return kind == "bf16" or (kind == "plain" and self.bf16_param and self.stochastic)
 
-    def store(kind: str, target: str, value: str, stream: int, index: str = "lo + i") -> str:
-        if kind == "bf16" or (kind == "plain" and bf16_param):
-            noise = (f"random16(key{stream}, {index})" if rounds_stochastically(kind)
-                     else f"nearest_even(np.float32({value}))")
-            return f"{target} = bf16_store(np.float32({value}), {noise})"
-        return f"{target} = {value}"
+    def is_bf16(self, kind: str) -> bool:
+        return kind == "bf16" or (kind == "plain" and self.bf16_param)
 
-    L = [
-        f"# generated by adamkit.kernels: rule {rule.name}, param {fmt}, states "
-        f"{[(s, kind) for _, s, kind in on]}{', stochastic rounding' if stochastic else ''}.",
+    def storage(self, kind: str, s: str = "") -> str:
+        if kind == "q8":
+            return "np.int8" if s in _states.SIGNED_STATES else "np.uint8"
+        return "np.uint16" if self.is_bf16(kind) else "DT"
+
+    def load(self, kind: str, s: str, x: str) -> str:
+        if kind == "q8":
+            fn = "dequantize_signed" if s in _states.SIGNED_STATES else "dequantize_unsigned"
+            return f"DT({fn}({x}, {s}_scale))"
+        return f"DT(bf16_load({x}))" if self.is_bf16(kind) else x
+
+    def noise(self, stream: int) -> str:
+        """The 16 random bits of ``stream``: a half of its pair's hash."""
+        for pair in self.pairs:
+            if stream in pair:
+                return f"{'low16' if pair[0] == stream else 'high16'}(bits{pair[0]})"
+        raise KeyError(stream)
+
+    def store(self, kind: str, target: str, value: str, stream: int) -> str:
+        if not self.is_bf16(kind):
+            return f"{target} = {value}"
+        noise = self.noise(stream) if self.rounds_stochastically(kind) else f"nearest_even(np.float32({value}))"
+        return f"{target} = bf16_store(np.float32({value}), {noise})"
+
+
+def _emit_header(lay: _Layout) -> list[str]:
+    """Imports and constants of the generated module."""
+    bits, compute, exponent = FORMATS[lay.fmt]
+    states = [(s, kind) for _, s, kind in lay.on]
+    return [
+        f"# generated by adamkit.kernels: rule {lay.rule.name}, param {lay.fmt}, states {states}"
+        f"{', stochastic rounding' if lay.stochastic else ''}"
+        f"{'' if lay.constants is None else f', flags {dict(zip(lay.bools, lay.constants))}'}.",
         "# A loop that loads, calls the rule, and stores; the math lives in adamkit.rules and adamkit.states.",
         "import numpy as np",
         "from numba import njit, prange, carray",
         "from adamkit.kernels import address_as_pointer, scalar_update, bf16_load, bf16_store, nearest_even",
-        "from adamkit.kernels import random16, stream_key",
+        "from adamkit.kernels import random32, low16, high16, stream_key",
         "from adamkit.kernels import scalar_state_functions, _f32_as_u32 as f32_bits, _u32_as_f32 as bits_f32",
         "dequantize_signed, dequantize_unsigned, quantize_signed, quantize_unsigned, inverse_scale = "
         "scalar_state_functions()",
-        f"update = scalar_update({rule.name!r})",
+        f"update = scalar_update({lay.rule.name!r})",
         f"DT = np.{compute.__name__}",
         f"BLOCK = {_states.BLOCK}",
         f"BITS = np.{bits.__name__}  # the gradient's storage bits, for the non-finite check",
         f"EXPONENT = BITS({exponent:#x})",
         f"MAGNITUDE = BITS({(1 << (8 * np.dtype(bits).itemsize - 1)) - 1:#x})",
         "",
-        "@njit(parallel=True, cache=True, nogil=True, error_model='numpy')",
+        # FMA contraction and reciprocals of a tensor's constants (a division by bc2_sqrt becomes a multiplication):
+        # within an ulp per operation, no assumption about inf or nan
+        "@njit(parallel=True, cache=True, nogil=True, error_model='numpy', fastmath={'arcp', 'contract'})",
         "def kernel(chunk_tensor, chunk_start, chunk_stop, sizes, addresses, coefficients, flags, seed):",
         "    zero = DT(0.0)",
         "    skipped = 0  # 8-bit blocks left unchanged because their gradient was not finite",
         "    for c in prange(chunk_tensor.shape[0]):",
-        "        k = chunk_tensor[c]",
-        "        n = sizes[k]",
-        "        lo = chunk_start[c]",
-        "        hi = chunk_stop[c]",
-        "        # views of this chunk, indexed from 0, so LLVM sees simple loops and vectorizes them",
-        f"        theta_ = carray(address_as_pointer(addresses[k, 0]), n, dtype={storage('plain')})[lo:hi]",
-        f"        g_ = carray(address_as_pointer(addresses[k, 1]), n, dtype={storage('plain')})[lo:hi]",
     ]
-    col = 2
-    for j, s, kind in on:
-        L.append(f"        {s}_ = carray(address_as_pointer(addresses[k, {col}]), n, dtype={storage(kind, s)})[lo:hi]")
-        col += 1
-        if kind == "q8":
-            L.append(f"        {s}_absmax = carray(address_as_pointer(addresses[k, {col}]), (n + BLOCK - 1) // BLOCK, "
-                     f"dtype=np.float32)")
-            L.append(f"        {s}_buffer = np.empty(BLOCK, DT)")
-            col += 1
-    for j, n in enumerate(floats):
-        L.append(f"        {n} = DT(coefficients[k, {j}])")
-    for j, n in enumerate(bools):
-        L.append(f"        {n} = flags[k, {j}] != 0")
-    # one stochastic-rounding key per stored stream (0: the parameter, j + 1: state j), hoisted out of the loop
-    streams = [(0, "plain")] + [(j + 1, kind) for j, _, kind in on]
-    for stream in (stream for stream, kind in streams if rounds_stochastically(kind)):
-        L.append(f"        key{stream} = stream_key(seed, k, {stream})")
-    call = [load("plain", "", "theta_[i]"), load("plain", "", "g_[i]")]
-    present_kind = {s: kind for _, s, kind in on}
-    for s in rule.update_states:
-        call.append(load(present_kind[s], s, f"{s}_[i]") if s in present_kind else "zero")
-    body = [f"r = update({', '.join(call + names)})", store("plain", "theta_[i]", "r[0]", 0)]
-    for j, s, kind in on:
-        if kind == "q8":
-            body.append(f"{s}_buffer[i - b0] = r[{j + 1}]")
+
+
+def _emit_chunk(lay: _Layout) -> list[str]:
+    """One chunk's views (indexed from 0, so LLVM sees simple loops and vectorizes them), its tensor's
+    coefficients and flags, and one stochastic-rounding key per pair of streams, hoisted out of the loop."""
+    view = "carray(address_as_pointer(addresses[k, {}]), n, dtype={})[lo:hi]"
+    L = ["k = chunk_tensor[c]", "n = sizes[k]", "lo = chunk_start[c]", "hi = chunk_stop[c]",
+         f"theta_ = {view.format(0, lay.storage('plain'))}", f"g_ = {view.format(1, lay.storage('plain'))}"]
+    columns = address_columns(lay.rule, tuple(s in lay.kind_of for s in lay.rule.update_states),
+                              tuple(lay.kind_of.get(s, "plain") for s in lay.rule.update_states))
+    for col, name in enumerate(columns[2:], start=2):
+        if name.endswith(".absmax"):
+            s = name[:-len(".absmax")]
+            L += [f"{s}_absmax = carray(address_as_pointer(addresses[k, {col}]), (n + BLOCK - 1) // BLOCK, "
+                  "dtype=np.float32)", f"{s}_buffer = np.empty(BLOCK, DT)"]
         else:
-            body.append(store(kind, f"{s}_[i]", f"r[{j + 1}]", j + 1))
-    if quantized:
-        L.append("        g_bits = carray(address_as_pointer(addresses[k, 1]), n, dtype=BITS)[lo:hi]")
-    if not quantized:
-        L.append("        for i in range(hi - lo):")
-        L.extend("            " + line for line in body)
+            L.append(f"{name}_ = {view.format(col, lay.storage(lay.kind_of[name], name))}")
+    L += [f"{n} = DT(coefficients[k, {j}])" for j, n in enumerate(lay.floats)]
+    if lay.constants is None:
+        L += [f"{n} = flags[k, {j}] != 0" for j, n in enumerate(lay.bools)]
     else:
-        # block by block; every array is re-viewed per block so the loops index from 0 (and vectorize)
-        L.append("        for b0 in range(0, hi - lo, BLOCK):")
-        L.append("            b1 = min(b0 + BLOCK, hi - lo)")
-        L.append("            block = (lo + b0) // BLOCK")
-        L.append("            theta_b = theta_[b0:b1]")
-        L.append("            g_b = g_[b0:b1]")
-        # a block whose gradient holds inf or nan is left as it is (one nan would poison the block's absmax):
-        # the largest magnitude's bits, an integer max that vectorizes, reach the exponent mask only then
-        L.append("            g_bits_b = g_bits[b0:b1]")
-        L.append("            magnitude = BITS(0)")
-        L.append("            for i in range(b1 - b0):")
-        L.append("                magnitude = max(magnitude, BITS(g_bits_b[i] & MAGNITUDE))")
-        L.append("            if magnitude >= EXPONENT:")
-        L.append("                skipped += 1")
-        L.append("                continue")
-        for _, s, kind in on:
-            L.append(f"            {s}_b = {s}_[b0:b1]")
-        for _, s in quantized:
-            L.append(f"            {s}_scale = {s}_absmax[block]")
-            L.append(f"            {s}_buf = {s}_buffer[:b1 - b0]")
-            L.append(f"            {s}_bits = np.uint32(0)")
-        # one loop: dequantize, the rule, and each new 8-bit state's running absmax (an integer max over the
-        # float bits: same order for non-negative floats; it vectorizes); new 8-bit states wait in buffers
-        L.append("            for i in range(b1 - b0):")
-        call_b = [load("plain", "", "theta_b[i]"), load("plain", "", "g_b[i]")]
-        for s in rule.update_states:
-            kind = present_kind.get(s)
-            call_b.append("zero" if kind is None else load(kind, s, f"{s}_b[i]"))
-        index = "lo + b0 + i"  # the element's place in its tensor (the stochastic-rounding counter)
-        block_body = [f"r = update({', '.join(call_b + names)})", store("plain", "theta_b[i]", "r[0]", 0, index)]
-        for j, s, kind in on:
-            if kind == "q8":
-                block_body.append(f"{s}_buf[i] = r[{j + 1}]")
-                block_body.append(f"{s}_bits = max({s}_bits, f32_bits(abs(np.float32(r[{j + 1}]))))")
-            else:
-                block_body.append(store(kind, f"{s}_b[i]", f"r[{j + 1}]", j + 1, index))
-        L.extend("                " + line for line in block_body)
-        for _, s in quantized:
-            L.append(f"            {s}_amax = bits_f32({s}_bits)")
-            L.append(f"            {s}_inv = DT(inverse_scale({s}_amax))")
-            L.append(f"            {s}_absmax[block] = np.float32({s}_amax)")
-        L.append("            for i in range(b1 - b0):")  # quantize every 8-bit state
-        for _, s in quantized:
-            q = "quantize_signed" if s in signed else "quantize_unsigned"
-            dt = "np.int8" if s in signed else "np.uint8"
-            L.append(f"                {s}_b[i] = {dt}({q}({s}_buf[i], {s}_inv))")
-    L.append("    return skipped")
-    L.append("")
-    return "\n".join(L)
+        L += [f"{n} = {value}" for n, value in zip(lay.bools, lay.constants)]
+    L += [f"key{pair[0]} = stream_key(seed, k, {pair[0]})" for pair in lay.pairs]
+    if lay.quantized:
+        L.append(f"g_bits = {view.format(1, 'BITS')}")
+    return ["        " + line for line in L]
+
+
+def _emit_element(lay: _Layout, view: str, index: str) -> list[str]:
+    """The element step, built once for both loops: random bits, load (dequantize), the rule, store (round, or
+    keep new 8-bit states in the block's buffer with a running absmax: an integer max over the float bits, the
+    same order for non-negative floats, which vectorizes). Arrays are ``{name}{view}``, indexed by ``i``;
+    ``index`` is the element's place in its tensor (the stochastic-rounding counter)."""
+    args = [lay.load("plain", "", f"theta{view}[i]"), lay.load("plain", "", f"g{view}[i]")]
+    args += [lay.load(lay.kind_of[s], s, f"{s}{view}[i]") if s in lay.kind_of else "zero"
+             for s in lay.rule.update_states]
+    L = [f"bits{pair[0]} = random32(key{pair[0]}, {index})" for pair in lay.pairs]
+    L += [f"r = update({', '.join(args + lay.names)})", lay.store("plain", f"theta{view}[i]", "r[0]", 0)]
+    for j, s, kind in lay.on:
+        if kind == "q8":
+            L += [f"{s}_buf[i] = r[{j + 1}]", f"{s}_bits = max({s}_bits, f32_bits(abs(np.float32(r[{j + 1}]))))"]
+        else:
+            L.append(lay.store(kind, f"{s}{view}[i]", f"r[{j + 1}]", j + 1))
+    return L
+
+
+def _emit_flat_loop(lay: _Layout) -> list[str]:
+    """Element by element over the chunk (no 8-bit state)."""
+    return ["        for i in range(hi - lo):"] + ["            " + x for x in _emit_element(lay, "_", "lo + i")]
+
+
+def _emit_block_loop(lay: _Layout) -> list[str]:
+    """Block by block (8-bit states): skip a block whose gradient holds inf or nan (one nan would poison the
+    block's absmax; the largest magnitude's bits, an integer max that vectorizes, reach the exponent mask only
+    then), one loop of element steps, the block's absmax, then one loop quantizing every 8-bit state. Every
+    array is re-viewed per block so that the loops index from 0 (and vectorize)."""
+    L = ["for b0 in range(0, hi - lo, BLOCK):", "    b1 = min(b0 + BLOCK, hi - lo)", "    block = (lo + b0) // BLOCK",
+         "    g_bits_b = g_bits[b0:b1]", "    magnitude = BITS(0)", "    for i in range(b1 - b0):",
+         "        magnitude = max(magnitude, BITS(g_bits_b[i] & MAGNITUDE))", "    if magnitude >= EXPONENT:",
+         "        skipped += 1", "        continue"]
+    L += [f"    {s}_b = {s}_[b0:b1]" for s in ["theta", "g"] + [s for _, s, _ in lay.on]]
+    for s in lay.quantized:
+        L += [f"    {s}_scale = {s}_absmax[block]", f"    {s}_buf = {s}_buffer[:b1 - b0]", f"    {s}_bits = np.uint32(0)"]
+    L.append("    for i in range(b1 - b0):")
+    L += ["        " + x for x in _emit_element(lay, "_b", "lo + b0 + i")]
+    for s in lay.quantized:
+        L += [f"    {s}_amax = bits_f32({s}_bits)", f"    {s}_inv = DT(inverse_scale({s}_amax))",
+              f"    {s}_absmax[block] = np.float32({s}_amax)"]
+    L.append("    for i in range(b1 - b0):")
+    for s in lay.quantized:
+        signed = s in _states.SIGNED_STATES
+        q, dt = ("quantize_signed", "np.int8") if signed else ("quantize_unsigned", "np.uint8")
+        L.append(f"        {s}_b[i] = {dt}({q}({s}_buf[i], {s}_inv))")
+    return ["        " + line for line in L]
+
+
+def _generate(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic: bool = False,
+              kinds: tuple[str, ...] | None = None, constants: tuple[bool, ...] | None = None) -> str:
+    """Source of the loop for ``rule``: parameter stored as ``fmt``, each present state stored as its ``kind``;
+    the flags read per tensor, or compiled in as ``constants``.
+
+    The loop loads (and dequantizes) each element, calls the rule, and stores (and rounds or quantizes) the
+    results; 8-bit states go block by block (new values in a small buffer, then the block's absmax, then codes).
+    A block whose gradient holds inf or nan is left unchanged (params, codes, absmax) and counted; the kernel
+    returns that count (0 for kernels without 8-bit states).
+    """
+    lay = _Layout(rule, present, fmt, stochastic, kinds or tuple("plain" for _ in rule.update_states), constants)
+    loop = _emit_block_loop(lay) if lay.quantized else _emit_flat_loop(lay)
+    return "\n".join(_emit_header(lay) + _emit_chunk(lay) + loop + ["    return skipped", ""])
 
 
 _state_functions: tuple | None = None
@@ -377,33 +418,94 @@ def _select(condition, a, b):
     return a if condition else b
 
 
+SPECIALISE_AFTER = 1 << 27
+"""Elements stepped with one set of flags after which a kernel compiles a loop with those flags as constants (a
+compile of a few seconds pays back only over long runs: 134 M elements are about 5 steps of a 25 M model)."""
+
+
+class Kernel:
+    """The compiled multi-tensor loop of one configuration, called as ``kernel(chunk_tensor, chunk_start,
+    chunk_stop, sizes, addresses, coefficients, flags, seed) -> skipped``.
+
+    A call runs the loop that reads each tensor's flags, until calls whose tensors all carry the same flags (one
+    param group: every call the engines make, except a step where some tensors start and others do not) have
+    stepped :data:`SPECIALISE_AFTER` elements; from then on such calls run a loop compiled with those flags as
+    constants, so that the branches they select and the code they switch off are gone from it."""
+
+    def __init__(self, rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic: bool,
+                 kinds: tuple[str, ...]) -> None:
+        self.config = (rule, present, fmt, stochastic, kinds)
+        self.loops: dict[int, Callable] = {}
+        self.stepped: dict[int, int] = {}  # elements stepped per flags code, until its loop is compiled
+
+    def loop(self, code: int) -> Callable:
+        """The compiled loop for the flags ``code`` (bit j: flag j) of :func:`uniform_flags`; -1: flags read per
+        tensor."""
+        fn = self.loops.get(code)
+        if fn is None:
+            with _lock:
+                fn = self.loops.get(code)
+                if fn is None:
+                    n = len(coefficient_names(self.config[0])[1])
+                    constants = None if code < 0 else tuple(bool(code >> j & 1) for j in range(n))
+                    fn = self.loops[code] = _load(*self.config, constants)
+        return fn
+
+    def __call__(self, chunk_tensor, chunk_start, chunk_stop, sizes, addresses, coefficients, flags, seed) -> int:
+        code, elements = uniform_flags(flags, sizes)
+        if code >= 0 and code not in self.loops:
+            self.stepped[code] = self.stepped.get(code, 0) + elements
+            code = code if self.stepped[code] > SPECIALISE_AFTER else -1
+        return self.loop(code)(chunk_tensor, chunk_start, chunk_stop, sizes, addresses, coefficients, flags, seed)
+
+
+@numba.njit(nogil=True, cache=True)
+def uniform_flags(flags, sizes):
+    """The flags every row of ``flags`` shares, as bits (bit j: flag j), or -1 if the rows differ (or are none);
+    and the number of elements in ``sizes``."""
+    elements = 0
+    for k in range(sizes.shape[0]):
+        elements += sizes[k]
+    if flags.shape[0] == 0:
+        return -1, elements
+    code = 0
+    for j in range(flags.shape[1]):
+        first = flags[0, j] != 0
+        for k in range(1, flags.shape[0]):
+            if (flags[k, j] != 0) != first:
+                return -1, elements
+        code |= (1 << j) if first else 0
+    return code, elements
+
+
 def kernel(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic: bool = False,
-           kinds: tuple[str, ...] | None = None) -> Callable:
+           kinds: tuple[str, ...] | None = None) -> Kernel:
     """The compiled multi-tensor loop for ``rule`` (generated, cached on disk and loaded on first use)."""
     kinds = kinds or tuple("plain" for _ in rule.update_states)
     key = (rule.name, present, fmt, stochastic, kinds)
-    fn = _kernels.get(key)
-    if fn is not None:
-        return fn
     with _lock:
-        if key in _kernels:
-            return _kernels[key]
-        source = _generate(rule, present, fmt, stochastic, kinds)
-        tag = hashlib.sha256((source + _SOURCE_HASH).encode()).hexdigest()[:16]
-        directory = cache_dir() / "kernels"
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{rule.name.lower()}_{fmt}_{tag}.py"
-        if not path.exists():
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(source)
-            os.replace(tmp, path)
-        os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir() / "numba"))
-        spec = importlib.util.spec_from_file_location(f"adamkit_kernel_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # numba's disk cache finds the module by name when it loads
-        spec.loader.exec_module(module)
-        _kernels[key] = module.kernel
-        return module.kernel
+        return _kernels.setdefault(key, Kernel(rule, present, fmt, stochastic, kinds)) if key not in _kernels \
+            else _kernels[key]
+
+
+def _load(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic: bool, kinds: tuple[str, ...],
+          constants: tuple[bool, ...] | None) -> Callable:
+    """Write the generated module (once per source) under the cache directory, import it, return its loop."""
+    source = _generate(rule, present, fmt, stochastic, kinds, constants)
+    tag = hashlib.sha256((source + _SOURCE_HASH).encode()).hexdigest()[:16]
+    directory = cache_dir() / "kernels"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{rule.name.lower()}_{fmt}_{tag}.py"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(source)
+        os.replace(tmp, path)
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir() / "numba"))
+    spec = importlib.util.spec_from_file_location(f"adamkit_kernel_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # numba's disk cache finds the module by name when it loads
+    spec.loader.exec_module(module)
+    return module.kernel
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
