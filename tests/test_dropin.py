@@ -229,3 +229,10 @@ def test_capturable_on_cpu_is_accepted_then_refused_at_the_step_with_torchs_word
         with pytest.raises(AssertionError, match="^If capturable=True, params and state_steps must be on supported"):
             opt.step()
         assert torch.equal(p, torch.ones(3))
+
+
+def test_tensor_lr_with_foreach_is_refused_only_where_torch_refuses_it():
+    for name in ("SGD", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam"):
+        p = torch.nn.Parameter(torch.ones(3))
+        getattr(akt, name)([p], lr=torch.tensor(0.01), foreach=True)  # torch.optim takes it too
+        getattr(torch.optim, name)([p], lr=torch.tensor(0.01), foreach=True)

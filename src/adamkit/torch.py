@@ -81,9 +81,10 @@ class Optimizer(_optim.Optimizer):
         self.check_finite: bool = bool(values.pop("check_finite"))
         self.stochastic_rounding: bool = bool(values.pop("stochastic_rounding"))
         engine = {k: values.pop(k) for k in _ENGINE_KEYS if k in values}
-        _check_tensor_lr(values.get("lr"), engine)
+        adam = type(self).__name__ in ("Adam", "AdamW")  # torch.optim.Adam's constructor checks more
+        _check_tensor_lr(values.get("lr"), engine if adam else {})
         defaults = self.rule.hyperparameters(**values)
-        if type(self).__name__ in ("Adam", "AdamW"):  # torch.optim.Adam's own checks, after the ranges as there
+        if adam:  # after the ranges, as there
             _check_tensor_betas(values.get("betas", defaults["betas"]), engine)
         defaults.update(engine)
         self._init_engine()
@@ -462,7 +463,8 @@ class Optimizer(_optim.Optimizer):
 
 
 def _check_tensor_lr(lr: Any, engine: Mapping[str, Any]) -> None:
-    """torch.optim's checks of a tensor ``lr``, with its words, before anything else (as its constructors)."""
+    """torch.optim's checks of a tensor ``lr``, with its words, before anything else (as its constructors); the
+    foreach check only where ``engine`` is given (torch.optim.Adam's)."""
     if isinstance(lr, torch.Tensor):
         if engine.get("foreach") and not engine.get("capturable"):
             raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
