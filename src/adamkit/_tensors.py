@@ -161,7 +161,9 @@ def check_state_tensor(name: str, where: str, value: Any, p_local: torch.Tensor,
         raise RuntimeError(f"{where}: expected dtype {expected} for state '{name}' but got dtype {local.dtype} "
                            f"(the parameter is {p_local.dtype}; was it converted, e.g. by model.double(), after "
                            f"the optimizer made its state?)")
-    if local.numel() != p_local.numel() or local.device != p_local.device or not local.is_contiguous():
+    # a contiguous parameter goes to the kernels, which read its states as contiguous memory too
+    if (local.numel() != p_local.numel() or local.device != p_local.device
+            or (p_local.is_contiguous() and not local.is_contiguous())):
         raise RuntimeError(f"{where}: state '{name}' has {local.numel()} elements on {local.device} "
                            f"(contiguous: {local.is_contiguous()}), the parameter {p_local.numel()} on "
                            f"{p_local.device}; they must match")
