@@ -159,7 +159,7 @@ def test_other_invalid_hyperparameters():
     with pytest.raises(TypeError, match="unexpected keyword"):
         akt.Adam([torch.zeros(2, requires_grad=True)], beta1=0.9)
     with pytest.raises(ValueError, match="capturable"):
-        akt.Adam([torch.zeros(2, requires_grad=True)], capturable=True)
+        akt.Adam([torch.zeros(2, requires_grad=True)], capturable="yes")
     with pytest.raises(TypeError, match="NumPy arrays"):
         akn.Adam([[1.0, 2.0]])
     with pytest.raises(TypeError, match="floating"):

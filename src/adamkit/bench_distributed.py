@@ -56,6 +56,7 @@ def _torch_paths(name: str, cfg: dict, shapes: list) -> dict[str, Callable[[], A
 
 
 def _rank(rank: int, total: int, steps: int, only: list[str], out: str, store_dir: str) -> None:
+    os.environ["NUMBA_NUM_THREADS"] = "1"  # before numba starts in this process: one thread per rank
     import torch
     import torch.distributed as dist
 
@@ -94,7 +95,6 @@ def run(total: int, steps: int, only: list[str] | None, log: Callable[[str], Non
     """Spawn the 2 ranks, wait for them, return rank 0's results."""
     import torch.multiprocessing as mp
 
-    os.environ["NUMBA_NUM_THREADS"] = "1"  # read by the ranks when numba starts: one thread per process
     directory = tempfile.mkdtemp(prefix="adamkit-bench-")
     out = os.path.join(directory, "results.json")
     log(f"[FSDP2] {WORLD} processes, gloo, {total / 1e6:.1f} M params in Shard(0) halves, median of {steps} steps")

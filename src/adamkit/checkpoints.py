@@ -159,7 +159,9 @@ def _dtype_name(v: Any) -> str:
 
 
 def _numpy(v: Any) -> np.ndarray:
-    """A NumPy copy of an array or tensor (bfloat16 widened to float32, exactly)."""
+    """A NumPy copy of an array or tensor (bfloat16 widened to float32, exactly); of a DTensor, this rank's shard
+    (each rank checks its own)."""
+    v = getattr(v, "_local_tensor", v)
     if hasattr(v, "detach"):
         v = v.detach().cpu()
         return (v.float() if _dtype_name(v) == "bfloat16" else v).numpy()
