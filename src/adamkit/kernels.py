@@ -529,43 +529,33 @@ def count_nonfinite(fmt: str, table: tuple, sizes: np.ndarray, addresses: np.nda
     return int(_count_nonfinite(*table, sizes, addresses, np.array([mask], dtype=storage)))
 
 
-@numba.njit(nogil=True, cache=True)
-def _write_f32(addresses, values):
-    for k in range(addresses.shape[0]):
-        numba.carray(address_as_pointer(addresses[k]), 1, dtype=np.float32)[0] = np.float32(values[k])
+_SCALAR_KINDS = {"float32": np.zeros(1, np.float32), "float64": np.zeros(1, np.float64)}
+"""A one-element array of each scalar-state dtype: its type picks the compiled specialisation."""
 
 
 @numba.njit(nogil=True, cache=True)
-def _write_f64(addresses, values):
+def _write_scalars(addresses, values, like):
     for k in range(addresses.shape[0]):
-        numba.carray(address_as_pointer(addresses[k]), 1, dtype=np.float64)[0] = values[k]
+        numba.carray(address_as_pointer(addresses[k]), 1, dtype=like.dtype)[0] = values[k]
+
+
+@numba.njit(nogil=True, cache=True)
+def _read_scalars(addresses, like):
+    out = np.empty(addresses.shape[0], dtype=np.float64)
+    for k in range(addresses.shape[0]):
+        out[k] = numba.carray(address_as_pointer(addresses[k]), 1, dtype=like.dtype)[0]
+    return out
 
 
 def write_scalars(addresses: np.ndarray, values: np.ndarray, fmt: str) -> None:
     """Store ``values`` into the one-element tensors at ``addresses`` (per-tensor step counts, NAdam's μ product):
     one compiled loop instead of a torch call per tensor."""
-    (_write_f32 if fmt == "float32" else _write_f64)(addresses, np.ascontiguousarray(values, dtype=np.float64))
-
-
-@numba.njit(nogil=True, cache=True)
-def _read_f32(addresses):
-    out = np.empty(addresses.shape[0], dtype=np.float64)
-    for k in range(addresses.shape[0]):
-        out[k] = numba.carray(address_as_pointer(addresses[k]), 1, dtype=np.float32)[0]
-    return out
-
-
-@numba.njit(nogil=True, cache=True)
-def _read_f64(addresses):
-    out = np.empty(addresses.shape[0], dtype=np.float64)
-    for k in range(addresses.shape[0]):
-        out[k] = numba.carray(address_as_pointer(addresses[k]), 1, dtype=np.float64)[0]
-    return out
+    _write_scalars(addresses, np.ascontiguousarray(values, dtype=np.float64), _SCALAR_KINDS[fmt])
 
 
 def read_scalars(addresses: np.ndarray, fmt: str) -> np.ndarray:
     """The values of the one-element tensors at ``addresses`` as float64: the counterpart of :func:`write_scalars`."""
-    return (_read_f32 if fmt == "float32" else _read_f64)(addresses)
+    return _read_scalars(addresses, _SCALAR_KINDS[fmt])
 
 
 def chunk_table(sizes: Sequence[int], chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
