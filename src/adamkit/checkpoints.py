@@ -132,7 +132,7 @@ def _check_entry(where: str, entry: Any, rule: _rules.Rule, h: Mapping[str, Any]
         raise ValueError(f"state of {where} must be a mapping of state names to values, not {type(entry).__name__}")
     if not entry:
         return
-    needed = set() if rule.name == "SGD" else set(rule.states(h)) | set(rule.scalar_states)  # SGD: made at step 1
+    needed = set() if rule.states_on_first_step_only else set(rule.states(h)) | set(rule.scalar_states)  # SGD: made at step 1
     missing = needed - set(entry)
     if missing:
         raise ValueError(f"state of {where} is missing {sorted(missing)}")
@@ -232,7 +232,7 @@ def full_precision(state_dict: Mapping[str, Any], rule: _rules.Rule, drop_engine
     if drop_engine_keys:
         for g in out["param_groups"]:
             g.pop("state_precision", None)
-            if rule.name not in ("SGD", "Adagrad", "Adam", "AdamW"):
+            if not rule.torch_fused:
                 g.pop("fused", None)  # torch.optim has no fused path for this class
     for i, entry in state_dict["state"].items():
         out["state"][i] = {k: v for k, v in ((k, _full_value(entry, k, rule)) for k in entry)

@@ -104,7 +104,7 @@ class Optimizer:
     def _initial_state(self, p: np.ndarray, h: Mapping[str, Any]) -> dict[str, Any]:
         state: dict[str, Any] = dict(self.rule.scalar_states)
         # Adagrad creates its sum at construction, as torch.optim does; other states appear at the first step
-        if self.rule.name == "Adagrad":
+        if self.rule.states_at_construction:
             for k, v in self.rule.states(h).items():
                 _states.store(state, k, np.full_like(p, v), self.state_precision, self._rng)
         return state

@@ -368,7 +368,12 @@ class Rule:
             state); computed in float64 once per tensor and step.
         check_group: cross-parameter validation (e.g. Nesterov needs momentum).
         sparse_gradients: whether sparse gradients are taken (torch.optim's SGD and Adagrad take them; the math
-            is the dense rule on the entries present).
+            is the dense rule on the entries present); ``sparse_weight_decay``: also with weight decay.
+        states_at_construction: the states exist from construction (torch.optim.Adagrad's ``sum``), not from
+            the first step.
+        states_on_first_step_only: a checkpoint may lack them until the first step (SGD's momentum buffer; SGD
+            keeps no step count).
+        torch_fused: torch.optim has a fused kernel for this class (its checkpoints carry ``fused``).
     """
 
     name: str
@@ -381,6 +386,10 @@ class Rule:
     check_group: Callable[[Mapping[str, Any]], None] = lambda h: None
     defaults_override: dict[str, Any] = field(default_factory=dict)
     sparse_gradients: bool = False
+    sparse_weight_decay: bool = True
+    states_at_construction: bool = False
+    states_on_first_step_only: bool = False
+    torch_fused: bool = False
 
     def hyperparameters(self, **given: Any) -> dict[str, Any]:
         """Defaults overlaid with ``given``, validated. Raises ``ValueError`` naming a bad value or name."""
@@ -455,6 +464,8 @@ SGD_RULE = Rule(
     scalar_states={},  # torch's SGD keeps no step count; the engine counts steps to know the first one
     check_group=_sgd_check,
     sparse_gradients=True,
+    states_on_first_step_only=True,
+    torch_fused=True,
 )
 
 
@@ -474,6 +485,9 @@ ADAGRAD = Rule(
     states=lambda h: {"sum": float(h["initial_accumulator_value"])},
     coefficients=_adagrad_coefficients,
     sparse_gradients=True,
+    sparse_weight_decay=False,
+    states_at_construction=True,
+    torch_fused=True,
 )
 
 
@@ -529,6 +543,7 @@ ADAM = Rule(
     update_states=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
     states=_adam_states,
     coefficients=_adam_coefficients,
+    torch_fused=True,
 )
 
 # AdamW is Adam with decoupled weight decay (and torch's default λ = 1e-2).
@@ -541,6 +556,7 @@ ADAMW = Rule(
     states=_adam_states,
     coefficients=_adam_coefficients,
     defaults_override={"decoupled_weight_decay": True},
+    torch_fused=True,
 )
 
 

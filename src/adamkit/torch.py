@@ -113,7 +113,7 @@ class Optimizer(_optim.Optimizer):
         _checkpoints.check_options(h)
         super().add_param_group(param_group)
         self._plan_version = getattr(self, "_plan_version", 0) + 1
-        if self.rule.name == "Adagrad":  # torch.optim.Adagrad creates its state at construction
+        if self.rule.states_at_construction:  # torch.optim.Adagrad creates its state here
             group = self.param_groups[-1]
             for p in group["params"]:
                 self._init_state(p, group)
@@ -361,7 +361,7 @@ class Optimizer(_optim.Optimizer):
                                                                       f"gradients") + f" ({where})")
             if group.get("fused") is True:
                 raise RuntimeError(f"`fused` does not support sparse gradients ({where})")
-            if self.rule.name == "Adagrad" and float(group.get("weight_decay", 0)) != 0:
+            if not self.rule.sparse_weight_decay and float(group.get("weight_decay", 0)) != 0:
                 raise RuntimeError(f"weight_decay option is not compatible with sparse gradients ({where})")
             return
         if p.is_meta:
