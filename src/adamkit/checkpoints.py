@@ -145,7 +145,7 @@ def _check_entry(where: str, entry: Any, rule: _rules.Rule, h: Mapping[str, Any]
         if k in arrays:
             _check_array(where, k, entry, p, precision, is_array)
         elif k in rule.scalar_states:
-            _check_scalar(where, k, v)
+            check_scalar(where, k, v)
         else:
             base = k.rsplit(".", 1)[0]
             if base not in entry:
@@ -209,8 +209,9 @@ def _check_values(where: str, k: str, values: np.ndarray, precision: str | None,
                          f"hold (one would set the scale of its whole block of {_states.BLOCK})")
 
 
-def _check_scalar(where: str, k: str, v: Any) -> None:
-    """A scalar state (``step``, ``mu_product``): a finite real number, as a number or a one-element tensor."""
+def check_scalar(where: str, k: str, v: Any) -> None:
+    """A scalar state (``step``, ``mu_product``): a finite real number, as a number or a one-element tensor (checked
+    on load and, by the torch engine, before each step that finds one edited)."""
     numel = getattr(v, "numel", None)
     if callable(numel):
         ok = numel() == 1 and ("float" in _dtype_name(v) or "int" in _dtype_name(v))

@@ -145,12 +145,7 @@ class Optimizer(_optim.Optimizer):
         if not missing and not self.rule.scalar_states:
             return False  # nothing to keep (SGD without momentum): no empty entry, as torch.optim
         state = self.state[p]
-        for k, v in self.rule.scalar_states.items():
-            value = state.get(k, v)
-            if not (type(value) is torch.Tensor and value.dtype in (torch.float32, torch.float64)
-                    and value.numel() == 1 and value.is_cpu and value.is_contiguous()):
-                value = float(value.item() if torch.is_tensor(value) else value)
-                state[k] = torch.tensor(value, dtype=_scalar_dtype())
+        self._canonical_scalars(state, create=True)
         precision = group.get("state_precision")
         for k, v in missing.items():
             # constant initial values: built directly in the stored format, no full-precision temporaries
@@ -170,6 +165,18 @@ class Optimizer(_optim.Optimizer):
                                            memory_format=torch.preserve_format)
         return bool(missing)
 
+    def _canonical_scalars(self, state: dict, create: bool = False) -> None:
+        """Scalar states (``step``, ``mu_product``) as the float tensors torch.optim keeps (a number from an old
+        checkpoint, or a tensor of another dtype or shape, is converted; ``create``: missing ones are made)."""
+        for k, v in self.rule.scalar_states.items():
+            if k not in state and not create:
+                continue
+            value = state.get(k, v)
+            if not (type(value) is torch.Tensor and value.dtype in (torch.float32, torch.float64)
+                    and value.numel() == 1 and value.is_cpu and value.is_contiguous()):
+                value = float(value.item() if torch.is_tensor(value) else value)
+                state[k] = torch.tensor(value, dtype=_scalar_dtype())
+
     def _validate_state(self, gi: int, p: torch.Tensor) -> None:
         """Raise a clear error, before anything changes, if ``p``'s existing state cannot be stepped: a state
         tensor replaced by one of another dtype, size, device or kind (or the parameter converted after the state
@@ -180,7 +187,7 @@ class Optimizer(_optim.Optimizer):
         where = f"{self.rule.name}: parameter of shape {tuple(p.shape)} in group {gi}"
         for k in self.rule.scalar_states:
             if k in state:
-                _check_scalar_state(where, k, state[k])
+                _checkpoints.check_scalar(where, k, state[k])
         local = _tensors.local_view(p)
         if local is None:
             return  # a fake or functional tensor: torch ops check it
@@ -434,9 +441,8 @@ class Optimizer(_optim.Optimizer):
         """Store ``p``'s loaded states as this optimizer keeps them (8-bit codes already in its format are kept
         bit for bit)."""
         state = self.state.get(p)
-        for k in self.rule.scalar_states:
-            if state and k in state and not torch.is_tensor(state[k]):  # a number: the tensor torch.optim keeps
-                state[k] = torch.tensor(float(state[k]), dtype=_scalar_dtype())
+        if state:
+            self._canonical_scalars(state)
         for k in self.rule.update_states:
             if not state or k not in state:
                 continue
@@ -532,23 +538,6 @@ def _(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[torch.
 def _torch_fused_module():
     from . import _torch_fused  # imported when first needed: importing adamkit compiles nothing
     return _torch_fused
-
-
-def _check_scalar_state(where: str, key: str, value: Any) -> None:
-    """A scalar state (``step``, ``mu_product``) must be one finite real number, >= 0 for ``step``: anything else
-    (a string, a bool, several elements, nan, a negative count) would fail or mislead the next step."""
-    if torch.is_tensor(value):
-        ok = value.numel() == 1 and not (value.dtype == torch.bool or value.is_complex()) and value.device.type != "meta"
-        number = float(value.detach().reshape(()).to("cpu", torch.float64)) if ok else None
-    else:
-        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-        number = float(value) if ok else None
-    if number is None or not np.isfinite(number) or (key == "step" and number < 0):
-        shown = value if not torch.is_tensor(value) else f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-        raise RuntimeError(f"{where}: state '{key}' is {shown!s:.80}; it must be one finite real number"
-                           f"{' >= 0' if key == 'step' else ''}")
-
-
 
 
 def _make(rule: _rules.Rule) -> type[Optimizer]:
