@@ -2,8 +2,9 @@
 
 A state dict has torch.optim's layout, ``{"state": {id: {"step": ..., "exp_avg": array, ...}}, "param_groups":
 [{...hyperparameters, "params": [ids]}]}``, with adamkit's storage keys next to the states: ``"<state>.absmax"``
-(8-bit codes and one scale per block of 256) and, from the NumPy engine, ``"<state>.bf16"`` (bfloat16 bits in
-a uint16 array). Arrays are NumPy arrays or torch tensors alike.
+(8-bit codes and one scale per block of 256). bfloat16 states are bfloat16 tensors, or from the NumPy engine their
+bits in a uint16 array (older NumPy checkpoints also mark them ``"<state>.bf16": True``). Arrays are NumPy arrays or
+torch tensors alike.
 
 * :func:`check_state_dict` checks everything a load needs before anything changes, raising ``ValueError`` that
   names the problem (torch.optim's own words first where torch.optim raises too), and returns each group's
@@ -25,6 +26,7 @@ import numpy as np
 
 from . import rules as _rules
 from . import states as _states
+from . import storage as _storage
 
 __all__ = ["ENGINE_KEYS", "check_flag", "check_options", "check_state_dict", "class_defaults", "full_precision"]
 
@@ -59,6 +61,15 @@ def class_defaults(rule: _rules.Rule) -> dict[str, Any]:
     return rule.hyperparameters()
 
 
+def fill_defaults(rule: _rules.Rule, defaults: Mapping[str, Any], groups: Sequence[dict[str, Any]]) -> None:
+    """Give loaded groups the keys they lack, as torch.optim's ``__setstate__`` does (the optimizer's defaults,
+    then the class's own), and the rule's fixed values (AdamW's decoupled decay)."""
+    for group in groups:
+        for k, v in {**defaults, **class_defaults(rule)}.items():
+            group.setdefault(k, v)
+        group.update(rule.defaults_override)
+
+
 def group_hyperparameters(rule: _rules.Rule, saved: Mapping[str, Any]) -> dict[str, Any]:
     """The hyperparameters a loaded group gets: class defaults for missing keys (as torch.optim's
     ``__setstate__``), the saved values, then the rule's fixed values (AdamW's decoupled decay), validated."""
@@ -66,6 +77,18 @@ def group_hyperparameters(rule: _rules.Rule, saved: Mapping[str, Any]) -> dict[s
     h = {**defaults, **{k: v for k, v in saved.items() if k in defaults}, **rule.defaults_override}
     rule.validate(h)
     return h
+
+
+def check_rounding_stream(group: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` unless the group's stochastic-rounding stream, if any, is [key, draws]: two integers
+    in [0, 2^64)."""
+    stream = group.get(_storage.ROUNDING)
+    if stream is None:
+        return
+    if not (isinstance(stream, (list, tuple)) and len(stream) == 2
+            and all(isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) and 0 <= x < 2 ** 64
+                    for x in stream)):
+        raise ValueError(f"'{_storage.ROUNDING}' must be [key, draws], two integers in [0, 2^64); got {stream!r}")
 
 
 def check_state_dict(state_dict: Any, rule: _rules.Rule, groups: Sequence[Sequence[Any]],
@@ -88,6 +111,7 @@ def check_state_dict(state_dict: Any, rule: _rules.Rule, groups: Sequence[Sequen
                              f"dict, {len(params)} in the optimizer")
         try:
             check_options(saved)
+            check_rounding_stream(saved)
             h = group_hyperparameters(rule, saved)
         except (ValueError, TypeError) as e:
             raise ValueError(f"group {gi} of the state dict: {e}") from None
@@ -184,10 +208,10 @@ def _check_array(where: str, k: str, entry: Mapping[str, Any], p: Any, precision
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         return
-    if f"{k}.bf16" in entry:
+    if f"{k}.bf16" in entry or _dtype_name(v) == "uint16":
         if _dtype_name(v) != "uint16":
             raise ValueError(f"state '{k}' of {where} is marked bfloat16 bits and must be uint16, not {_dtype_name(v)}")
-        values = _states.bf16_values(_numpy(v), np.float32)
+        values = _storage.NUMPY.bf16_value(_numpy(v), np.float32)
     else:
         complex_param = "complex" in _dtype_name(p)
         if "float" not in _dtype_name(v) and "complex" not in _dtype_name(v):
@@ -233,6 +257,7 @@ def full_precision(state_dict: Mapping[str, Any], rule: _rules.Rule, drop_engine
     if drop_engine_keys:
         for g in out["param_groups"]:
             g.pop("state_precision", None)
+            g.pop(_storage.ROUNDING, None)
             if not rule.torch_fused:
                 g.pop("fused", None)  # torch.optim has no fused path for this class
     for i, entry in state_dict["state"].items():
@@ -248,8 +273,8 @@ def _full_value(entry: Mapping[str, Any], k: str, rule: _rules.Rule) -> Any:
     if f"{k}.absmax" in entry:
         dtype = np.float32 if isinstance(v, np.ndarray) else _torch_float32()
         return _states.dequantize(v, entry[f"{k}.absmax"], k in _states.SIGNED_STATES, dtype)
-    if entry.get(f"{k}.bf16"):
-        return _states.bf16_values(np.asarray(v), np.float32)
+    if _dtype_name(v) == "uint16":  # bfloat16 bits from the NumPy engine
+        return _storage.NUMPY.bf16_value(_numpy(v), np.float32)
     if k in rule.update_states and _dtype_name(v) == "bfloat16":
         return v.float()
     return v

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -428,7 +428,12 @@ def _moments(h: Mapping[str, Any]) -> dict[str, float]:
     return dict(beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2)
 
 
-LR = Hyper("lr", 1e-3, _nonneg("learning rate (lr)"), doc="learning rate γ")
+def learning_rate(default: float) -> Hyper:
+    """The learning rate γ, with a class's torch.optim default."""
+    return Hyper("lr", default, _nonneg("learning rate (lr)"), doc="learning rate γ")
+
+
+LR = learning_rate(1e-3)
 EPS = Hyper("eps", 1e-8, _nonneg("epsilon value (eps)"), doc="ε added to the denominator")
 BETAS = Hyper("betas", (0.9, 0.999), _betas, doc="(β1, β2), decay rates of the first and second moments")
 WD = Hyper("weight_decay", 0, _nonneg("weight_decay value"), doc="weight decay λ")
@@ -453,10 +458,10 @@ def _sgd_check(h):
         raise ValueError("Invalid nesterov: Nesterov momentum requires a momentum > 0 and zero dampening")
 
 
-SGD_RULE = Rule(
+SGD = Rule(
     name="SGD",
     update=sgd,
-    hypers=(Hyper("lr", 1e-3, _nonneg("learning rate (lr)")), Hyper("momentum", 0, _nonneg("momentum value")),
+    hypers=(learning_rate(1e-3), Hyper("momentum", 0, _nonneg("momentum value")),
             Hyper("dampening", 0, _unit("dampening")), WD, Hyper("nesterov", False, _flag("nesterov")), MAXIMIZE),
     update_states=("momentum_buffer",),
     states=_sgd_states,
@@ -478,7 +483,7 @@ def _adagrad_coefficients(h, step, scalar_state):
 ADAGRAD = Rule(
     name="Adagrad",
     update=adagrad,
-    hypers=(Hyper("lr", 1e-2, _nonneg("learning rate (lr)")), Hyper("lr_decay", 0, _nonneg("lr_decay value")), WD,
+    hypers=(learning_rate(1e-2), Hyper("lr_decay", 0, _nonneg("lr_decay value")), WD,
             Hyper("initial_accumulator_value", 0, _nonneg("initial_accumulator_value")),
             Hyper("eps", 1e-10, _nonneg("epsilon value (eps)")), MAXIMIZE),
     update_states=("sum",),
@@ -510,9 +515,9 @@ def _rmsprop_coefficients(h, step, scalar_state):
 RMSPROP = Rule(
     name="RMSprop",
     update=rmsprop,
-    hypers=(Hyper("lr", 1e-2, _nonneg("learning rate (lr)")), Hyper("alpha", 0.99, _unit("alpha value")), EPS, WD,
+    hypers=(learning_rate(1e-2), Hyper("alpha", 0.99, _unit("alpha value")), EPS, WD,
             Hyper("momentum", 0, _nonneg("momentum value")), Hyper("centered", False, _flag("centered")),
-            Hyper("maximize", False, _flag("maximize"))),
+            replace(MAXIMIZE, keyword_only=False)),  # positional in torch.optim.RMSprop
     update_states=("square_avg", "grad_avg", "momentum_buffer"),
     states=_rmsprop_states,
     coefficients=_rmsprop_coefficients,
@@ -571,7 +576,7 @@ def _adamax_coefficients(h, step, scalar_state):
 ADAMAX = Rule(
     name="Adamax",
     update=adamax,
-    hypers=(Hyper("lr", 2e-3, _nonneg("learning rate (lr)")), BETAS, EPS, WD, MAXIMIZE),
+    hypers=(learning_rate(2e-3), BETAS, EPS, WD, MAXIMIZE),
     update_states=("exp_avg", "exp_inf"),
     states=lambda h: {"exp_avg": 0.0, "exp_inf": 0.0},
     coefficients=_adamax_coefficients,
@@ -597,7 +602,7 @@ def _nadam_coefficients(h, step, scalar_state):
 NADAM = Rule(
     name="NAdam",
     update=nadam,
-    hypers=(Hyper("lr", 2e-3, _nonneg("learning rate (lr)")), BETAS, EPS, WD,
+    hypers=(learning_rate(2e-3), BETAS, EPS, WD,
             Hyper("momentum_decay", 4e-3, _nonneg("momentum_decay value")),
             Hyper("decoupled_weight_decay", False, _flag("decoupled_weight_decay")), MAXIMIZE),
     update_states=("exp_avg", "exp_avg_sq"),
@@ -630,7 +635,7 @@ RADAM = Rule(
     coefficients=_radam_coefficients,
 )
 
-RULES: dict[str, Rule] = {r.name: r for r in (SGD_RULE, ADAGRAD, RMSPROP, ADAM, ADAMW, ADAMAX, NADAM, RADAM)}
+RULES: dict[str, Rule] = {r.name: r for r in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, ADAMAX, NADAM, RADAM)}
 """Every family member by torch.optim class name."""
 
 

@@ -1,4 +1,5 @@
-"""State formats: how an optimizer's moments are stored (full precision, bfloat16, or 8-bit block-wise).
+"""The 8-bit state format: code maps, quantize and dequantize (which format a state gets, and bfloat16, are
+:mod:`adamkit.storage`'s).
 
 ``state_precision="int8"`` stores each large state tensor as one 8-bit code per element plus one float32 scale
 (the block's absolute maximum) per block of :data:`BLOCK` elements — about 1 byte per element and state instead of
@@ -327,40 +328,3 @@ class BlockGuard:
             restore_blocks(self.state[k], self.kept[k], self.bad)
             self.state[f"{k}.absmax"][self.bad] = self.kept[f"{k}.absmax"][self.bad]
         return int(self.bad.sum())
-
-
-# -- storing and loading a state array in a given precision (shared by the engines) -----------------------------
-
-def bf16_bits(values: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-    """float → bfloat16 bits (uint16): stochastic rounding with ``rng``, else round-to-nearest-even."""
-    bits = np.asarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    noise = rng.integers(0, 1 << 16, size=bits.shape, dtype=np.uint64) if rng is not None \
-        else 0x7FFF + ((bits >> 16) & 1)
-    out = ((bits + noise) >> 16).astype(np.uint16)
-    return np.where(np.isnan(values), np.uint16(0x7FC0), out)
-
-
-def bf16_values(bits: np.ndarray, dtype: Any) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32).astype(dtype)
-
-
-def store(state: dict, key: str, values: Any, precision: str | None, rng: np.random.Generator | None = None) -> None:
-    """Store a full-precision state array in ``precision`` (NumPy arrays; the torch engine has its own tensors)."""
-    state.pop(f"{key}.absmax", None)
-    state.pop(f"{key}.bf16", None)
-    if is_quantized(precision, values.size) and values.dtype.kind == "f":
-        state[key], state[f"{key}.absmax"] = quantize(values, key in SIGNED_STATES)
-    elif precision in ("bf16", "int8") and values.size >= MIN_QUANTIZED and values.dtype.kind == "f":
-        state[key] = bf16_bits(values, rng)
-        state[f"{key}.bf16"] = True
-    else:
-        state[key] = values
-
-
-def load(state: dict, key: str, dtype: Any) -> np.ndarray:
-    """A state array in full precision, whatever its storage."""
-    if f"{key}.absmax" in state:
-        return dequantize(state[key], state[f"{key}.absmax"], key in SIGNED_STATES, dtype)
-    if state.get(f"{key}.bf16"):
-        return bf16_values(state[key], dtype)
-    return state[key]
