@@ -279,7 +279,7 @@ def _emit_header(lay: _Layout) -> list[str]:
         "from numba import njit, prange, carray",
         "from adamkit.kernels import address_as_pointer, scalar_update, bf16_load, bf16_store, nearest_even",
         "from adamkit.kernels import random32, low16, high16, stream_key",
-        "from adamkit.kernels import scalar_state_functions, _f32_as_i32 as f32_bits, _i32_as_f32 as bits_f32",
+        "from adamkit.kernels import scalar_state_functions, _f32_as_u32 as f32_bits, _u32_as_f32 as bits_f32",
         "dequantize_signed, dequantize_unsigned, quantize_signed, quantize_unsigned, inverse_scale = "
         "scalar_state_functions()",
         f"update = scalar_update({lay.rule.name!r})",
@@ -288,7 +288,7 @@ def _emit_header(lay: _Layout) -> list[str]:
         f"BITS = np.{bits.__name__}  # the gradient's storage bits, for the non-finite check",
         f"EXPONENT = BITS({exponent:#x})",
         f"MAGNITUDE = BITS({(1 << (8 * np.dtype(bits).itemsize - 1)) - 1:#x})",
-        "FINITE = np.int32(0x800000)  # added to a magnitude's float bits: inf and nan wrap to negative int32s",
+        "INF = np.uint32(0x7F800000)  # float32 bits of inf: a magnitude's bits from here up are inf or nan",
         "",
         # FMA contraction and reciprocals of a tensor's constants (a division by bc2_sqrt becomes a multiplication):
         # within an ulp per operation, no assumption about inf or nan
@@ -328,9 +328,8 @@ def _emit_chunk(lay: _Layout) -> list[str]:
 
 def _emit_element(lay: _Layout, view: str, index: str) -> list[str]:
     """The element step, built once for both loops: random bits, load (dequantize), the rule, store (round, or
-    keep new 8-bit states in the block's buffer with a running absmax over finite values: a signed integer max of
-    the magnitude's float bits + 2^23, the same order for non-negative floats, where inf and nan wrap to negative
-    numbers; it vectorizes). Arrays are ``{name}{view}``, indexed by ``i``;
+    keep new 8-bit states in the block's buffer with a running absmax: an integer max over the float bits, the
+    same order for non-negative floats, which vectorizes). Arrays are ``{name}{view}``, indexed by ``i``;
     ``index`` is the element's place in its tensor (the stochastic-rounding counter)."""
     args = [lay.load("plain", "", f"theta{view}[i]"), lay.load("plain", "", f"g{view}[i]")]
     args += [lay.load(lay.kind_of[s], s, f"{s}{view}[i]") if s in lay.kind_of else "zero"
@@ -339,8 +338,7 @@ def _emit_element(lay: _Layout, view: str, index: str) -> list[str]:
     L += [f"r = update({', '.join(args + lay.names)})", lay.store("plain", f"theta{view}[i]", "r[0]", 0)]
     for j, s, kind in lay.on:
         if kind == "q8":
-            L += [f"{s}_buf[i] = r[{j + 1}]",
-                  f"{s}_bits = max({s}_bits, np.int32(f32_bits(abs(np.float32(r[{j + 1}]))) + FINITE))"]
+            L += [f"{s}_buf[i] = r[{j + 1}]", f"{s}_bits = max({s}_bits, f32_bits(abs(np.float32(r[{j + 1}]))))"]
         else:
             L.append(lay.store(kind, f"{s}{view}[i]", f"r[{j + 1}]", j + 1))
     return L
@@ -354,20 +352,24 @@ def _emit_flat_loop(lay: _Layout) -> list[str]:
 def _emit_block_loop(lay: _Layout) -> list[str]:
     """Block by block (8-bit states): skip a block whose gradient holds inf or nan (one nan would poison the
     block's absmax; the largest magnitude's bits, an integer max that vectorizes, reach the exponent mask only
-    then), one loop of element steps, the block's absmax over finite values, then one loop quantizing every
-    8-bit state (the quantizers contain non-finite values: ±inf → ±the top code, nan → 0). Every array is
-    re-viewed per block so that the loops index from 0 (and vectorize)."""
+    then), one loop of element steps, the block's absmax, then one loop quantizing every 8-bit state. If a new
+    value is inf or nan (the running max reaches INF, rarely), the absmax is taken again over the finite values
+    only (the quantizers contain the others: ±inf → ±the top code, nan → 0), so the common case pays nothing.
+    Every array is re-viewed per block so that the loops index from 0 (and vectorize)."""
     L = ["for b0 in range(0, hi - lo, BLOCK):", "    b1 = min(b0 + BLOCK, hi - lo)", "    block = (lo + b0) // BLOCK",
          "    g_bits_b = g_bits[b0:b1]", "    magnitude = BITS(0)", "    for i in range(b1 - b0):",
          "        magnitude = max(magnitude, BITS(g_bits_b[i] & MAGNITUDE))", "    if magnitude >= EXPONENT:",
          "        skipped += 1", "        continue"]
     L += [f"    {s}_b = {s}_[b0:b1]" for s in ["theta", "g"] + [s for _, s, _ in lay.on]]
     for s in lay.quantized:
-        L += [f"    {s}_scale = {s}_absmax[block]", f"    {s}_buf = {s}_buffer[:b1 - b0]", f"    {s}_bits = FINITE"]
+        L += [f"    {s}_scale = {s}_absmax[block]", f"    {s}_buf = {s}_buffer[:b1 - b0]", f"    {s}_bits = np.uint32(0)"]
     L.append("    for i in range(b1 - b0):")
     L += ["        " + x for x in _emit_element(lay, "_b", "lo + b0 + i")]
     for s in lay.quantized:
-        L += [f"    {s}_amax = bits_f32(np.int32({s}_bits - FINITE))", f"    {s}_inv = DT(inverse_scale({s}_amax))",
+        L += [f"    if {s}_bits >= INF:", f"        {s}_bits = np.uint32(0)", "        for i in range(b1 - b0):",
+              f"            {s}_m = f32_bits(abs(np.float32({s}_buf[i])))",
+              f"            {s}_bits = max({s}_bits, {s}_m if {s}_m < INF else np.uint32(0))",
+              f"    {s}_amax = bits_f32({s}_bits)", f"    {s}_inv = DT(inverse_scale({s}_amax))",
               f"    {s}_absmax[block] = np.float32({s}_amax)"]
     L.append("    for i in range(b1 - b0):")
     for s in lay.quantized:
