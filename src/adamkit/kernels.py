@@ -273,6 +273,7 @@ def _emit_header(lay: _Layout) -> list[str]:
         f"BITS = np.{bits.__name__}  # the gradient's storage bits, for the non-finite check",
         f"EXPONENT = BITS({exponent:#x})",
         f"MAGNITUDE = BITS({(1 << (8 * np.dtype(bits).itemsize - 1)) - 1:#x})",
+        "INF = np.uint32(0x7F800000)  # float32 bits of inf: a magnitude's bits from here up are inf or nan",
         "",
         # FMA contraction and reciprocals of a tensor's constants (a division by bc2_sqrt becomes a multiplication):
         # within an ulp per operation, no assumption about inf or nan
@@ -336,8 +337,10 @@ def _emit_flat_loop(lay: _Layout) -> list[str]:
 def _emit_block_loop(lay: _Layout) -> list[str]:
     """Block by block (8-bit states): skip a block whose gradient holds inf or nan (one nan would poison the
     block's absmax; the largest magnitude's bits, an integer max that vectorizes, reach the exponent mask only
-    then), one loop of element steps, the block's absmax, then one loop quantizing every 8-bit state. Every
-    array is re-viewed per block so that the loops index from 0 (and vectorize)."""
+    then), one loop of element steps, the block's absmax, then one loop quantizing every 8-bit state. If a new
+    value is inf or nan (the running max reaches INF, rarely), the absmax is taken again over the finite values
+    only (the quantizers contain the others: ±inf → ±the top code, nan → 0), so the common case pays nothing.
+    Every array is re-viewed per block so that the loops index from 0 (and vectorize)."""
     L = ["for b0 in range(0, hi - lo, BLOCK):", "    b1 = min(b0 + BLOCK, hi - lo)", "    block = (lo + b0) // BLOCK",
          "    g_bits_b = g_bits[b0:b1]", "    magnitude = BITS(0)", "    for i in range(b1 - b0):",
          "        magnitude = max(magnitude, BITS(g_bits_b[i] & MAGNITUDE))", "    if magnitude >= EXPONENT:",
@@ -348,7 +351,10 @@ def _emit_block_loop(lay: _Layout) -> list[str]:
     L.append("    for i in range(b1 - b0):")
     L += ["        " + x for x in _emit_element(lay, "_b", "lo + b0 + i")]
     for s in lay.quantized:
-        L += [f"    {s}_amax = bits_f32({s}_bits)", f"    {s}_inv = DT(inverse_scale({s}_amax))",
+        L += [f"    if {s}_bits >= INF:", f"        {s}_bits = np.uint32(0)", "        for i in range(b1 - b0):",
+              f"            {s}_m = f32_bits(abs(np.float32({s}_buf[i])))",
+              f"            {s}_bits = max({s}_bits, {s}_m if {s}_m < INF else np.uint32(0))",
+              f"    {s}_amax = bits_f32({s}_bits)", f"    {s}_inv = DT(inverse_scale({s}_amax))",
               f"    {s}_absmax[block] = np.float32({s}_amax)"]
     L.append("    for i in range(b1 - b0):")
     for s in lay.quantized:
