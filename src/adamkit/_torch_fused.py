@@ -30,8 +30,9 @@ from . import kernels
 from . import rules as _rules
 from . import storage as _storage
 from . import _torch_step
+from ._torch_states import stored_format
 from ._torch_step import Stepper
-from ._tensors import (TrackedState, is_dtensor, kind_of, local_view, nonfinite_gradients, refuse_nonfinite,
+from ._tensors import (TrackedState, is_dtensor, local_view, nonfinite_gradients, refuse_nonfinite,
                        track_entries, tracked)
 
 FORMAT_OF = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}
@@ -168,7 +169,7 @@ def _prepare_states(opt: Stepper, plan: _Plan) -> None:
                 new = _torch_step.init_state(opt, p, group)
                 state = opt.state.get(p, {})
                 present = tuple(s in state for s in opt.rule.update_states)
-                kinds = tuple(kind_of(state, s, p) if s in state else "plain" for s in opt.rule.update_states)
+                kinds = tuple(stored_format(state, s, p) if s in state else "plain" for s in opt.rule.update_states)
                 # tensors whose states were just made take a first step of their own (SGD's buffer = gradient)
                 layouts.setdefault((present, kinds, new), []).append((position, p, local, new))
             for (present, kinds, _), items in layouts.items():

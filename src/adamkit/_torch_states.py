@@ -21,7 +21,7 @@ class TorchOps:
     """:class:`adamkit.storage.ArrayOps` for torch tensors; a DTensor's blocks are those of its local shard."""
 
     def dtype_name(self, x: torch.Tensor) -> str:
-        return str(x.dtype).replace("torch.", "")
+        return str(getattr(x, "dtype", type(x).__name__)).replace("torch.", "")
 
     def full_like(self, like: torch.Tensor, value: Any, dtype: str | None = None) -> torch.Tensor:
         codes = dtype in ("int8", "uint8")  # codes are read block by block: contiguous, whatever the parameter
@@ -109,9 +109,9 @@ def validate_state(rule: _rules.Rule, state: Mapping[str, Any] | None, where: st
         return  # a fake or functional tensor: torch ops check it
     for s in rule.update_states:
         if s in state:
-            kind = _tensors.kind_of(state, s, p)
-            _tensors.check_state_tensor(s, where, state[s], local, kind, s in _states.SIGNED_STATES)
-            if kind == "q8":
+            fmt = stored_format(state, s, p)
+            _tensors.check_state_tensor(s, where, state[s], local, fmt, s in _states.SIGNED_STATES)
+            if fmt == "int8":
                 _check_scales(where, s, state[f"{s}.absmax"], local)
 
 

@@ -188,8 +188,6 @@ def _coefficient_names(name: str) -> tuple[list[str], list[str]]:
     return floats, bools
 
 
-STATE_KINDS = ("plain", "bf16", "q8")
-"""How a state is stored: like the parameter ("plain"), bfloat16 with stochastic rounding, or 8-bit block-wise."""
 
 
 def address_columns(rule: _rules.Rule, present: tuple[bool, ...], kinds: tuple[str, ...]) -> list[str]:
@@ -198,7 +196,7 @@ def address_columns(rule: _rules.Rule, present: tuple[bool, ...], kinds: tuple[s
     for s, on, kind in zip(rule.update_states, present, kinds):
         if on:
             cols.append(s)
-            if kind == "q8":
+            if kind == "int8":
                 cols.append(f"{s}.absmax")
     return cols
 
@@ -214,7 +212,7 @@ class _Layout:
         self.bf16_param = fmt == "bfloat16"
         self.on = [(j, s, kind) for j, (s, p, kind) in enumerate(zip(rule.update_states, present, kinds)) if p]
         self.kind_of = {s: kind for _, s, kind in self.on}
-        self.quantized = [s for _, s, kind in self.on if kind == "q8"]
+        self.quantized = [s for _, s, kind in self.on if kind == "int8"]
         self.names = list(inspect.signature(rule.update).parameters)[2 + len(rule.update_states):]
         self.floats, self.bools = coefficient_names(rule)
         self.rounded = _storage.rounded_values([self.kind_of.get(s) for s in rule.update_states],
@@ -229,12 +227,12 @@ class _Layout:
         return kind == "bf16" or (kind == "plain" and self.bf16_param)
 
     def storage(self, kind: str, s: str = "") -> str:
-        if kind == "q8":
+        if kind == "int8":
             return "np.int8" if s in _states.SIGNED_STATES else "np.uint8"
         return "np.uint16" if self.is_bf16(kind) else "DT"
 
     def load(self, kind: str, s: str, x: str) -> str:
-        if kind == "q8":
+        if kind == "int8":
             fn = "dequantize_signed" if s in _states.SIGNED_STATES else "dequantize_unsigned"
             return f"DT({fn}({x}, {s}_scale))"
         return f"DT(bf16_load({x}))" if self.is_bf16(kind) else x
@@ -322,7 +320,7 @@ def _emit_element(lay: _Layout, view: str, index: str) -> list[str]:
     L = [f"bits{q} = random32(key{q}, {index})" for q in lay.pairs]
     L += [f"r = update({', '.join(args + lay.names)})", lay.store("plain", f"theta{view}[i]", "r[0]", 0)]
     for j, s, kind in lay.on:
-        if kind == "q8":
+        if kind == "int8":
             L += [f"{s}_buf[i] = r[{j + 1}]", f"{s}_bits = max({s}_bits, f32_bits(abs(np.float32(r[{j + 1}]))))"]
         else:
             L.append(lay.store(kind, f"{s}{view}[i]", f"r[{j + 1}]", j + 1))
