@@ -19,7 +19,6 @@ The kernels reach tensors through raw addresses, so this module is where memory 
 
 from __future__ import annotations
 
-import itertools
 import operator
 from typing import Any
 
@@ -248,12 +247,14 @@ def _grad_addresses(plan: _Plan, work: list) -> list[np.ndarray] | None:
                     gs = _dtensor_grads(b, gs)
                     if gs is None:
                         return None
-                ptrs = list(map(_data_ptr, gs))
-                if not (all(map(operator.is_, map(_dtype, gs), itertools.repeat(b.dtype)))
-                        and all(map(_is_contiguous, gs)) and list(map(_numel, gs)) == b.size_list
-                        and 0 not in ptrs):
+                # list.count compares by identity first: a dtype is one object
+                if not (list(map(_dtype, gs)).count(b.dtype) == len(gs) and all(map(_is_contiguous, gs))
+                        and list(map(_numel, gs)) == b.size_list):
                     return None
-                out.append(np.array(ptrs, dtype=np.int64))
+                ptrs = np.array(list(map(_data_ptr, gs)), dtype=np.int64)
+                if not ptrs.all():  # a tensor without memory (its storage freed or resized to 0)
+                    return None
+                out.append(ptrs)
     except (RuntimeError, TypeError, AttributeError):  # a tensor without storage (fake, sparse, ...)
         return None
     return out
