@@ -155,7 +155,7 @@ class Optimizer:
         arrays.update({k: state[k] for k in self.rule.scalar_states})
         guard = _states.BlockGuard.take(p, g, state, self.rule.update_states, self.check_finite)
         theta, new_arrays, scalars = _rules.step_tensor(self.rule, h, real(p), real(g), arrays, self._update,
-                                                       fresh=bool(missing))
+                                                       bool(missing), low_precision=_low_precision_states(state))
         real(p)[...] = theta
         for k, v in new_arrays.items():
             full = np.array(v, dtype=real(p).dtype).view(p.dtype) if np.iscomplexobj(p) else np.asarray(v, p.dtype)
@@ -194,8 +194,12 @@ class Optimizer:
         params = self._params()
         new_state = {}
         for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
-            entry = full["state"].get(saved_id, {})
-            new_state[index] = self._stored(entry, p, hypers[self._group_of(index)])
+            h = hypers[self._group_of(index)]
+            low = set(self.rule.update_states) if _states.stores_low(self.state_precision, p) else set()
+            entry = _checkpoints.variance_form(self.rule, h, full["state"].get(saved_id, {}),
+                                               _checkpoints.low_precision_states(state_dict["state"].get(saved_id, {})),
+                                               low)
+            new_state[index] = self._stored(entry, p, h)
         self.param_groups = [{"params": ps, **{k: _to_python(v) for k, v in h.items()}}
                              for ps, h in zip(groups, hypers)]
         self.state = new_state
@@ -231,6 +235,11 @@ def _real_view(a: np.ndarray) -> np.ndarray:
     parts = a.real
     return np.lib.stride_tricks.as_strided(parts, shape=a.shape + (2,), strides=a.strides + (parts.itemsize,),
                                            writeable=a.flags.writeable)
+
+
+def _low_precision_states(state: Mapping[str, Any]) -> set[str]:
+    """The states stored in bf16 or 8 bits."""
+    return {k for k in state if f"{k}.absmax" in state or state.get(f"{k}.bf16") is True}
 
 
 def _is_array(v: Any) -> bool:

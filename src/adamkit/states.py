@@ -344,13 +344,18 @@ def bf16_values(bits: np.ndarray, dtype: Any) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32).astype(dtype)
 
 
+def stores_low(precision: str | None, values: np.ndarray) -> bool:
+    """Whether :func:`store` keeps states like ``values`` in bf16 or 8 bits."""
+    return precision in ("bf16", "int8") and values.size >= MIN_QUANTIZED and values.dtype.kind == "f"
+
+
 def store(state: dict, key: str, values: Any, precision: str | None, rng: np.random.Generator | None = None) -> None:
     """Store a full-precision state array in ``precision`` (NumPy arrays; the torch engine has its own tensors)."""
     state.pop(f"{key}.absmax", None)
     state.pop(f"{key}.bf16", None)
     if is_quantized(precision, values.size) and values.dtype.kind == "f":
         state[key], state[f"{key}.absmax"] = quantize(values, key in SIGNED_STATES)
-    elif precision in ("bf16", "int8") and values.size >= MIN_QUANTIZED and values.dtype.kind == "f":
+    elif stores_low(precision, values):
         state[key] = bf16_bits(values, rng)
         state[f"{key}.bf16"] = True
     else:

@@ -203,6 +203,11 @@ class Optimizer(_optim.Optimizer):
                         raise RuntimeError(f"{where}: state '{s}.absmax' must be a contiguous float32 tensor of "
                                            f"shape ({_states.n_blocks(local.numel())},) on {local.device}")
 
+    def _low_precision_states(self, entry: Mapping[str, Any], p: torch.Tensor) -> set[str]:
+        """The states of ``entry`` (``p``'s, or saved for it) stored in bf16 or 8 bits."""
+        return {k for k in self.rule.update_states if k in entry and torch.is_tensor(entry[k])
+                and _tensors.kind_of(entry, k, p) != "plain"}
+
     @staticmethod
     def _low_precision(p: torch.Tensor, precision: str | None) -> bool:
         """Whether ``p``'s states are stored as bfloat16: bf16 precision (int8 for what cannot be quantized, e.g.
@@ -283,6 +288,7 @@ class Optimizer(_optim.Optimizer):
     def _step(self) -> None:
         work: list[tuple[dict, list[torch.Tensor], list[torch.Tensor], dict[str, Any]]] = []
         for group in self.param_groups:
+            _checkpoints.check_options(group)  # an option set in the group since: checked before anything changes
             grads = list(map(_GRAD, group["params"]))  # the one pass that reads .grad
             if any(map(operator.is_, grads, itertools.repeat(None))):
                 params = [p for p, g in zip(group["params"], grads) if g is not None]
@@ -354,7 +360,8 @@ class Optimizer(_optim.Optimizer):
         g = p.grad
         where = f"{self.rule.name}: parameter of shape {tuple(p.shape)} in group {gi}"
         group = self.param_groups[gi] if 0 <= gi < len(self.param_groups) else {}
-        if group.get("capturable") and p.device.type not in _get_capturable_supported_devices():
+        capturable = "capturable" in self.defaults and group.get("capturable")  # an option of this class only
+        if capturable and p.device.type not in _get_capturable_supported_devices():
             raise AssertionError(f"If capturable=True, params and state_steps must be on supported devices: "
                                  f"{_get_capturable_supported_devices()}. ({where})")
         if group.get("fused") is True:
@@ -402,7 +409,8 @@ class Optimizer(_optim.Optimizer):
         arrays.update({k: state[k].item() for k in self.rule.scalar_states})
         scalar_dtype = np.float64 if state.get("step", torch.tensor(0.0)).dtype == torch.float64 else np.float32
         theta, new_arrays, scalars = _rules.step_tensor(self.rule, h, real(p), real(grad), arrays,
-                                                       self._reference_update, fresh, scalar_dtype)
+                                                       self._reference_update, fresh, scalar_dtype,
+                                                       self._low_precision_states(state, p))
         (torch.view_as_real(p) if p.is_complex() else p).copy_(theta)
         for k, v in new_arrays.items():
             if state[k].dtype == p.dtype:
@@ -434,15 +442,20 @@ class Optimizer(_optim.Optimizer):
             group.update(own)  # this optimizer's engine options win over the checkpoint's
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         mine = [(p, precision) for g, precision in zip(self.param_groups, precisions) for p in g["params"]]
-        for saved_id, (p, precision) in zip(saved_ids, mine):
-            self._restore_storage(p, state_dict["state"].get(saved_id, {}), precision)
+        groups = [g for g in self.param_groups for _ in g["params"]]
+        for saved_id, (p, precision), group in zip(saved_ids, mine, groups):
+            self._restore_storage(p, state_dict["state"].get(saved_id, {}), precision, group)
 
-    def _restore_storage(self, p: torch.Tensor, entry: Mapping[str, Any], precision: str | None) -> None:
+    def _restore_storage(self, p: torch.Tensor, entry: Mapping[str, Any], precision: str | None,
+                         group: Mapping[str, Any]) -> None:
         """Store ``p``'s loaded states as this optimizer keeps them (8-bit codes already in its format are kept
-        bit for bit)."""
+        bit for bit; a centered RMSprop's variance converted if it was stored in another form)."""
         state = self.state.get(p)
         if state:
             self._canonical_scalars(state)
+            low = {k for k in self.rule.update_states if k in state and (
+                _states.is_quantized(precision, p.numel()) and not p.is_complex() or self._low_precision(p, precision))}
+            state.update(_checkpoints.variance_form(self.rule, group, state, self._low_precision_states(entry, p), low))
         for k in self.rule.update_states:
             if not state or k not in state:
                 continue
@@ -462,7 +475,9 @@ class Optimizer(_optim.Optimizer):
         """The state in torch.optim's own format: full-precision states in the parameter's dtype, no adamkit
         keys. ``torch.optim.<Class>.load_state_dict`` takes it; for full-precision states it equals
         :meth:`state_dict`."""
-        out = _checkpoints.full_precision(self.state_dict(), self.rule, drop_engine_keys=True)
+        params = [p for g in self.param_groups for p in g["params"]]
+        out = _checkpoints.full_precision(self.state_dict(), self.rule, drop_engine_keys=True,
+                                          low=lambda i, entry: self._low_precision_states(entry, params[i]))
         for group in out["param_groups"]:
             group.pop(ROUNDING, None)
         return out
