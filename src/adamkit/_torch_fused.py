@@ -320,8 +320,9 @@ def _coefficients(rule: _rules.Rule, h: dict, b: _Batch, floats: list, bools: li
     else:
         rows, inverse = np.unique(scalars, axis=0, return_inverse=True)
         inverse = inverse.reshape(-1)
+    low = {s for s, kind in zip(rule.update_states, b.kinds) if kind != "plain"}
     for r, row in enumerate(rows):
-        c, s = _rules.step_coefficients(rule, h, dict(zip(scalar_names, row.tolist())), b.fresh, scalar_dtype)
+        c, s = _rules.step_coefficients(rule, h, dict(zip(scalar_names, row.tolist())), b.fresh, scalar_dtype, low)
         where = inverse if isinstance(inverse, slice) else inverse == r
         coef[where] = [float(c[f]) for f in floats]
         flags[where] = [c[x] for x in bools]

@@ -149,22 +149,31 @@ def load_state(p: torch.Tensor, state: Mapping[str, Any], key: str) -> torch.Ten
     return _tensors.on_local(lambda local: _storage.load(OPS, {**state, key: local}, key, p.dtype), state[key])
 
 
+def low_precision_states(rule: _rules.Rule, entry: Mapping[str, Any], p: torch.Tensor) -> set[str]:
+    """The states of ``entry`` (``p``'s, or saved for it) stored in bf16 or 8 bits."""
+    return {k for k in rule.update_states if k in entry and torch.is_tensor(entry[k])
+            and stored_format(entry, k, p) != "plain"}
+
+
 def restore_storage(rule: _rules.Rule, state: dict | None, p: torch.Tensor, entry: Mapping[str, Any],
-                    precision: str | None) -> None:
+                    group: Mapping[str, Any]) -> None:
     """Store ``p``'s loaded states as this optimizer keeps them (8-bit codes already in its format are kept bit
-    for bit; others are rounded to nearest)."""
-    if state:
-        canonical_scalars(rule, state)
-    fmt = state_format(p, precision)
+    for bit; others are rounded to nearest; a centered RMSprop's variance converted if it was stored in another
+    form)."""
+    if not state:
+        return
+    canonical_scalars(rule, state)
+    fmt = state_format(p, group.get("state_precision"))
+    low = {k for k in rule.update_states if k in state} if fmt != "plain" else set()
+    state.update(_checkpoints.variance_form(rule, group, state, low_precision_states(rule, entry, p), low))
     for k in rule.update_states:
-        if not state or k not in state:
+        if k not in state:
             continue
         if f"{k}.absmax" in entry and fmt == "int8":
             state[k] = entry[k].detach().clone().contiguous()
             state[f"{k}.absmax"] = entry[f"{k}.absmax"].detach().clone().to(torch.float32)
         else:  # stored as this optimizer keeps it, laid out like its parameter
-            values = state[k].contiguous() if p.is_contiguous() else state[k]
-            store_state(p, state, k, values, fmt)
+            store_state(p, state, k, state[k].contiguous() if p.is_contiguous() else state[k], fmt)
 
 
 def distributable(entry: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.optim.optimizer import _device_dtype_check_for_fused, _get_capturable_supported_devices
 
+from . import checkpoints as _checkpoints
 from . import core as _core
 from . import rules as _rules
 from . import states as _states
@@ -40,6 +41,7 @@ class Stepper(Protocol):
     rule: _rules.Rule
     state: Any
     param_groups: list[dict[str, Any]]
+    defaults: dict[str, Any]
     check_finite: bool
     stochastic_rounding: bool
     _kernel_plan: Any  # the compiled path's cached batches
@@ -69,6 +71,7 @@ def gather(opt: Stepper) -> Work:
     """The step's work, reading each ``.grad`` once."""
     work: Work = []
     for group in opt.param_groups:
+        _checkpoints.check_options(group)  # an option set in the group since: checked before anything changes
         grads = list(map(_GRAD, group["params"]))
         if any(map(operator.is_, grads, itertools.repeat(None))):
             params = [p for p, g in zip(group["params"], grads) if g is not None]
@@ -121,7 +124,8 @@ def check_grad(opt: Stepper, gi: int, p: torch.Tensor) -> None:
     """Raise a clear error, before anything changes, for a gradient no path can step with its parameter."""
     g, at = p.grad, where(opt, gi, p)
     group = opt.param_groups[gi] if 0 <= gi < len(opt.param_groups) else {}
-    if group.get("capturable") and p.device.type not in _get_capturable_supported_devices():
+    capturable = "capturable" in opt.defaults and group.get("capturable")  # an option of this class only
+    if capturable and p.device.type not in _get_capturable_supported_devices():
         raise AssertionError(f"If capturable=True, params and state_steps must be on supported devices: "
                              f"{_get_capturable_supported_devices()}. ({at})")
     if group.get("fused") is True:

@@ -10,6 +10,8 @@ torch tensors alike.
   names the problem (torch.optim's own words first where torch.optim raises too), and returns each group's
   hyperparameters as the load must set them.
 * :func:`full_precision` drops the storage keys, giving every state in full precision (torch.optim's format).
+* :func:`variance_form` converts a centered RMSprop state between torch's ``square_avg`` (v) and the variance
+  v − ḡ² that bf16 and 8-bit storage keep instead (:attr:`adamkit.rules.Rule.stored_variance`).
 * :func:`check_options` validates the engine options of a constructor, a new group or a loaded group.
 
 Engine options (``fused``, ``state_precision``, ``capturable``, ``differentiable``, ``foreach``) say how an
@@ -28,7 +30,8 @@ from . import rules as _rules
 from . import states as _states
 from . import storage as _storage
 
-__all__ = ["ENGINE_KEYS", "check_flag", "check_options", "check_state_dict", "class_defaults", "full_precision"]
+__all__ = ["ENGINE_KEYS", "check_flag", "check_options", "check_state_dict", "class_defaults", "full_precision",
+           "low_precision_states", "variance_form"]
 
 ENGINE_KEYS = ("foreach", "capturable", "differentiable", "fused", "state_precision")
 """torch.optim group keys that are not part of the math."""
@@ -249,10 +252,15 @@ def check_scalar(where: str, k: str, v: Any) -> None:
                          f"tensor), got {v!r}")
 
 
-def full_precision(state_dict: Mapping[str, Any], rule: _rules.Rule, drop_engine_keys: bool = False) -> dict:
+def full_precision(state_dict: Mapping[str, Any], rule: _rules.Rule, drop_engine_keys: bool = False,
+                   low: Callable[[Any, Mapping[str, Any]], set[str]] | None = None) -> dict:
     """A copy of a (checked) ``state_dict`` with every state in full precision and no storage keys: 8-bit codes
     dequantized and bfloat16 widened to float32; tensors detached (a state never carries autograd history).
-    ``drop_engine_keys`` also drops the keys torch.optim's class of that name does not have (its format)."""
+
+    ``drop_engine_keys`` gives torch.optim's format: it also drops the keys torch.optim's class of that name does
+    not have, and a centered RMSprop's ``square_avg`` stored as its variance is given as torch's v (``low(id,
+    entry)``: the states of that entry stored in bf16 or 8 bits; default :func:`low_precision_states`). Without
+    it, states keep the form they are stored in (for a load, which converts with :func:`variance_form`)."""
     out = {"state": {}, "param_groups": [dict(g) for g in state_dict["param_groups"]]}
     if drop_engine_keys:
         for g in out["param_groups"]:
@@ -263,7 +271,40 @@ def full_precision(state_dict: Mapping[str, Any], rule: _rules.Rule, drop_engine
     for i, entry in state_dict["state"].items():
         out["state"][i] = {k: v for k, v in ((k, _full_value(entry, k, rule)) for k in entry)
                            if not str(k).endswith(_STORAGE_SUFFIXES)}
+    if drop_engine_keys:
+        low = low or (lambda i, entry: low_precision_states(entry))
+        for g in state_dict["param_groups"]:
+            for i in g["params"]:
+                if i in out["state"]:
+                    out["state"][i] = variance_form(rule, g, out["state"][i], low(i, state_dict["state"][i]), set())
     return out
+
+
+def low_precision_states(entry: Mapping[str, Any]) -> set[str]:
+    """The states of a saved entry stored in bf16 or 8 bits: with ``.absmax`` or ``.bf16`` keys, bfloat16 tensors
+    or uint16 bfloat16 bits (for a bfloat16 parameter, whose states are bfloat16 in torch.optim too, the engine
+    says)."""
+    return {k for k, v in entry.items() if isinstance(k, str) and not k.endswith(_STORAGE_SUFFIXES)
+            and (f"{k}.absmax" in entry or entry.get(f"{k}.bf16") is True
+                 or _dtype_name(v) in ("bfloat16", "uint16"))}
+
+
+def variance_form(rule: _rules.Rule, h: Mapping[str, Any], entry: Mapping[str, Any], stored: set[str],
+                  wanted: set[str]) -> Mapping[str, Any]:
+    """A full-precision ``entry`` whose states ``stored`` are in low-precision form, converted to the form the
+    states ``wanted`` take: under ``centered``, RMSprop's ``square_avg`` is torch's v in full precision and the
+    variance c = v − ḡ² in bf16 or 8 bits (:func:`adamkit.rules.rmsprop`). v = c + ḡ²; c = max(v − ḡ², 0) (from
+    torch's v, where rounding can leave v − ḡ² slightly negative: a variance is not). A copy if converted."""
+    if rule.stored_variance is None or not h.get("centered"):
+        return entry
+    v, a = rule.stored_variance
+    if v not in entry or a not in entry or (v in stored) == (v in wanted):
+        return entry
+    x, avg = entry[v], entry[a]
+    if v in stored:
+        return {**entry, v: x + avg * avg}
+    c = _rules.variance(x, avg)
+    return {**entry, v: c.clamp_min(0) if hasattr(c, "clamp_min") else np.maximum(c, 0)}
 
 
 def _full_value(entry: Mapping[str, Any], k: str, rule: _rules.Rule) -> Any:

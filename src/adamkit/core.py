@@ -60,8 +60,9 @@ def step_parameter(rule: _rules.Rule, update: Callable, h: Mapping[str, Any], ar
     guard = _states.BlockGuard.take(arrays.untracked(param), grad, state, rule.update_states, check_finite)
     loaded = {k: arrays.view(arrays.load(state, k)) for k in rule.update_states if k in state}
     loaded.update({k: arrays.scalar(state, k) for k in rule.scalar_states})
+    low = {k for k, fmt in zip(rule.update_states, formats) if fmt in ("bf16", "int8")}
     theta, new_arrays, scalars = _rules.step_tensor(rule, h, arrays.view(param), arrays.view(grad), loaded, update,
-                                                   fresh, scalar_dtype)
+                                                   fresh, scalar_dtype, low)
     arrays.write_param(theta)
     for k, v in new_arrays.items():
         j = rule.update_states.index(k)

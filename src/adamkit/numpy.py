@@ -71,8 +71,12 @@ class _Checkpoints:
         params = self._params()
         new_state = {}
         for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
-            entry = full["state"].get(saved_id, {})
-            new_state[index] = self._stored(entry, p, hypers[self._group_of(index)])
+            h = hypers[self._group_of(index)]
+            low = set(self.rule.update_states) if self._format(p) != "plain" else set()
+            saved = state_dict["state"].get(saved_id, {})
+            entry = _checkpoints.variance_form(self.rule, h, full["state"].get(saved_id, {}),
+                                               _checkpoints.low_precision_states(saved), low)
+            new_state[index] = self._stored(entry, p, h)
         self.param_groups = [{"params": ps, **{k: _to_python(v) for k, v in h.items()}}
                              for ps, h in zip(groups, hypers)]
         stream = state_dict["param_groups"][0].get(_storage.ROUNDING)

@@ -165,10 +165,10 @@ class Optimizer(_optim.Optimizer):
         for group, own in zip(self.param_groups, engine):
             group.update(own)  # this optimizer's engine options win over the checkpoint's
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        mine = [(p, precision) for g, precision in zip(self.param_groups, precisions) for p in g["params"]]
-        for saved_id, (p, precision) in zip(saved_ids, mine):  # each state in this optimizer's format
+        mine = [(p, group) for group in self.param_groups for p in group["params"]]
+        for saved_id, (p, group) in zip(saved_ids, mine):  # each state in this optimizer's format
             _torch_states.restore_storage(self.rule, self.state.get(p), p, state_dict["state"].get(saved_id, {}),
-                                          precision)
+                                          group)
 
     def state_dict(self) -> dict[str, Any]:
         """As torch.optim's: per-parameter states as plain dicts (``torch.load(weights_only=True)`` reads them)."""
@@ -181,7 +181,10 @@ class Optimizer(_optim.Optimizer):
         """The state in torch.optim's own format: full-precision states in the parameter's dtype, no adamkit
         keys. ``torch.optim.<Class>.load_state_dict`` takes it; for full-precision states it equals
         :meth:`state_dict`."""
-        return _checkpoints.full_precision(self.state_dict(), self.rule, drop_engine_keys=True)
+        params = [p for g in self.param_groups for p in g["params"]]
+        return _checkpoints.full_precision(
+            self.state_dict(), self.rule, drop_engine_keys=True,
+            low=lambda i, entry: _torch_states.low_precision_states(self.rule, entry, params[i]))
 
 
 def _defaults(rule: _rules.Rule, values: dict[str, Any]) -> dict[str, Any]:
