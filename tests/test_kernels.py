@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import adamkit.kernels as kernels
+from adamkit import storage
 import adamkit.torch as akt
 from conftest import GRID, rel_error
 
@@ -165,13 +166,15 @@ def test_rounding_noise_is_uniform_and_streams_independent():
     import numba
 
     @numba.njit
-    def noise(seed, tensor, stream, n):
-        key = kernels.stream_key(seed, tensor, stream)
+    def hashed(key, n):
         out = np.empty((2, n), np.float64)
         for i in range(n):
             bits = kernels.random32(key, i)
             out[0, i], out[1, i] = kernels.low16(bits), kernels.high16(bits)
         return out
+
+    def noise(seed, tensor, pair, n):
+        return hashed(storage.stream_keys(seed, [tensor], pair + 1)[0, pair], n)
 
     n = 1 << 18
     (a, a_high), (b, _), (c, _) = noise(1, 0, 1, n), noise(1, 1, 1, n), noise(2, 0, 1, n)
