@@ -50,6 +50,7 @@ class QuantizedState(torch.Tensor):
 
     codes_: torch.Tensor | None
     absmax_: torch.Tensor | None
+    __torch_function__ = torch._C._disabled_torch_function_impl  # every op reaches __torch_dispatch__
 
     @staticmethod
     def __new__(cls, codes: torch.Tensor | None, absmax: torch.Tensor | None, *,
