@@ -55,6 +55,8 @@ def rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def parity(dtype: torch.dtype) -> dict[str, float]:
+    """adamkit against torch.optim after STEPS training steps; in float32 also torch.optim against itself with one
+    ulp of difference once (:func:`torch_one_ulp`), the scale of what rounding alone leads to."""
     import adamkit.torch as ak
     out = {}
     for name, kw in CLASSES.items():
@@ -66,7 +68,26 @@ def parity(dtype: torch.dtype) -> dict[str, float]:
         out[name] = {"difference": rel(full(ours), full(theirs)),
                      "compiled_tensors": sum(len(b.params) for b in batches),
                      "reference_tensors": len(opt._kernel_plan.reference)}
+        if dtype == torch.float32:
+            out[name]["torch_one_ulp"] = rel(torch_one_ulp(name, kw, dtype), full(theirs))
     return out
+
+
+def torch_one_ulp(name: str, kw: dict, dtype: torch.dtype) -> list[torch.Tensor]:
+    """torch.optim's parameters after STEPS steps, with a quarter of each shard's elements moved up by one ulp after
+    the first step: about as many elements as the compiled kernels' rounding differs in from torch's in one step
+    (fused multiply-adds, and torch's float32 ``sqrt``, which is not correctly rounded)."""
+    m = sharded(dtype)
+    opt = getattr(torch.optim, name)(m.parameters(), **kw)
+    train(m, opt, 1, dtype)
+    g = torch.Generator().manual_seed(11 + dist.get_rank())
+    with torch.no_grad():
+        for p in m.parameters():
+            shard = p._local_tensor
+            up = torch.nextafter(shard, torch.full_like(shard, float("inf")))
+            shard.copy_(torch.where(torch.rand(shard.shape, generator=g) < 0.25, up, shard))
+    train(m, opt, STEPS - 1, dtype, start=1)
+    return full(m)
 
 
 def dcp_resume(precision: str | None) -> dict:

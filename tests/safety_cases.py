@@ -270,6 +270,24 @@ def float16_param_viewed_as_bfloat16():
 
 
 @case
+def grad_storage_freed_compiled_path():
+    """A gradient whose storage was resized to 0 bytes keeps its shape, and its address becomes 0. torch.optim and
+    the reference path (torch ops) read it anyway and crash; the compiled path checks every gradient's address."""
+    ours, opt, _, _ = twins()
+    grads(ours, 0)
+    opt.step()
+    grads(ours, 1)
+    ours[1].grad.untyped_storage().resize_(0)
+    before = snapshot(ours, opt)
+    try:
+        opt.step()
+    except Exception as e:  # noqa: BLE001 - the error adamkit gives is the result
+        return {"outcome": "refused", "error": f"{type(e).__name__}: {e}"[:300], "torch": "crashes",
+                "unchanged": same_bits(before, snapshot(ours, opt))}
+    return {"outcome": "stepped", "torch": "crashes", "difference": float("inf")}
+
+
+@case
 def grad_expanded():
     def change(ps, o):
         ps[1].grad = torch.ones(1).expand(5000)

@@ -35,13 +35,15 @@ def _child(*args: str) -> None:
     assert proc.returncode == 0, f"the FSDP2 ranks failed (return code {proc.returncode}): {proc.stderr[-3000:]}"
 
 
-@pytest.mark.parametrize("dtype,tolerance", [("float32", 2e-6), ("float64", 1e-12)])
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-6), ("float64", 1e-12)])
 def test_fsdp2_every_class_matches_torch_on_the_compiled_path(results, dtype, tolerance):
     for name, r in results[dtype].items():
         assert r["compiled_tensors"] == 4 and r["reference_tensors"] == 0, (name, r)
-        # centered RMSprop takes √(v − ḡ²), a difference of close numbers: float32 round-off grows through
-        # 20 steps of training feedback (the single-process grid holds it to 1.1e-6 per step)
-        limit = tolerance * (10 if name == "RMSprop" and dtype == "float32" else 1)
+        # The kernels' rounding differs from torch's by an ulp in some elements at each step, and 20 training
+        # steps amplify that: torch.optim with a quarter of its elements moved by one ulp once drifts from itself
+        # by ``torch_one_ulp`` (centered RMSprop: 1.3e-5, above the target; adamkit's difference measured 0 to
+        # 0.97 times it in float32, 0 to 1.5 times in float64). A formula difference exceeds it by far.
+        limit = max(tolerance, 1.5 * r.get("torch_one_ulp", 0.0))
         assert r["difference"] <= limit, (name, r)
 
 

@@ -22,7 +22,7 @@ def test_numpy_engine_equals_torch_engine_float64(name, cfg):
     tp = [torch.nn.Parameter(x.clone()) for x in init]
     npp = [x.numpy().copy() for x in init]
     topt = akt.OPTIMIZERS[name]([{"params": tp[:2]}, {"params": tp[2:], **SECOND_GROUP[name]}], **cfg, fused=False)
-    nopt = akn.OPTIMIZERS[name.lower()]([{"params": npp[:2]}, {"params": npp[2:], **SECOND_GROUP[name]}], **cfg)
+    nopt = akn.OPTIMIZERS[name]([{"params": npp[:2]}, {"params": npp[2:], **SECOND_GROUP[name]}], **cfg)
     for t in range(60):
         grads = []
         for i, p in enumerate(tp):

@@ -137,17 +137,6 @@ def local_view(t: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def kind_of(state: dict, s: str, p: torch.Tensor) -> str:
-    if f"{s}.absmax" in state:
-        return "q8"
-    if state[s].dtype == torch.bfloat16 and p.dtype != torch.bfloat16:
-        return "bf16"
-    return "plain"
-
-
-_STORAGE_DTYPES = {"q8": (torch.int8, torch.uint8), "bf16": (torch.bfloat16,)}
-
-
 def check_state_tensor(name: str, where: str, value: Any, p_local: torch.Tensor, kind: str,
                        signed: bool = False) -> torch.Tensor:
     """The local tensor of state ``name`` after checking it is what a kernel stepping ``p_local`` reads; raise
@@ -156,7 +145,7 @@ def check_state_tensor(name: str, where: str, value: Any, p_local: torch.Tensor,
     local = local_view(value) if torch.is_tensor(value) else None
     if local is None:
         raise RuntimeError(f"{where}: state '{name}' is {type(value).__name__}, not a tensor the step can update")
-    expected = {"q8": torch.int8 if signed else torch.uint8, "bf16": torch.bfloat16}.get(kind, p_local.dtype)
+    expected = {"int8": torch.int8 if signed else torch.uint8, "bf16": torch.bfloat16}.get(kind, p_local.dtype)
     if local.dtype != expected:
         raise RuntimeError(f"{where}: expected dtype {expected} for state '{name}' but got dtype {local.dtype} "
                            f"(the parameter is {p_local.dtype}; was it converted, e.g. by model.double(), after "

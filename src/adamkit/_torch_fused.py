@@ -19,7 +19,6 @@ The kernels reach tensors through raw addresses, so this module is where memory 
 
 from __future__ import annotations
 
-import itertools
 import operator
 from typing import Any
 
@@ -28,7 +27,11 @@ import torch
 
 from . import kernels
 from . import rules as _rules
-from ._tensors import (TrackedState, is_dtensor, kind_of, local_view, nonfinite_gradients, refuse_nonfinite,
+from . import storage as _storage
+from . import _torch_step
+from ._torch_states import stored_format
+from ._torch_step import Stepper
+from ._tensors import (TrackedState, is_dtensor, local_view, nonfinite_gradients, refuse_nonfinite,
                        track_entries, tracked)
 
 FORMAT_OF = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
@@ -38,6 +41,7 @@ SCALAR_FORMAT_OF = {torch.float32: "float32", torch.float64: "float64"}
 _data_ptr, _numel, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.is_contiguous
 _dtype = operator.attrgetter("dtype")
 _local = operator.attrgetter("_local_tensor")
+_NO_KEYS = np.zeros((1, 0), dtype=np.uint32)  # a batch that rounds nothing stochastically
 
 
 class _Batch:
@@ -64,6 +68,8 @@ class _Batch:
         self.scalar_formats: list[str] = []
         self.fresh = False
         self.kernel: Any = None
+        self.ids = np.zeros(0, dtype=np.int64)  # each tensor's position among the optimizer's parameters
+        self.pairs = 0  # 32-bit hashes per element for stochastic rounding (one per two rounded values)
 
     def unchanged(self) -> bool:
         """Whether every parameter (or DTensor shard) and state tensor still has the address and size validated
@@ -106,7 +112,7 @@ class _Plan:
                 and all(b.unchanged() for b in self.batches()))
 
 
-def _key(opt: Any, work: list[tuple[dict, list, list, dict]]) -> tuple:
+def _key(opt: Stepper, work: list[tuple[dict, list, list, dict]]) -> tuple:
     rule = opt.rule
     return (opt._plan_version,) + tuple(
         (id(group), group.get("fused"), tuple(rule.states(h))) for group, _, _, h in work)
@@ -126,12 +132,12 @@ def _compiled_view(p: torch.Tensor) -> tuple[str | None, torch.Tensor | None]:
     return fmt, local
 
 
-def _build(opt: Any, work: list[tuple[dict, list, list, dict]], key: tuple, state: TrackedState) -> _Plan:
+def _build(opt: Stepper, work: list[tuple[dict, list, list, dict]], key: tuple, state: TrackedState) -> _Plan:
     track_entries(state)
     groups, reference = [], []
     for gi, (group, params, _, _) in enumerate(work):
         for p in params:
-            opt._check_grad(gi, p)  # raises a clear error (before anything changes) for what no path can step
+            _torch_step.check_grad(opt, gi, p)  # raises a clear error (before anything changes) for what no path can step
         if group.get("fused") is False or group.get("differentiable"):  # autograd through the step: torch ops
             reference.extend((group, p) for p in params)
             continue
@@ -148,13 +154,14 @@ def _build(opt: Any, work: list[tuple[dict, list, list, dict]], key: tuple, stat
     return _Plan(key, [list(w[1]) for w in work], groups, reference, state)
 
 
-def _prepare_states(opt: Any, plan: _Plan) -> None:
+def _prepare_states(opt: Stepper, plan: _Plan) -> None:
     """Validate every existing state against its parameter (all of them, before anything is created), create the
     missing ones, split batches by the states present, and record every address a kernel will touch."""
     for gi, _, batches in plan.groups:
         for b in batches:
             for p in b.params:
-                opt._validate_state(gi, p)
+                _torch_step.validate_state(opt, gi, p)
+    ids = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
     for index, (gi, group, batches) in enumerate(plan.groups):
         split: list[_Batch] = []
         for batch in batches:
@@ -162,20 +169,21 @@ def _prepare_states(opt: Any, plan: _Plan) -> None:
             size = len(batch.params) if batch.positions is None else -1
             layouts: dict[tuple, list] = {}
             for position, p, local in zip(positions, batch.params, batch.locals):
-                new = opt._init_state(p, group)
+                new = _torch_step.init_state(opt, p, group)
                 state = opt.state.get(p, {})
                 present = tuple(s in state for s in opt.rule.update_states)
-                kinds = tuple(kind_of(state, s, p) if s in state else "plain" for s in opt.rule.update_states)
+                kinds = tuple(stored_format(state, s, p) if s in state else "plain" for s in opt.rule.update_states)
                 # tensors whose states were just made take a first step of their own (SGD's buffer = gradient)
                 layouts.setdefault((present, kinds, new), []).append((position, p, local, new))
             for (present, kinds, _), items in layouts.items():
-                split.append(_ready_batch(opt, batch.fmt, present, kinds, items, size))
+                split.append(_ready_batch(opt, batch.fmt, present, kinds, items, size, ids))
         plan.groups[index] = (gi, group, split)
     plan.generation = plan.state.generation
     plan.ready = True
 
 
-def _ready_batch(opt: Any, fmt: str, present: tuple, kinds: tuple, items: list, size: int) -> _Batch:
+def _ready_batch(opt: Stepper, fmt: str, present: tuple, kinds: tuple, items: list, size: int,
+                 ids: dict[int, int]) -> _Batch:
     """A batch whose states exist: the state tensors it touches, their addresses, its step tensors and kernel."""
     rule = opt.rule
     b = _Batch(fmt, [p for _, p, _, _ in items], [t for _, _, t, _ in items], [i for i, _, _, _ in items], size)
@@ -192,11 +200,15 @@ def _ready_batch(opt: Any, fmt: str, present: tuple, kinds: tuple, items: list, 
     b.scalar_formats = [SCALAR_FORMAT_OF[col[0].dtype] for col in b.scalar_tensors]
     if any(t.dtype != col[0].dtype for col in b.scalar_tensors for t in col):
         raise RuntimeError(f"{rule.name}: scalar states of one group mix float32 and float64 tensors")
-    b.kernel = kernels.kernel(rule, present, fmt, opt.stochastic_rounding and fmt == "bfloat16", kinds)
+    stochastic = opt.stochastic_rounding and fmt == "bfloat16"
+    b.kernel = kernels.kernel(rule, present, fmt, stochastic, kinds)
+    formats = [kind if on else None for kind, on in zip(kinds, present)]
+    b.pairs = (len(_storage.rounded_values(formats, fmt == "bfloat16", stochastic)) + 1) // 2
+    b.ids = np.array([ids[id(p)] for p in b.params], dtype=np.int64)
     return b
 
 
-def step(opt: Any, work: list[tuple[dict, list, list, dict]],
+def step(opt: Stepper, work: list[tuple[dict, list, list, dict]],
          check_finite: bool) -> tuple[list[tuple[dict, Any]], int]:
     """Step every parameter the kernels can take; return the (group, param) pairs left for the reference path
     and the number of 8-bit blocks left unchanged because their gradient was not finite.
@@ -217,7 +229,7 @@ def step(opt: Any, work: list[tuple[dict, list, list, dict]],
         if grad_ptrs is None:
             raise RuntimeError(f"{opt.rule.name}: a gradient does not match its parameter")
     if plan.reference:  # the reference path's parameters, checked every step (the kernels' were above)
-        opt._check_reference(plan.reference, work)
+        _torch_step.check_reference(opt, plan.reference, work)
     if check_finite:
         _check_finite(opt, plan, grad_ptrs)
     if not plan.ready:
@@ -239,12 +251,14 @@ def _grad_addresses(plan: _Plan, work: list) -> list[np.ndarray] | None:
                     gs = _dtensor_grads(b, gs)
                     if gs is None:
                         return None
-                ptrs = list(map(_data_ptr, gs))
-                if not (all(map(operator.is_, map(_dtype, gs), itertools.repeat(b.dtype)))
-                        and all(map(_is_contiguous, gs)) and list(map(_numel, gs)) == b.size_list
-                        and 0 not in ptrs):
+                # list.count compares by identity first: a dtype is one object
+                if not (list(map(_dtype, gs)).count(b.dtype) == len(gs) and all(map(_is_contiguous, gs))
+                        and list(map(_numel, gs)) == b.size_list):
                     return None
-                out.append(np.array(ptrs, dtype=np.int64))
+                ptrs = np.array(list(map(_data_ptr, gs)), dtype=np.int64)
+                if not ptrs.all():  # a tensor without memory (its storage freed or resized to 0)
+                    return None
+                out.append(ptrs)
     except (RuntimeError, TypeError, AttributeError):  # a tensor without storage (fake, sparse, ...)
         return None
     return out
@@ -258,7 +272,7 @@ def _dtensor_grads(b: _Batch, grads: list) -> list[torch.Tensor] | None:
     return [local_view(g) for g in grads]
 
 
-def _run(opt: Any, plan: _Plan, work: list, grad_ptrs: list[np.ndarray]) -> int:
+def _run(opt: Stepper, plan: _Plan, work: list, grad_ptrs: list[np.ndarray]) -> int:
     """Every batch's coefficients first (a value no step can use raises before any kernel runs), then the
     kernels, then the new step counts."""
     rule = opt.rule
@@ -269,21 +283,20 @@ def _run(opt: Any, plan: _Plan, work: list, grad_ptrs: list[np.ndarray]) -> int:
                  for gi, _, bs in plan.groups for b in bs]
     except (TypeError, ValueError, ArithmeticError, RuntimeError):
         for _, group, _ in plan.groups:
-            opt._usable_math(group)  # raises the clear error naming the group
+            _torch_step.usable_math(opt, group)  # raises the clear error naming the group
         raise
     skipped = 0
     for (b, (coef, flags, new)), ptrs in zip(calls, grad_ptrs):
         b.addresses[:, 1] = ptrs
-        rounding = opt.stochastic_rounding or "bf16" in b.kinds
-        seed = opt._rounding_seed() if rounding else 0
-        skipped += b.kernel(*b.table, b.sizes, b.addresses, coef, flags, seed)
+        keys = _storage.stream_keys(opt.rounding_seed(), b.ids, b.pairs) if b.pairs else _NO_KEYS
+        skipped += b.kernel(*b.table, b.sizes, b.addresses, coef, flags, keys)
         b.fresh = False
         for j in range(len(scalar_names)):
             kernels.write_scalars(b.scalar_ptrs[j], new[:, j], b.scalar_formats[j])
     return skipped
 
 
-def _check_finite(opt: Any, plan: _Plan, grad_ptrs: list[np.ndarray]) -> None:
+def _check_finite(opt: Stepper, plan: _Plan, grad_ptrs: list[np.ndarray]) -> None:
     """Refuse the step (every rank alike) if a gradient holds inf or nan: an integer scan of the kernels'
     gradients, torch ops for the reference path's."""
     bad: list[Any] = []
@@ -311,8 +324,9 @@ def _coefficients(rule: _rules.Rule, h: dict, b: _Batch, floats: list, bools: li
     else:
         rows, inverse = np.unique(scalars, axis=0, return_inverse=True)
         inverse = inverse.reshape(-1)
+    low = {s for s, kind in zip(rule.update_states, b.kinds) if kind != "plain"}
     for r, row in enumerate(rows):
-        c, s = _rules.step_coefficients(rule, h, dict(zip(scalar_names, row.tolist())), b.fresh, scalar_dtype)
+        c, s = _rules.step_coefficients(rule, h, dict(zip(scalar_names, row.tolist())), b.fresh, scalar_dtype, low)
         where = inverse if isinstance(inverse, slice) else inverse == r
         coef[where] = [float(c[f]) for f in floats]
         flags[where] = [c[x] for x in bools]

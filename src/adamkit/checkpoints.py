@@ -2,13 +2,16 @@
 
 A state dict has torch.optim's layout, ``{"state": {id: {"step": ..., "exp_avg": array, ...}}, "param_groups":
 [{...hyperparameters, "params": [ids]}]}``, with adamkit's storage keys next to the states: ``"<state>.absmax"``
-(8-bit codes and one scale per block of 256) and, from the NumPy engine, ``"<state>.bf16"`` (bfloat16 bits in
-a uint16 array). Arrays are NumPy arrays or torch tensors alike.
+(8-bit codes and one scale per block of 256). bfloat16 states are bfloat16 tensors, or from the NumPy engine their
+bits in a uint16 array (older NumPy checkpoints also mark them ``"<state>.bf16": True``). Arrays are NumPy arrays or
+torch tensors alike.
 
 * :func:`check_state_dict` checks everything a load needs before anything changes, raising ``ValueError`` that
   names the problem (torch.optim's own words first where torch.optim raises too), and returns each group's
   hyperparameters as the load must set them.
 * :func:`full_precision` drops the storage keys, giving every state in full precision (torch.optim's format).
+* :func:`variance_form` converts a centered RMSprop state between torch's ``square_avg`` (v) and the variance
+  v − ḡ² that bf16 and 8-bit storage keep instead (:attr:`adamkit.rules.Rule.stored_variance`).
 * :func:`check_options` validates the engine options of a constructor, a new group or a loaded group.
 
 Engine options (``fused``, ``state_precision``, ``capturable``, ``differentiable``, ``foreach``) say how an
@@ -25,8 +28,10 @@ import numpy as np
 
 from . import rules as _rules
 from . import states as _states
+from . import storage as _storage
 
-__all__ = ["ENGINE_KEYS", "check_flag", "check_options", "check_state_dict", "class_defaults", "full_precision"]
+__all__ = ["ENGINE_KEYS", "check_flag", "check_options", "check_state_dict", "class_defaults", "full_precision",
+           "low_precision_states", "variance_form"]
 
 ENGINE_KEYS = ("foreach", "capturable", "differentiable", "fused", "state_precision")
 """torch.optim group keys that are not part of the math."""
@@ -59,6 +64,15 @@ def class_defaults(rule: _rules.Rule) -> dict[str, Any]:
     return rule.hyperparameters()
 
 
+def fill_defaults(rule: _rules.Rule, defaults: Mapping[str, Any], groups: Sequence[dict[str, Any]]) -> None:
+    """Give loaded groups the keys they lack, as torch.optim's ``__setstate__`` does (the optimizer's defaults,
+    then the class's own), and the rule's fixed values (AdamW's decoupled decay)."""
+    for group in groups:
+        for k, v in {**defaults, **class_defaults(rule)}.items():
+            group.setdefault(k, v)
+        group.update(rule.defaults_override)
+
+
 def group_hyperparameters(rule: _rules.Rule, saved: Mapping[str, Any]) -> dict[str, Any]:
     """The hyperparameters a loaded group gets: class defaults for missing keys (as torch.optim's
     ``__setstate__``), the saved values, then the rule's fixed values (AdamW's decoupled decay), validated."""
@@ -66,6 +80,18 @@ def group_hyperparameters(rule: _rules.Rule, saved: Mapping[str, Any]) -> dict[s
     h = {**defaults, **{k: v for k, v in saved.items() if k in defaults}, **rule.defaults_override}
     rule.validate(h)
     return h
+
+
+def check_rounding_stream(group: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` unless the group's stochastic-rounding stream, if any, is [key, draws]: two integers
+    in [0, 2^64)."""
+    stream = group.get(_storage.ROUNDING)
+    if stream is None:
+        return
+    if not (isinstance(stream, (list, tuple)) and len(stream) == 2
+            and all(isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) and 0 <= x < 2 ** 64
+                    for x in stream)):
+        raise ValueError(f"'{_storage.ROUNDING}' must be [key, draws], two integers in [0, 2^64); got {stream!r}")
 
 
 def check_state_dict(state_dict: Any, rule: _rules.Rule, groups: Sequence[Sequence[Any]],
@@ -88,6 +114,7 @@ def check_state_dict(state_dict: Any, rule: _rules.Rule, groups: Sequence[Sequen
                              f"dict, {len(params)} in the optimizer")
         try:
             check_options(saved)
+            check_rounding_stream(saved)
             h = group_hyperparameters(rule, saved)
         except (ValueError, TypeError) as e:
             raise ValueError(f"group {gi} of the state dict: {e}") from None
@@ -184,10 +211,10 @@ def _check_array(where: str, k: str, entry: Mapping[str, Any], p: Any, precision
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         return
-    if f"{k}.bf16" in entry:
+    if f"{k}.bf16" in entry or _dtype_name(v) == "uint16":
         if _dtype_name(v) != "uint16":
             raise ValueError(f"state '{k}' of {where} is marked bfloat16 bits and must be uint16, not {_dtype_name(v)}")
-        values = _states.bf16_values(_numpy(v), np.float32)
+        values = _storage.NUMPY.bf16_value(_numpy(v), np.float32)
     else:
         complex_param = "complex" in _dtype_name(p)
         if "float" not in _dtype_name(v) and "complex" not in _dtype_name(v):
@@ -225,20 +252,59 @@ def check_scalar(where: str, k: str, v: Any) -> None:
                          f"tensor), got {v!r}")
 
 
-def full_precision(state_dict: Mapping[str, Any], rule: _rules.Rule, drop_engine_keys: bool = False) -> dict:
+def full_precision(state_dict: Mapping[str, Any], rule: _rules.Rule, drop_engine_keys: bool = False,
+                   low: Callable[[Any, Mapping[str, Any]], set[str]] | None = None) -> dict:
     """A copy of a (checked) ``state_dict`` with every state in full precision and no storage keys: 8-bit codes
     dequantized and bfloat16 widened to float32; tensors detached (a state never carries autograd history).
-    ``drop_engine_keys`` also drops the keys torch.optim's class of that name does not have (its format)."""
+
+    ``drop_engine_keys`` gives torch.optim's format: it also drops the keys torch.optim's class of that name does
+    not have, and a centered RMSprop's ``square_avg`` stored as its variance is given as torch's v (``low(id,
+    entry)``: the states of that entry stored in bf16 or 8 bits; default :func:`low_precision_states`). Without
+    it, states keep the form they are stored in (for a load, which converts with :func:`variance_form`)."""
     out = {"state": {}, "param_groups": [dict(g) for g in state_dict["param_groups"]]}
     if drop_engine_keys:
         for g in out["param_groups"]:
             g.pop("state_precision", None)
+            g.pop(_storage.ROUNDING, None)
             if not rule.torch_fused:
                 g.pop("fused", None)  # torch.optim has no fused path for this class
     for i, entry in state_dict["state"].items():
         out["state"][i] = {k: v for k, v in ((k, _full_value(entry, k, rule)) for k in entry)
                            if not str(k).endswith(_STORAGE_SUFFIXES)}
+    if drop_engine_keys:
+        low = low or (lambda i, entry: low_precision_states(entry))
+        for g in state_dict["param_groups"]:
+            for i in g["params"]:
+                if i in out["state"]:
+                    out["state"][i] = variance_form(rule, g, out["state"][i], low(i, state_dict["state"][i]), set())
     return out
+
+
+def low_precision_states(entry: Mapping[str, Any]) -> set[str]:
+    """The states of a saved entry stored in bf16 or 8 bits: with ``.absmax`` or ``.bf16`` keys, bfloat16 tensors
+    or uint16 bfloat16 bits (for a bfloat16 parameter, whose states are bfloat16 in torch.optim too, the engine
+    says)."""
+    return {k for k, v in entry.items() if isinstance(k, str) and not k.endswith(_STORAGE_SUFFIXES)
+            and (f"{k}.absmax" in entry or entry.get(f"{k}.bf16") is True
+                 or _dtype_name(v) in ("bfloat16", "uint16"))}
+
+
+def variance_form(rule: _rules.Rule, h: Mapping[str, Any], entry: Mapping[str, Any], stored: set[str],
+                  wanted: set[str]) -> Mapping[str, Any]:
+    """A full-precision ``entry`` whose states ``stored`` are in low-precision form, converted to the form the
+    states ``wanted`` take: under ``centered``, RMSprop's ``square_avg`` is torch's v in full precision and the
+    variance c = v − ḡ² in bf16 or 8 bits (:func:`adamkit.rules.rmsprop`). v = c + ḡ²; c = max(v − ḡ², 0) (from
+    torch's v, where rounding can leave v − ḡ² slightly negative: a variance is not). A copy if converted."""
+    if rule.stored_variance is None or not h.get("centered"):
+        return entry
+    v, a = rule.stored_variance
+    if v not in entry or a not in entry or (v in stored) == (v in wanted):
+        return entry
+    x, avg = entry[v], entry[a]
+    if v in stored:
+        return {**entry, v: x + avg * avg}
+    c = _rules.variance(x, avg)
+    return {**entry, v: c.clamp_min(0) if hasattr(c, "clamp_min") else np.maximum(c, 0)}
 
 
 def _full_value(entry: Mapping[str, Any], k: str, rule: _rules.Rule) -> Any:
@@ -248,8 +314,8 @@ def _full_value(entry: Mapping[str, Any], k: str, rule: _rules.Rule) -> Any:
     if f"{k}.absmax" in entry:
         dtype = np.float32 if isinstance(v, np.ndarray) else _torch_float32()
         return _states.dequantize(v, entry[f"{k}.absmax"], k in _states.SIGNED_STATES, dtype)
-    if entry.get(f"{k}.bf16"):
-        return _states.bf16_values(np.asarray(v), np.float32)
+    if _dtype_name(v) == "uint16":  # bfloat16 bits from the NumPy engine
+        return _storage.NUMPY.bf16_value(_numpy(v), np.float32)
     if k in rule.update_states and _dtype_name(v) == "bfloat16":
         return v.float()
     return v

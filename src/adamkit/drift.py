@@ -85,7 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=8192, help="parameters (8-bit states need at least 4096)")
     parser.add_argument("--every", type=int, default=100, help="sample the drift every this many steps")
     parser.add_argument("--classes", default=",".join(CONFIGS), help="comma-separated labels of CONFIGS")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="numba and torch threads (default 1: a problem of 8192 parameters is one chunk of "
+                             "work, and waiting threads cost more than they give, 15x under load)")
     args = parser.parse_args(argv)
+    import numba
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(args.threads)
     print(f"{'class':<18} {'problem':<5} {'state':<5} {'worst drift':>12} {'final':>10}  finite")
     start = time.perf_counter()
     for label in args.classes.split(","):

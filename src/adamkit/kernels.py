@@ -43,6 +43,7 @@ from numba.extending import intrinsic
 
 from . import rules as _rules
 from . import states as _states
+from . import storage as _storage
 
 CHUNK = 1 << 15  # elements per work item: large enough to stream, small enough to balance two or more threads
 
@@ -154,24 +155,10 @@ def nearest_even(value):
     return np.uint32(0x7FFF) + ((_f32_as_u32(value) >> np.uint32(16)) & np.uint32(1))
 
 
-@numba.njit(inline="always")
-def stream_key(seed, tensor, stream):
-    """A 32-bit key for one tensor's stochastic-rounding stream in one step (splitmix64 finalizer of (seed, tensor,
-    stream)); computed once per chunk, outside the element loop."""
-    x = np.uint64(seed) ^ (np.uint64(tensor) * np.uint64(0x9E3779B97F4A7C15)) \
-        ^ (np.uint64(stream) * np.uint64(0x94D049BB133111EB))
-    x ^= x >> np.uint64(31)
-    x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(27)
-    x *= np.uint64(0x94D049BB133111EB)
-    x ^= x >> np.uint64(33)
-    return np.uint32(x & np.uint64(0xFFFFFFFF))
-
-
 @intrinsic
 def random32(typingctx, key, index):
-    """32 random bits for element ``index`` of the stream pair ``key``: Wellons' lowbias32 hash (a bijection with
-    full avalanche) of the index's low 32 bits, rotated by 16, xor the key. The low 16 bits round one stream, the high 16 bits the
+    """:func:`adamkit.storage.random32` (the one definition, which the tests hold this to bit for bit): 32 random
+    bits for element ``index`` under ``key``. The low 16 bits round one value of a pair, the high 16 bits the
     other (:func:`low16`, :func:`high16`), so one hash serves two stochastically rounded values. Emitted as 32-bit
     integer operations, so that a vector loop keeps 8 (AVX2) or 16 (AVX-512) lanes: numba's own arithmetic would
     widen it to 64 bits."""
@@ -231,8 +218,6 @@ def _coefficient_names(name: str) -> tuple[list[str], list[str]]:
     return floats, bools
 
 
-STATE_KINDS = ("plain", "bf16", "q8")
-"""How a state is stored: like the parameter ("plain"), bfloat16 with stochastic rounding, or 8-bit block-wise."""
 
 
 def address_columns(rule: _rules.Rule, present: tuple[bool, ...], kinds: tuple[str, ...]) -> list[str]:
@@ -241,7 +226,7 @@ def address_columns(rule: _rules.Rule, present: tuple[bool, ...], kinds: tuple[s
     for s, on, kind in zip(rule.update_states, present, kinds):
         if on:
             cols.append(s)
-            if kind == "q8":
+            if kind == "int8":
                 cols.append(f"{s}.absmax")
     return cols
 
@@ -257,12 +242,12 @@ class _Layout:
         self.bf16_param = fmt == "bfloat16"  # stochastic rounding is offered for bfloat16 params only
         self.on = [(j, s, kind) for j, (s, p, kind) in enumerate(zip(rule.update_states, present, kinds)) if p]
         self.kind_of = {s: kind for _, s, kind in self.on}
-        self.quantized = [s for _, s, kind in self.on if kind == "q8"]
+        self.quantized = [s for _, s, kind in self.on if kind == "int8"]
         self.names = list(inspect.signature(rule.update).parameters)[2 + len(rule.update_states):]
         self.floats, self.bools = coefficient_names(rule)
-        rounded = [stream for stream, kind in [(0, "plain")] + [(j + 1, kind) for j, _, kind in self.on]
-                   if self.rounds_stochastically(kind)]
-        self.pairs = [tuple(rounded[i:i + 2]) for i in range(0, len(rounded), 2)]
+        self.rounded = _storage.rounded_values([self.kind_of.get(s) for s in rule.update_states],
+                                               self.bf16_param, stochastic)
+        self.pairs = range((len(self.rounded) + 1) // 2)  # one 32-bit hash per pair of rounded values
 
     def rounds_stochastically(self, kind: str) -> bool:
         """bf16 states always; bf16 params (and states stored like them) when ``stochastic``."""
@@ -276,23 +261,21 @@ class _Layout:
         return self.fmt if kind == "plain" and self.fmt in HALF_FORMATS else None
 
     def storage(self, kind: str, s: str = "") -> str:
-        if kind == "q8":
+        if kind == "int8":
             return "np.int8" if s in _states.SIGNED_STATES else "np.uint8"
         return "np.uint16" if self.half(kind) else "DT"
 
     def load(self, kind: str, s: str, x: str) -> str:
-        if kind == "q8":
+        if kind == "int8":
             fn = "dequantize_signed" if s in _states.SIGNED_STATES else "dequantize_unsigned"
             return f"DT({fn}({x}, {s}_scale))"
         half = self.half(kind)
         return x if half is None else f"DT({'bf16' if half == 'bfloat16' else 'f16'}_load({x}))"
 
     def noise(self, stream: int) -> str:
-        """The 16 random bits of ``stream``: a half of its pair's hash."""
-        for pair in self.pairs:
-            if stream in pair:
-                return f"{'low16' if pair[0] == stream else 'high16'}(bits{pair[0]})"
-        raise KeyError(stream)
+        """The 16 random bits of ``stream`` (0: the parameter, j + 1: state j): a half of its pair's hash."""
+        position = self.rounded.index(stream)
+        return f"{'low16' if position % 2 == 0 else 'high16'}(bits{position // 2})"
 
     def store(self, kind: str, target: str, value: str, stream: int) -> str:
         half = self.half(kind)
@@ -317,7 +300,7 @@ def _emit_header(lay: _Layout) -> list[str]:
         "from numba import njit, prange, carray",
         "from adamkit.kernels import address_as_pointer, scalar_update, bf16_load, bf16_store, nearest_even",
         "from adamkit.kernels import f16_load, f16_store",
-        "from adamkit.kernels import random32, low16, high16, stream_key",
+        "from adamkit.kernels import random32, low16, high16",
         "from adamkit.kernels import scalar_state_functions, _f32_as_u32 as f32_bits, _u32_as_f32 as bits_f32",
         "dequantize_signed, dequantize_unsigned, quantize_signed, quantize_unsigned, inverse_scale = "
         "scalar_state_functions()",
@@ -327,11 +310,12 @@ def _emit_header(lay: _Layout) -> list[str]:
         f"BITS = np.{bits.__name__}  # the gradient's storage bits, for the non-finite check",
         f"EXPONENT = BITS({exponent:#x})",
         f"MAGNITUDE = BITS({(1 << (8 * np.dtype(bits).itemsize - 1)) - 1:#x})",
+        "INF = np.uint32(0x7F800000)  # float32 bits of inf: a magnitude's bits from here up are inf or nan",
         "",
         # FMA contraction and reciprocals of a tensor's constants (a division by bc2_sqrt becomes a multiplication):
         # within an ulp per operation, no assumption about inf or nan
         "@njit(parallel=True, cache=True, nogil=True, error_model='numpy', fastmath={'arcp', 'contract'})",
-        "def kernel(chunk_tensor, chunk_start, chunk_stop, sizes, addresses, coefficients, flags, seed):",
+        "def kernel(chunk_tensor, chunk_start, chunk_stop, sizes, addresses, coefficients, flags, keys):",
         "    zero = DT(0.0)",
         "    skipped = 0  # 8-bit blocks left unchanged because their gradient was not finite",
         "    for c in prange(chunk_tensor.shape[0]):",
@@ -358,7 +342,7 @@ def _emit_chunk(lay: _Layout) -> list[str]:
         L += [f"{n} = flags[k, {j}] != 0" for j, n in enumerate(lay.bools)]
     else:
         L += [f"{n} = {value}" for n, value in zip(lay.bools, lay.constants)]
-    L += [f"key{pair[0]} = stream_key(seed, k, {pair[0]})" for pair in lay.pairs]
+    L += [f"key{q} = keys[k, {q}]" for q in lay.pairs]
     if lay.quantized:
         L.append(f"g_bits = {view.format(1, 'BITS')}")
     return ["        " + line for line in L]
@@ -372,10 +356,10 @@ def _emit_element(lay: _Layout, view: str, index: str) -> list[str]:
     args = [lay.load("plain", "", f"theta{view}[i]"), lay.load("plain", "", f"g{view}[i]")]
     args += [lay.load(lay.kind_of[s], s, f"{s}{view}[i]") if s in lay.kind_of else "zero"
              for s in lay.rule.update_states]
-    L = [f"bits{pair[0]} = random32(key{pair[0]}, {index})" for pair in lay.pairs]
+    L = [f"bits{q} = random32(key{q}, {index})" for q in lay.pairs]
     L += [f"r = update({', '.join(args + lay.names)})", lay.store("plain", f"theta{view}[i]", "r[0]", 0)]
     for j, s, kind in lay.on:
-        if kind == "q8":
+        if kind == "int8":
             L += [f"{s}_buf[i] = r[{j + 1}]", f"{s}_bits = max({s}_bits, f32_bits(abs(np.float32(r[{j + 1}]))))"]
         else:
             L.append(lay.store(kind, f"{s}{view}[i]", f"r[{j + 1}]", j + 1))
@@ -390,8 +374,10 @@ def _emit_flat_loop(lay: _Layout) -> list[str]:
 def _emit_block_loop(lay: _Layout) -> list[str]:
     """Block by block (8-bit states): skip a block whose gradient holds inf or nan (one nan would poison the
     block's absmax; the largest magnitude's bits, an integer max that vectorizes, reach the exponent mask only
-    then), one loop of element steps, the block's absmax, then one loop quantizing every 8-bit state. Every
-    array is re-viewed per block so that the loops index from 0 (and vectorize)."""
+    then), one loop of element steps, the block's absmax, then one loop quantizing every 8-bit state. If a new
+    value is inf or nan (the running max reaches INF, rarely), the absmax is taken again over the finite values
+    only (the quantizers contain the others: ±inf → ±the top code, nan → 0), so the common case pays nothing.
+    Every array is re-viewed per block so that the loops index from 0 (and vectorize)."""
     L = ["for b0 in range(0, hi - lo, BLOCK):", "    b1 = min(b0 + BLOCK, hi - lo)", "    block = (lo + b0) // BLOCK",
          "    g_bits_b = g_bits[b0:b1]", "    magnitude = BITS(0)", "    for i in range(b1 - b0):",
          "        magnitude = max(magnitude, BITS(g_bits_b[i] & MAGNITUDE))", "    if magnitude >= EXPONENT:",
@@ -402,7 +388,10 @@ def _emit_block_loop(lay: _Layout) -> list[str]:
     L.append("    for i in range(b1 - b0):")
     L += ["        " + x for x in _emit_element(lay, "_b", "lo + b0 + i")]
     for s in lay.quantized:
-        L += [f"    {s}_amax = bits_f32({s}_bits)", f"    {s}_inv = DT(inverse_scale({s}_amax))",
+        L += [f"    if {s}_bits >= INF:", f"        {s}_bits = np.uint32(0)", "        for i in range(b1 - b0):",
+              f"            {s}_m = f32_bits(abs(np.float32({s}_buf[i])))",
+              f"            {s}_bits = max({s}_bits, {s}_m if {s}_m < INF else np.uint32(0))",
+              f"    {s}_amax = bits_f32({s}_bits)", f"    {s}_inv = DT(inverse_scale({s}_amax))",
               f"    {s}_absmax[block] = np.float32({s}_amax)"]
     L.append("    for i in range(b1 - b0):")
     for s in lay.quantized:
@@ -464,7 +453,8 @@ compile of a few seconds pays back only over long runs: 134 M elements are about
 
 class Kernel:
     """The compiled multi-tensor loop of one configuration, called as ``kernel(chunk_tensor, chunk_start,
-    chunk_stop, sizes, addresses, coefficients, flags, seed) -> skipped``.
+    chunk_stop, sizes, addresses, coefficients, flags, keys) -> skipped``; ``keys`` are each tensor's
+    stochastic-rounding keys (:func:`adamkit.storage.stream_keys`).
 
     A call runs the loop that reads each tensor's flags, until calls whose tensors all carry the same flags (one
     param group: every call the engines make, except a step where some tensors start and others do not) have
@@ -490,12 +480,12 @@ class Kernel:
                     fn = self.loops[code] = _load(*self.config, constants)
         return fn
 
-    def __call__(self, chunk_tensor, chunk_start, chunk_stop, sizes, addresses, coefficients, flags, seed) -> int:
+    def __call__(self, chunk_tensor, chunk_start, chunk_stop, sizes, addresses, coefficients, flags, keys) -> int:
         code, elements = uniform_flags(flags, sizes)
         if code >= 0 and code not in self.loops:
             self.stepped[code] = self.stepped.get(code, 0) + elements
             code = code if self.stepped[code] > SPECIALISE_AFTER else -1
-        return self.loop(code)(chunk_tensor, chunk_start, chunk_stop, sizes, addresses, coefficients, flags, seed)
+        return self.loop(code)(chunk_tensor, chunk_start, chunk_stop, sizes, addresses, coefficients, flags, keys)
 
 
 @numba.njit(nogil=True, cache=True)

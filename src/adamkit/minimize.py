@@ -27,11 +27,12 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from scipy.optimize import Bounds, OptimizeResult, approx_fprime
 
-from .numpy import OPTIMIZERS
+from .numpy import OPTIMIZERS as _CLASSES
 
 __all__ = ["minimize", "scipy_method", "METHODS"]
 
-METHODS = tuple(OPTIMIZERS)
+_BY_METHOD = {name.lower(): cls for name, cls in _CLASSES.items()}
+METHODS = tuple(_BY_METHOD)
 """Method names accepted by :func:`minimize` (lower-case torch.optim class names)."""
 
 _STOP = ("maxiter", "gtol", "ftol", "disp")
@@ -77,7 +78,7 @@ def minimize(fun: Callable[..., Any], x0: Sequence[float] | np.ndarray, args: tu
     np.clip(x, low, high, out=x)
     counts = {"nfev": 0, "njev": 0}
     evaluate = _objective(fun, jac, args, shape, counts)
-    optimizer = OPTIMIZERS[name]([x], **options)
+    optimizer = _BY_METHOD[name]([x], **options)
     wants_result = callback is not None and "intermediate_result" in inspect.signature(callback).parameters
     f, g = evaluate(x)
     nit, status, f_prev = 0, 1, None
@@ -169,7 +170,7 @@ def _stop(f: float, g: np.ndarray, f_prev: float | None, nit: int, maxiter: int,
 
 def _method_name(method: Any) -> str:
     name = method.lower() if isinstance(method, str) else None
-    if name not in OPTIMIZERS:
+    if name not in _BY_METHOD:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return name
 
@@ -201,7 +202,7 @@ def _scalar(f: Any) -> float:
 
 
 def _hyper_names(name: str) -> set[str]:
-    return {h.name for h in OPTIMIZERS[name].rule.hypers} | {"check_finite"}
+    return {h.name for h in _BY_METHOD[name].rule.hypers} | {"check_finite"}
 
 
 def _bounds(bounds: Bounds | Sequence[tuple] | None, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -23,8 +23,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from . import checkpoints as _checkpoints
+from . import core as _core
 from . import rules as _rules
 from . import states as _states
+from . import storage as _storage
 from ._signature import bind as _bind, rule_signature
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam"]
@@ -32,7 +34,75 @@ __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", 
 ParamsT = Iterable[np.ndarray] | Iterable[dict[str, Any]]
 
 
-class Optimizer:
+class _Checkpoints:
+    """The checkpoint half of :class:`Optimizer`: torch.optim's ``state_dict`` layout, loaded after
+    :func:`adamkit.checkpoints.check_state_dict` and stored in the optimizer's format."""
+
+    rule: _rules.Rule
+    param_groups: list[dict[str, Any]]
+    state: dict[int, dict[str, Any]]
+    state_precision: str | None
+
+    def state_dict(self) -> dict[str, Any]:
+        """A deep copy of the state in torch.optim's layout."""
+        groups, start = [], 0
+        for g in self.param_groups:
+            n = len(g["params"])
+            stream = {k: list(g[k]) for k in (_storage.ROUNDING,) if k in g}
+            groups.append({**copy.deepcopy(self._hyper(g)), **stream, "params": list(range(start, start + n))})
+            start += n
+        state = {i: {k: np.array(v, copy=True) if isinstance(v, np.ndarray) else v for k, v in s.items()}
+                 for i, s in self.state.items() if any(k in self.rule.update_states for k in s)}
+        # a parameter that has not stepped has no state (torch.optim's layout; a bare step count would not load)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict` or from a torch.optim optimizer of the same class.
+
+        Everything is checked first (:func:`adamkit.checkpoints.check_state_dict`: group count and sizes,
+        hyperparameters, state keys, shapes, dtypes and values); on a mismatch a ``ValueError`` says what does not
+        match and the optimizer is left unchanged. The states are stored in this optimizer's ``state_precision``.
+        """
+        groups = [g["params"] for g in self.param_groups]
+        hypers = _checkpoints.check_state_dict(state_dict, self.rule, groups, [self.state_precision] * len(groups),
+                                               _is_array)
+        full = _checkpoints.full_precision(state_dict, self.rule)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = self._params()
+        new_state = {}
+        for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
+            h = hypers[self._group_of(index)]
+            low = set(self.rule.update_states) if self._format(p) != "plain" else set()
+            saved = state_dict["state"].get(saved_id, {})
+            entry = _checkpoints.variance_form(self.rule, h, full["state"].get(saved_id, {}),
+                                               _checkpoints.low_precision_states(saved), low)
+            new_state[index] = self._stored(entry, p, h)
+        self.param_groups = [{"params": ps, **{k: _to_python(v) for k, v in h.items()}}
+                             for ps, h in zip(groups, hypers)]
+        stream = state_dict["param_groups"][0].get(_storage.ROUNDING)
+        if stream is not None:  # a resumed run rounds as an uninterrupted one
+            self.param_groups[0][_storage.ROUNDING] = [int(x) for x in stream]
+        self.state = new_state
+
+    def _stored(self, entry: Mapping[str, Any], p: np.ndarray, h: Mapping[str, Any]) -> dict[str, Any]:
+        """A checked, full-precision saved state as this optimizer stores it."""
+        if not entry:
+            return self._initial_state(p, h)
+        out: dict[str, Any] = {}
+        for k, v in entry.items():
+            if k in self.rule.update_states:
+                values = np.array(_to_numpy(v), dtype=p.dtype, copy=True)
+                _storage.store(_storage.NUMPY, out, k, values, self._format(p))
+            else:
+                out[k] = float(np.asarray(_to_numpy(v)).reshape(-1)[0])
+        return out
+
+    def torch_state_dict(self) -> dict[str, Any]:
+        """The state in torch.optim's format (NumPy arrays): full-precision states, no adamkit storage keys."""
+        return _checkpoints.full_precision(self.state_dict(), self.rule, drop_engine_keys=True)
+
+
+class Optimizer(_Checkpoints):
     """Base class: param groups, state, ``step(grads)``, ``state_dict()`` and ``load_state_dict()``.
 
     State layout is torch.optim's: ``{"state": {index: {"step": float, "exp_avg": ndarray, ...}},
@@ -49,36 +119,18 @@ class Optimizer:
         self.check_finite: bool = bool(values.pop("check_finite"))
         self.state_precision = values.pop("state_precision")
         _states.validate_precision(self.state_precision)
-        self._rng = np.random.default_rng()
+        self._step_seed: int | None = None
         self.defaults: dict[str, Any] = self.rule.hyperparameters(**values)
         self._update = _rules.bind(self.rule.update, _rules.NUMPY_OPS)
         self.param_groups: list[dict[str, Any]] = []
         self.state: dict[int, dict[str, Any]] = {}
-        if isinstance(params, np.ndarray):
-            raise TypeError("params must be a list of arrays or of dicts, not a single array: wrap it in a list")
-        groups = list(params)
-        if not groups:
-            raise ValueError("optimizer got an empty parameter list")
-        if not isinstance(groups[0], dict):
-            groups = [{"params": groups}]
-        for group in groups:
+        for group in _param_groups(params):
             self.add_param_group(group)
 
     # -- groups and state ------------------------------------------------------------------------------------
     def add_param_group(self, group: Mapping[str, Any]) -> None:
         """Add a group of arrays with its own hyperparameters (others default to the constructor's)."""
-        params = group["params"]
-        params = [params] if isinstance(params, np.ndarray) else list(params)
-        for p in params:
-            if not isinstance(p, np.ndarray):
-                raise TypeError(f"parameters must be NumPy arrays, got {type(p).__name__}")
-            if p.dtype.kind not in "fc":
-                raise TypeError(f"parameters must have a floating or complex dtype, got {p.dtype}")
-            if not p.flags.writeable:
-                raise ValueError("parameters are updated in place and must be writeable")
-        seen = {id(q) for g in self.param_groups for q in g["params"]}
-        if any(id(p) in seen for p in params):
-            raise ValueError("some parameters appear in more than one parameter group")
+        params = _checked_params(group["params"], self._params())
         hypers = {k: v for k, v in group.items() if k != "params"}
         if hypers.get("state_precision", self.state_precision) != self.state_precision:
             raise ValueError(f"a parameter group asks for state_precision={hypers['state_precision']!r}: "
@@ -101,16 +153,27 @@ class Optimizer:
             index -= len(g["params"])
         raise IndexError(index)
 
+    def _format(self, p: np.ndarray) -> str:
+        return _storage.format_for(self.state_precision, p.size, str(p.dtype))
+
     def _initial_state(self, p: np.ndarray, h: Mapping[str, Any]) -> dict[str, Any]:
         state: dict[str, Any] = dict(self.rule.scalar_states)
         # Adagrad creates its sum at construction, as torch.optim does; other states appear at the first step
         if self.rule.states_at_construction:
             for k, v in self.rule.states(h).items():
-                _states.store(state, k, np.full_like(p, v), self.state_precision, self._rng)
+                _storage.create(_storage.NUMPY, state, k, p, v, self._format(p))
         return state
 
+    def rounding_seed(self) -> int:
+        """This step's stochastic-rounding seed (:func:`adamkit.storage.next_seed`: one draw per step, from a
+        stream in ``param_groups[0]`` whose key comes from NumPy's global generator)."""
+        if self._step_seed is None:
+            self._step_seed = _storage.next_seed(self.param_groups[0],
+                                                 lambda: np.random.randint(0, 2 ** 62, dtype=np.int64))
+        return self._step_seed
+
     def _hyper(self, group: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in group.items() if k != "params"}
+        return {k: v for k, v in group.items() if k not in ("params", _storage.ROUNDING)}
 
     # -- the step ------------------------------------------------------------------------------------------
     def step(self, grads: Sequence[np.ndarray | None]) -> None:
@@ -120,102 +183,30 @@ class Optimizer:
         finiteness when ``check_finite``) before anything changes.
         """
         params = self._params()
-        grads = list(grads)
-        if len(grads) != len(params):
-            raise ValueError(f"step() got {len(grads)} gradients for {len(params)} parameters")
-        for index, (p, g) in enumerate(zip(params, grads)):
-            if g is None:
-                continue
-            g = np.asarray(g)
-            if g.shape != p.shape:
-                raise ValueError(f"gradient {index} has shape {g.shape}, parameter has shape {p.shape}")
-            if g.dtype != p.dtype:
-                raise TypeError(f"gradient {index} has dtype {g.dtype}, parameter has dtype {p.dtype}")
-            if self.check_finite and not np.all(np.isfinite(g)):
-                raise FloatingPointError(f"gradient {index} has non-finite values (inf or nan); nothing was updated")
-            grads[index] = g
-        for gi, group in enumerate(self.param_groups):
-            h = self._hyper(group)
-            self.rule.validate(h)
-        skipped = 0
+        grads = _checked_gradients(params, grads, self.check_finite)
+        for group in self.param_groups:
+            self.rule.validate(self._hyper(group))
+        skipped, self._step_seed = 0, None
         for index, (p, g) in enumerate(zip(params, grads)):
             if g is not None:
-                skipped += self._step_one(p, g, self._hyper(self.param_groups[self._group_of(index)]),
-                                          self.state[index])
+                skipped += self._step_one(index, p, g, self._hyper(self.param_groups[self._group_of(index)]))
         if skipped:
             _states.warn_skipped_blocks(self.rule.name, skipped)
 
-    def _step_one(self, p: np.ndarray, g: np.ndarray, h: Mapping[str, Any], state: dict[str, Any]) -> int:
-        """Step one checked parameter; return how many 8-bit blocks were left unchanged (non-finite gradient)."""
+    def _step_one(self, index: int, p: np.ndarray, g: np.ndarray, h: Mapping[str, Any]) -> int:
+        """Step one checked parameter (:func:`adamkit.core.step_parameter`); return how many 8-bit blocks were
+        left unchanged (non-finite gradient)."""
+        state, fmt = self.state[index], self._format(p)
         missing = {k: v for k, v in self.rule.states(h).items() if k not in state}
-        for k, v in missing.items():  # stored first, so that the block guard sees a new 8-bit state too
-            _states.store(state, k, np.full_like(p, v), self.state_precision, self._rng)
-        real = _real_view if np.iscomplexobj(p) else (lambda a: a)
-        arrays = {k: real(_states.load(state, k, p.dtype)) for k in self.rule.update_states if k in state}
-        arrays.update({k: state[k] for k in self.rule.scalar_states})
-        guard = _states.BlockGuard.take(p, g, state, self.rule.update_states, self.check_finite)
-        theta, new_arrays, scalars = _rules.step_tensor(self.rule, h, real(p), real(g), arrays, self._update,
-                                                       fresh=bool(missing))
-        real(p)[...] = theta
-        for k, v in new_arrays.items():
-            full = np.array(v, dtype=real(p).dtype).view(p.dtype) if np.iscomplexobj(p) else np.asarray(v, p.dtype)
-            _states.store(state, k, full.reshape(p.shape), self.state_precision, self._rng)
-        state.update(scalars)
-        return guard.restore() if guard else 0
+        for k, v in missing.items():  # made first, so that the block guard sees a new 8-bit state too
+            _storage.create(_storage.NUMPY, state, k, p, v, fmt)
+        formats = [fmt if k in state else None for k in self.rule.update_states]
+        noise = _core.rounding_noise(_storage.NUMPY, formats, self.rounding_seed, index)
+        return _core.step_parameter(self.rule, self._update, h, _NumpyArrays(p), p, g, state, formats,
+                                    bool(missing), self.check_finite, noise)
 
     def zero_grad(self) -> None:
         """Nothing to clear: gradients are passed to :meth:`step`. Present for symmetry with torch."""
-
-    # -- checkpoints ---------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """A deep copy of the state in torch.optim's layout."""
-        groups, start = [], 0
-        for g in self.param_groups:
-            n = len(g["params"])
-            groups.append({**copy.deepcopy(self._hyper(g)), "params": list(range(start, start + n))})
-            start += n
-        state = {i: {k: np.array(v, copy=True) if isinstance(v, np.ndarray) else v for k, v in s.items()}
-                 for i, s in self.state.items() if any(k in self.rule.update_states for k in s)}
-        # a parameter that has not stepped has no state (torch.optim's layout; a bare step count would not load)
-        return {"state": state, "param_groups": groups}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict` or from a torch.optim optimizer of the same class.
-
-        Everything is checked first (:func:`adamkit.checkpoints.check_state_dict`: group count and sizes,
-        hyperparameters, state keys, shapes, dtypes and values); on a mismatch a ``ValueError`` says what does not
-        match and the optimizer is left unchanged. The states are stored in this optimizer's ``state_precision``.
-        """
-        groups = [g["params"] for g in self.param_groups]
-        hypers = _checkpoints.check_state_dict(state_dict, self.rule, groups, [self.state_precision] * len(groups),
-                                               _is_array)
-        full = _checkpoints.full_precision(state_dict, self.rule)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = self._params()
-        new_state = {}
-        for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
-            entry = full["state"].get(saved_id, {})
-            new_state[index] = self._stored(entry, p, hypers[self._group_of(index)])
-        self.param_groups = [{"params": ps, **{k: _to_python(v) for k, v in h.items()}}
-                             for ps, h in zip(groups, hypers)]
-        self.state = new_state
-
-    def _stored(self, entry: Mapping[str, Any], p: np.ndarray, h: Mapping[str, Any]) -> dict[str, Any]:
-        """A checked, full-precision saved state as this optimizer stores it."""
-        if not entry:
-            return self._initial_state(p, h)
-        out: dict[str, Any] = {}
-        for k, v in entry.items():
-            if k in self.rule.update_states:
-                _states.store(out, k, np.array(_to_numpy(v), dtype=p.dtype, copy=True), self.state_precision,
-                              self._rng)
-            else:
-                out[k] = float(np.asarray(_to_numpy(v)).reshape(-1)[0])
-        return out
-
-    def torch_state_dict(self) -> dict[str, Any]:
-        """The state in torch.optim's format (NumPy arrays): full-precision states, no adamkit storage keys."""
-        return _checkpoints.full_precision(self.state_dict(), self.rule, drop_engine_keys=True)
 
     def __repr__(self) -> str:
         lines = [f"adamkit.numpy.{type(self).__name__} ("]
@@ -223,6 +214,84 @@ class Optimizer:
             lines.append(f"Parameter Group {i}")
             lines.extend(f"    {k}: {v}" for k, v in sorted(self._hyper(g).items()))
         return "\n".join(lines + [")"])
+
+
+def _param_groups(params: Any) -> list[dict[str, Any]]:
+    """The constructor's ``params`` as a list of groups."""
+    if isinstance(params, np.ndarray):
+        raise TypeError("params must be a list of arrays or of dicts, not a single array: wrap it in a list")
+    groups = list(params)
+    if not groups:
+        raise ValueError("optimizer got an empty parameter list")
+    return groups if isinstance(groups[0], dict) else [{"params": groups}]
+
+
+def _checked_params(params: Any, existing: list[np.ndarray]) -> list[np.ndarray]:
+    """A new group's parameters: writeable floating or complex NumPy arrays, none in another group."""
+    params = [params] if isinstance(params, np.ndarray) else list(params)
+    for p in params:
+        if not isinstance(p, np.ndarray):
+            raise TypeError(f"parameters must be NumPy arrays, got {type(p).__name__}")
+        if p.dtype.kind not in "fc":
+            raise TypeError(f"parameters must have a floating or complex dtype, got {p.dtype}")
+        if not p.flags.writeable:
+            raise ValueError("parameters are updated in place and must be writeable")
+    seen = set(map(id, existing))
+    if any(id(p) in seen for p in params):
+        raise ValueError("some parameters appear in more than one parameter group")
+    return params
+
+
+def _checked_gradients(params: list[np.ndarray], grads: Sequence[Any], check_finite: bool) -> list[Any]:
+    """``grads`` as arrays, after checking each against its parameter (shape, dtype, finiteness when
+    ``check_finite``), before anything changes."""
+    grads = list(grads)
+    if len(grads) != len(params):
+        raise ValueError(f"step() got {len(grads)} gradients for {len(params)} parameters")
+    for index, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        g = grads[index] = np.asarray(g)
+        if g.shape != p.shape:
+            raise ValueError(f"gradient {index} has shape {g.shape}, parameter has shape {p.shape}")
+        if g.dtype != p.dtype:
+            raise TypeError(f"gradient {index} has dtype {g.dtype}, parameter has dtype {p.dtype}")
+        if check_finite and not np.all(np.isfinite(g)):
+            raise FloatingPointError(f"gradient {index} has non-finite values (inf or nan); nothing was updated")
+    return grads
+
+
+class _NumpyArrays:
+    """:class:`adamkit.core.Arrays` for a NumPy parameter: a complex one through its real view; states replaced."""
+
+    ops = _storage.NUMPY
+
+    def __init__(self, p: np.ndarray) -> None:
+        self.p, self.complex = p, np.iscomplexobj(p)
+
+    def view(self, x: np.ndarray) -> np.ndarray:
+        return _real_view(x) if self.complex else x
+
+    def untracked(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def load(self, state: dict, key: str) -> np.ndarray:
+        return _storage.load(self.ops, state, key, self.p.dtype)
+
+    def write_param(self, theta: np.ndarray) -> None:
+        self.view(self.p)[...] = theta
+
+    def write_state(self, state: dict, key: str, values: Any, fmt: str, noise: Any) -> None:
+        p = self.p
+        full = np.array(values, dtype=self.view(p).dtype).view(p.dtype) if self.complex else np.asarray(values, p.dtype)
+        full = full.reshape(p.shape)
+        _storage.store(self.ops, state, key, full, fmt, noise(full) if noise else None)
+
+    def scalar(self, state: dict, key: str) -> float:
+        return state[key]
+
+    def write_scalar(self, state: dict, key: str, value: float) -> None:
+        state[key] = value
 
 
 def _real_view(a: np.ndarray) -> np.ndarray:
@@ -280,5 +349,5 @@ Adamax = _make(_rules.RULES["Adamax"])
 NAdam = _make(_rules.RULES["NAdam"])
 RAdam = _make(_rules.RULES["RAdam"])
 
-OPTIMIZERS: dict[str, type[Optimizer]] = {c.__name__.lower(): c for c in
+OPTIMIZERS: dict[str, type[Optimizer]] = {c.__name__: c for c in
                                           (SGD, Adagrad, RMSprop, Adam, AdamW, Adamax, NAdam, RAdam)}

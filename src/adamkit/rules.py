@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import math
 import types
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Collection, Mapping
 
 import numpy as np
 
@@ -54,26 +54,37 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------
 # Element-wise update functions (the math, once)
 # --------------------------------------------------------------------------------------------------------------
-# Free names bound by each engine: sqrt, maximum, variance. ``abs`` and arithmetic work on every backend as
+# Free names bound by each engine: sqrt, maximum, variance, lerp. ``abs`` and arithmetic work on every backend as
 # they are. ``maximum`` propagates NaN from either argument in every engine, as torch.maximum does.
 sqrt: Callable[[Any], Any] = np.sqrt
 maximum: Callable[[Any, Any], Any] = np.maximum
 
 
-def variance(v, a):
-    """``max(v − a², 0)``, the centered second moment, with ``v − a²`` as torch.optim's centered RMSprop computes
-    it, ``addcmul(v, a, a, value=-1)``: one fused multiply-add, so an ``a²`` that overflows leaves an infinite
-    ``v`` infinite (two roundings would give inf − inf = NaN). On torch tensors it is torch's own operation; on
-    NumPy arrays the overflow case is kept.
+def lerp(a, b, w):
+    """``a + w·(b − a)``, the moving average torch.optim computes with ``lerp_``, in torch.lerp's two forms:
+    ``a + w·(b − a)`` for ``|w| < ½`` and ``b − (b − a)·(1 − w)`` otherwise. They differ where ``a`` is infinite
+    and ``b`` finite: the first gives inf − inf = NaN, the second keeps the infinity (so ``β1 ≤ ½`` keeps an
+    infinite moment infinite). On torch tensors it is torch's own operation; on NumPy arrays ``w`` and ``1 − w``
+    are rounded to the arrays' precision first, as torch does.
+    """
+    if hasattr(a, "lerp"):
+        return a.lerp(b, w)
+    w = np.asarray(w, dtype=np.result_type(a, b))
+    if abs(w) < 0.5:
+        return a + w * (b - a)
+    return b - (b - a) * (1 - w)
 
-    The clamp at 0: exactly, v ≥ a² (a mean of squares is at least the square of the mean), but v and a are
-    rounded separately, and with bf16 or 8-bit states by far more than float32, so the difference can come out
-    negative and its root NaN. torch.optim has no clamp; results differ only where torch.optim's is NaN. A NaN
-    stays NaN.
+
+def variance(v, a):
+    """``v − a²``, the centered second moment, as torch.optim's centered RMSprop computes it,
+    ``addcmul(v, a, a, value=-1)``: one fused multiply-add, so an ``a²`` that overflows leaves an infinite ``v``
+    infinite (two roundings would give inf − inf = NaN). On torch tensors it is torch's own operation; on NumPy
+    arrays the overflow case is kept. No clamp, as in torch.optim: states stored in bf16 or 8 bits keep the
+    variance itself instead (:func:`rmsprop`), which cannot go negative.
     """
     if hasattr(v, "addcmul"):
-        return v.addcmul(a, a, value=-1).clamp_min_(0)
-    return np.maximum(np.where(np.isposinf(v) & np.isfinite(a), v, v - a * a), 0)
+        return v.addcmul(a, a, value=-1)
+    return np.where(np.isposinf(v) & np.isfinite(a), v, v - a * a)
 
 
 def gradient(theta, g, weight_decay, l2, maximize):
@@ -127,25 +138,36 @@ def adagrad(theta, g, s, clr, eps, weight_decay, l2, maximize):
 
 
 def rmsprop(theta, g, v, g_avg, b, lr, alpha, one_minus_alpha, eps, momentum, weight_decay, l2, centered,
-            use_momentum, maximize):
+            variance_stored, use_momentum, maximize):
     """RMSprop (Hinton, 2012), optionally centered and with momentum.
 
     .. math::
         v_t &= α v_{t-1} + (1-α) g_t^2 \\\\
         \\bar g_t &= α \\bar g_{t-1} + (1-α) g_t \\quad (\\text{centered}) \\\\
-        d_t &= \\sqrt{\\max(v_t - \\bar g_t^2, 0)} + ε \\quad (\\text{centered; else } \\sqrt{v_t} + ε) \\\\
+        d_t &= \\sqrt{v_t - \\bar g_t^2} + ε \\quad (\\text{centered; else } \\sqrt{v_t} + ε) \\\\
         b_t &= μ b_{t-1} + g_t / d_t, \\quad θ_t = θ_{t-1} - γ b_t \\quad (\\text{momentum; else } θ_t = θ_{t-1} - γ g_t/d_t)
 
-    ``v`` is torch's ``square_avg``, ``g_avg`` its ``grad_avg``, ``b`` its ``momentum_buffer``. The centered
-    variance v − ḡ² is clamped at 0 (:func:`variance` says why).
+    ``v`` is torch's ``square_avg``, ``g_avg`` its ``grad_avg``, ``b`` its ``momentum_buffer``.
+
+    ``variance_stored`` (centered, ``square_avg`` stored in bf16 or 8 bits): ``v`` holds the variance
+    :math:`c = v - \\bar g^2` itself, updated as :math:`c_t = α (c_{t-1} + (1-α)(g_t - \\bar g_{t-1})^2)` (the same
+    value, exactly), so that it is rounded on its own scale and cannot go negative. Rounded separately, v and ḡ²
+    (about equal when the gradient varies little) keep nothing of their difference. Checkpoints in torch's format
+    hold v = c + ḡ² (:mod:`adamkit.checkpoints`).
     """
     g = gradient(theta, g, weight_decay, l2, maximize)
-    v = alpha * v + one_minus_alpha * g * g
-    if centered:
-        g_avg = g_avg + one_minus_alpha * (g - g_avg)
-        d = sqrt(variance(v, g_avg)) + eps  # max(v − ḡ², 0): rounding must not make it negative
+    if centered and variance_stored:
+        deviation = g - g_avg
+        v = alpha * (v + one_minus_alpha * deviation * deviation)
+        g_avg = lerp(g_avg, g, one_minus_alpha)
+        d = sqrt(v + (g_avg - g_avg)) + eps  # ḡ − ḡ: NaN for an infinite or NaN ḡ, where v − ḡ² is NaN or −inf
     else:
-        d = sqrt(v) + eps
+        v = alpha * v + one_minus_alpha * g * g
+        if centered:
+            g_avg = lerp(g_avg, g, one_minus_alpha)
+            d = sqrt(variance(v, g_avg)) + eps
+        else:
+            d = sqrt(v) + eps
     if use_momentum:
         b = momentum * b + g / d
         theta = theta - lr * b
@@ -170,7 +192,7 @@ def adam(theta, g, m, v, v_max, beta1, one_minus_beta1, beta2, one_minus_beta2, 
     if decoupled:
         theta = theta * decay
     g = gradient(theta, g, weight_decay, l2, maximize)
-    m = m + one_minus_beta1 * (g - m)
+    m = lerp(m, g, one_minus_beta1)
     v = beta2 * v + one_minus_beta2 * g * g
     if amsgrad:
         v_max = maximum(v_max, v)
@@ -192,7 +214,7 @@ def adamax(theta, g, m, u, beta1, one_minus_beta1, beta2, eps, step_size, weight
     ``u`` is torch's ``exp_inf``; ``step_size`` = γ/(1−β1^t).
     """
     g = gradient(theta, g, weight_decay, l2, maximize)
-    m = m + one_minus_beta1 * (g - m)
+    m = lerp(m, g, one_minus_beta1)
     u = maximum(beta2 * u, abs(g) + eps)
     theta = theta - step_size * m / u
     return theta, m, u
@@ -214,7 +236,7 @@ def nadam(theta, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, b
     if decoupled:
         theta = theta * decay
     g = gradient(theta, g, weight_decay, l2, maximize)
-    m = m + one_minus_beta1 * (g - m)
+    m = lerp(m, g, one_minus_beta1)
     v = beta2 * v + one_minus_beta2 * g * g
     denom = sqrt(v / bc2) + eps
     theta = theta - grad_step * g / denom
@@ -237,7 +259,7 @@ def radam(theta, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, l
     if decoupled:
         theta = theta * decay
     g = gradient(theta, g, weight_decay, l2, maximize)
-    m = m + one_minus_beta1 * (g - m)
+    m = lerp(m, g, one_minus_beta1)
     v = beta2 * v + one_minus_beta2 * g * g
     m_hat = m / bc1
     if rectified:
@@ -257,16 +279,23 @@ def _scalar_maximum(a, b):
     return b if b > a else a
 
 
+def _scalar_lerp(a, b, w):
+    """:func:`lerp` of scalars (``w / w``: a one of ``w``'s type, a literal would widen float32; ``|w| ≥ ½`` there)."""
+    if abs(w) < 0.5:
+        return a + w * (b - a)
+    return b - (b - a) * (w / w - w)
+
+
 def _scalar_variance(v, a):
-    """:func:`variance` of two scalars (NaN stays NaN: ``d > 0`` is False for it)."""
+    """:func:`variance` of two scalars."""
     if v == math.inf and a - a == 0:  # v infinite, a finite: the fused multiply-add keeps v
         return v
-    d = v - a * a
-    return d if d > 0 or d != d else d - d  # d − d: a zero of d's type (a literal would widen float32)
+    return v - a * a
 
 
-NUMPY_OPS: dict[str, Any] = {"sqrt": np.sqrt, "maximum": np.maximum, "variance": variance}
-SCALAR_OPS: dict[str, Any] = {"sqrt": math.sqrt, "maximum": _scalar_maximum, "variance": _scalar_variance}
+NUMPY_OPS: dict[str, Any] = {"sqrt": np.sqrt, "maximum": np.maximum, "variance": variance, "lerp": lerp}
+SCALAR_OPS: dict[str, Any] = {"sqrt": math.sqrt, "maximum": _scalar_maximum, "variance": _scalar_variance,
+                              "lerp": _scalar_lerp}
 """Scalar primitives; the Python functions among them are compiled along with the rule (``wrap``)."""
 
 
@@ -374,6 +403,9 @@ class Rule:
         states_on_first_step_only: a checkpoint may lack them until the first step (SGD's momentum buffer; SGD
             keeps no step count).
         torch_fused: torch.optim has a fused kernel for this class (its checkpoints carry ``fused``).
+        stored_variance: ``(v, a)``: with ``centered`` and ``v`` stored in bf16 or 8 bits, the state ``v`` holds
+            the variance ``v − a²`` instead (RMSprop's ``square_avg``; ``a`` is ``grad_avg``), which rounding cannot
+            make negative; torch's format holds ``v``.
     """
 
     name: str
@@ -390,6 +422,7 @@ class Rule:
     states_at_construction: bool = False
     states_on_first_step_only: bool = False
     torch_fused: bool = False
+    stored_variance: tuple[str, str] | None = None
 
     def hyperparameters(self, **given: Any) -> dict[str, Any]:
         """Defaults overlaid with ``given``, validated. Raises ``ValueError`` naming a bad value or name."""
@@ -428,7 +461,12 @@ def _moments(h: Mapping[str, Any]) -> dict[str, float]:
     return dict(beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2)
 
 
-LR = Hyper("lr", 1e-3, _nonneg("learning rate (lr)"), doc="learning rate γ")
+def learning_rate(default: float) -> Hyper:
+    """The learning rate γ, with a class's torch.optim default."""
+    return Hyper("lr", default, _nonneg("learning rate (lr)"), doc="learning rate γ")
+
+
+LR = learning_rate(1e-3)
 EPS = Hyper("eps", 1e-8, _nonneg("epsilon value (eps)"), doc="ε added to the denominator")
 BETAS = Hyper("betas", (0.9, 0.999), _betas, doc="(β1, β2), decay rates of the first and second moments")
 WD = Hyper("weight_decay", 0, _nonneg("weight_decay value"), doc="weight decay λ")
@@ -453,10 +491,10 @@ def _sgd_check(h):
         raise ValueError("Invalid nesterov: Nesterov momentum requires a momentum > 0 and zero dampening")
 
 
-SGD_RULE = Rule(
+SGD = Rule(
     name="SGD",
     update=sgd,
-    hypers=(Hyper("lr", 1e-3, _nonneg("learning rate (lr)")), Hyper("momentum", 0, _nonneg("momentum value")),
+    hypers=(learning_rate(1e-3), Hyper("momentum", 0, _nonneg("momentum value")),
             Hyper("dampening", 0, _unit("dampening")), WD, Hyper("nesterov", False, _flag("nesterov")), MAXIMIZE),
     update_states=("momentum_buffer",),
     states=_sgd_states,
@@ -478,7 +516,7 @@ def _adagrad_coefficients(h, step, scalar_state):
 ADAGRAD = Rule(
     name="Adagrad",
     update=adagrad,
-    hypers=(Hyper("lr", 1e-2, _nonneg("learning rate (lr)")), Hyper("lr_decay", 0, _nonneg("lr_decay value")), WD,
+    hypers=(learning_rate(1e-2), Hyper("lr_decay", 0, _nonneg("lr_decay value")), WD,
             Hyper("initial_accumulator_value", 0, _nonneg("initial_accumulator_value")),
             Hyper("eps", 1e-10, _nonneg("epsilon value (eps)")), MAXIMIZE),
     update_states=("sum",),
@@ -502,20 +540,23 @@ def _rmsprop_states(h):
 
 def _rmsprop_coefficients(h, step, scalar_state):
     alpha, wd, momentum = float(h["alpha"]), float(h["weight_decay"]), float(h["momentum"])
+    centered = bool(h["centered"])
     return dict(lr=_lr(h), alpha=alpha, one_minus_alpha=1.0 - alpha, eps=float(h["eps"]), momentum=momentum,
-                weight_decay=wd, l2=wd != 0, centered=bool(h["centered"]), use_momentum=momentum > 0,
-                maximize=bool(h["maximize"])), {}
+                weight_decay=wd, l2=wd != 0, centered=centered,
+                variance_stored=centered and "square_avg" in scalar_state.get("low_precision", ()),
+                use_momentum=momentum > 0, maximize=bool(h["maximize"])), {}
 
 
 RMSPROP = Rule(
     name="RMSprop",
     update=rmsprop,
-    hypers=(Hyper("lr", 1e-2, _nonneg("learning rate (lr)")), Hyper("alpha", 0.99, _unit("alpha value")), EPS, WD,
+    hypers=(learning_rate(1e-2), Hyper("alpha", 0.99, _unit("alpha value")), EPS, WD,
             Hyper("momentum", 0, _nonneg("momentum value")), Hyper("centered", False, _flag("centered")),
-            Hyper("maximize", False, _flag("maximize"))),
+            replace(MAXIMIZE, keyword_only=False)),  # positional in torch.optim.RMSprop
     update_states=("square_avg", "grad_avg", "momentum_buffer"),
     states=_rmsprop_states,
     coefficients=_rmsprop_coefficients,
+    stored_variance=("square_avg", "grad_avg"),
 )
 
 
@@ -571,7 +612,7 @@ def _adamax_coefficients(h, step, scalar_state):
 ADAMAX = Rule(
     name="Adamax",
     update=adamax,
-    hypers=(Hyper("lr", 2e-3, _nonneg("learning rate (lr)")), BETAS, EPS, WD, MAXIMIZE),
+    hypers=(learning_rate(2e-3), BETAS, EPS, WD, MAXIMIZE),
     update_states=("exp_avg", "exp_inf"),
     states=lambda h: {"exp_avg": 0.0, "exp_inf": 0.0},
     coefficients=_adamax_coefficients,
@@ -597,7 +638,7 @@ def _nadam_coefficients(h, step, scalar_state):
 NADAM = Rule(
     name="NAdam",
     update=nadam,
-    hypers=(Hyper("lr", 2e-3, _nonneg("learning rate (lr)")), BETAS, EPS, WD,
+    hypers=(learning_rate(2e-3), BETAS, EPS, WD,
             Hyper("momentum_decay", 4e-3, _nonneg("momentum_decay value")),
             Hyper("decoupled_weight_decay", False, _flag("decoupled_weight_decay")), MAXIMIZE),
     update_states=("exp_avg", "exp_avg_sq"),
@@ -630,20 +671,22 @@ RADAM = Rule(
     coefficients=_radam_coefficients,
 )
 
-RULES: dict[str, Rule] = {r.name: r for r in (SGD_RULE, ADAGRAD, RMSPROP, ADAM, ADAMW, ADAMAX, NADAM, RADAM)}
+RULES: dict[str, Rule] = {r.name: r for r in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, ADAMAX, NADAM, RADAM)}
 """Every family member by torch.optim class name."""
 
 
 def step_tensor(rule: Rule, h: Mapping[str, Any], theta: Any, g: Any, state: Mapping[str, Any], update: Callable,
-                fresh: bool = False, scalar_dtype: Any = np.float32) -> tuple[Any, dict[str, Any], dict[str, float]]:
+                fresh: bool = False, scalar_dtype: Any = np.float32,
+                low_precision: Collection[str] = ()) -> tuple[Any, dict[str, Any], dict[str, float]]:
     """One step of ``rule`` for one tensor, on any array backend (the engines' shared core).
 
     ``state`` holds the array states under torch's names and the scalar states as Python floats; ``fresh``
     says the array states were just created (SGD's first momentum step copies the gradient). ``update`` is the
-    rule bound to the backend; ``scalar_dtype`` is the precision torch keeps scalar states in. Returns the new
-    parameter, the new array states and the new scalar states.
+    rule bound to the backend; ``scalar_dtype`` is the precision torch keeps scalar states in; ``low_precision``
+    names the states stored in bf16 or 8 bits (see :attr:`Rule.stored_variance`). Returns the new parameter, the
+    new array states and the new scalar states.
     """
-    coefficients, new_scalars = step_coefficients(rule, h, state, fresh, scalar_dtype)
+    coefficients, new_scalars = step_coefficients(rule, h, state, fresh, scalar_dtype, low_precision)
     args = [state.get(name) for name in rule.update_states]
     theta, *new_states = update(theta, g, *args, **coefficients)
     arrays = {name: new for name, new in zip(rule.update_states, new_states) if name in state}
@@ -651,11 +694,14 @@ def step_tensor(rule: Rule, h: Mapping[str, Any], theta: Any, g: Any, state: Map
 
 
 def step_coefficients(rule: Rule, h: Mapping[str, Any], state: Mapping[str, Any], fresh: bool = False,
-                      scalar_dtype: Any = np.float32) -> tuple[dict[str, Any], dict[str, float]]:
-    """The coefficients of the next step of one tensor and its new scalar states (``step`` advanced by one)."""
+                      scalar_dtype: Any = np.float32,
+                      low_precision: Collection[str] = ()) -> tuple[dict[str, Any], dict[str, float]]:
+    """The coefficients of the next step of one tensor and its new scalar states (``step`` advanced by one);
+    ``low_precision``: the names of its states stored in bf16 or 8 bits."""
     step = float(state.get("step", 0.0)) + 1
     scalars = {k: float(state[k]) for k in rule.scalar_states if k != "step"}
-    coefficients, new_scalars = rule.coefficients(h, step, {**scalars, "fresh": fresh, "dtype": scalar_dtype})
+    coefficients, new_scalars = rule.coefficients(h, step, {**scalars, "fresh": fresh, "dtype": scalar_dtype,
+                                                            "low_precision": frozenset(low_precision)})
     if "step" in rule.scalar_states:
         new_scalars = {"step": step, **new_scalars}
     return coefficients, new_scalars

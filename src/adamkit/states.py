@@ -1,4 +1,5 @@
-"""State formats: how an optimizer's moments are stored (full precision, bfloat16, or 8-bit block-wise).
+"""The 8-bit state format: code maps, quantize and dequantize (which format a state gets, and bfloat16, are
+:mod:`adamkit.storage`'s).
 
 ``state_precision="int8"`` stores each large state tensor as one 8-bit code per element plus one float32 scale
 (the block's absolute maximum) per block of :data:`BLOCK` elements — about 1 byte per element and state instead of
@@ -73,14 +74,20 @@ UNSIGNED_MAX = np.int32(248)
 # half the value of signed code 1: the midpoint between 0 and code 1 (exact, a power of two below a normal float)
 SIGNED_MIDPOINT = np.array([(int(SIGNED_OFFSET) + 1) << 20], dtype=np.int32).view(np.float32)[0] / np.float32(2)
 _I0, _I1, _SHIFT, _HALF = np.int32(0), np.int32(1), np.int32(20), np.int32(0x80000)
+_SIGN = np.int32(-(1 << 31))  # the float32 sign bit as an int32
+# half a code step minus the offset, both in the float's bits: one addition before the shift does both
+SIGNED_ROUNDING = np.int32(0x80000 - (112 * 8 << 20))
+UNSIGNED_ROUNDING = np.int32(0x80000 - (96 * 8 << 20))
+SIGNED_BIAS = np.int32(112 * 8 << 20)  # the offset in the float's bits: a code's magnitude << 20 plus this
+UNSIGNED_BIAS = np.int32(96 * 8 << 20)
 
 
-def _code_of(t, offset):
+def _code_of(t, rounding):
     """Nearest normal code of ``t`` ∈ [0, 1]: the float's exponent and top 3 mantissa bits, rounded to nearest
-    (an exact tie goes to the larger code). ``t`` ≤ 1 keeps it at most the map's largest code; it is ≤ 0 where
-    ``t`` rounds below code 1 (the caller then picks 0 or 1)."""
-    rounded = i32(f32_bits(t) + _HALF)  # half a code step in the bits below the kept 3 mantissa bits
-    return i32(i32(rounded >> _SHIFT) - offset)
+    (an exact tie goes to the larger code), ``(bits(t) + 2^19 − 8·offset·2^20) >> 20``; ``rounding`` is
+    :data:`SIGNED_ROUNDING` or :data:`UNSIGNED_ROUNDING`. ``t`` ≤ 1 keeps it at most the map's largest code; it
+    is ≤ 0 where ``t`` rounds below code 1 (the caller then picks 0 or 1)."""
+    return i32(i32(f32_bits(t) + rounding) >> _SHIFT)
 
 
 HELPERS = {"_code_of": _code_of}
@@ -88,36 +95,38 @@ HELPERS = {"_code_of": _code_of}
 
 
 def dequantize_signed(code, scale):
-    """Value of a signed code: ``scale · ±2^(e−15)(1 + f/8)`` with ``|c| = 8e + f``; 0 for code 0."""
-    magnitude = i32(abs(code))
-    value = bits_f32(i32(i32(magnitude + SIGNED_OFFSET) << _SHIFT))
-    return where(code == 0, _ZERO, where(code < 0, -value, value)) * scale
+    """Value of a signed code: ``scale · ±2^(e−15)(1 + f/8)`` with ``|c| = 8e + f``; 0 for code 0. The bits are
+    ``(|c| << 20) + 2^20·offset``, with the code's own sign bit."""
+    wide = i32(code)
+    bits = i32(i32(i32(abs(wide)) << _SHIFT) + SIGNED_BIAS) | i32(wide & _SIGN)
+    return where(wide == _I0, _ZERO, bits_f32(bits)) * scale
 
 
 def dequantize_unsigned(code, scale):
     """Value of a non-negative code: ``scale · 2^(e−31)(1 + f/8)`` with ``c = 8e + f``; 0 for code 0."""
-    value = bits_f32(i32(i32(code + UNSIGNED_OFFSET) << _SHIFT))
-    return where(code == 0, _ZERO, value) * scale
+    wide = i32(code)
+    return where(wide == _I0, _ZERO, bits_f32(i32(i32(wide << _SHIFT) + UNSIGNED_BIAS))) * scale
 
 
 def quantize_signed(x, inv_scale):
-    """Nearest signed code of ``x`` given ``inv_scale`` = 1/absmax of its block (0 for an all-zero block)."""
-    t = minimum(abs(x) * inv_scale, _ONE)
-    code = _code_of(t, SIGNED_OFFSET)
-    c = maximum(code, where(t >= SIGNED_MIDPOINT, _I1, _I0))  # below code 1: code 1 or zero
-    return where(x < _ZERO, i32(-c), c)
+    """Nearest signed code of ``x`` given ``inv_scale`` = 1/absmax of its block (1 for an all-zero block).
+    Non-finite values are contained: ±inf → ±the top code, nan → 0 (``|x|·inv_scale ≥`` the midpoint is False
+    for nan)."""
+    t = abs(x) * inv_scale
+    c = where(t >= SIGNED_MIDPOINT, maximum(_code_of(minimum(t, _ONE), SIGNED_ROUNDING), _I1), _I0)
+    return where(x < _ZERO, i32(-c), c)  # below code 1: code 1 from the midpoint up, else 0
 
 
 def quantize_unsigned(x, inv_scale):
-    """Nearest non-negative code of ``x`` ≥ 0; a positive ``x`` never gets code 0."""
-    t = minimum(x * inv_scale, _ONE)
-    code = _code_of(t, UNSIGNED_OFFSET)
-    return maximum(code, where(x > _ZERO, _I1, _I0))  # x, not t: x·inv_scale may underflow to 0
+    """Nearest non-negative code of ``x``; a positive ``x`` never gets code 0 (``x``, not ``x·inv_scale``, which
+    may underflow to 0, decides). Non-finite values are contained: +inf → the top code, −inf and nan → 0."""
+    return where(x > _ZERO, maximum(_code_of(minimum(x * inv_scale, _ONE), UNSIGNED_ROUNDING), _I1), _I0)
 
 
 def inverse_scale(absmax):
-    """1/absmax, with 0 for an all-zero block (every code is then 0)."""
-    return where(absmax > _ZERO, _ONE / where(absmax > _ZERO, absmax, _ONE), _ZERO)
+    """1/absmax, with 1 for an all-zero block (its finite values are ±0, code 0; +inf takes the top code, worth 0
+    at scale 0 like every other code)."""
+    return _ONE / where(absmax > _ZERO, absmax, _ONE)
 
 
 def constant_code(value: float, signed: bool) -> tuple[int, float]:
@@ -224,29 +233,22 @@ def _blocks(flat: Any, fill: float = 0.0) -> Any:
     return torch.cat([flat, flat.new_full((pad,), fill)]).reshape(-1, BLOCK)
 
 
-def _contained(blocks: Any, signed: bool) -> tuple[Any, Any]:
-    """The blocks with their non-finite values contained, and each block's absmax over its finite values: +inf
-    becomes the block's absmax (the top code), −inf its negative (0 for a non-negative state), nan 0. One bad
-    value then costs its own element, not the scale of all 256 (which an inf or nan absmax would make nan)."""
+def _finite_absmax(blocks: Any) -> Any:
+    """Each block's absmax over its finite values: one inf or nan then costs its own element (the quantizers
+    contain it: ±inf → ±the top code, nan → 0), not the scale of all 256 (an inf or nan absmax would make every
+    value of the block nan)."""
     if isinstance(blocks, np.ndarray):
-        finite, nan = np.isfinite(blocks), np.isnan(blocks)
-        absmax = np.where(finite, np.abs(blocks), 0).max(axis=1)
-        where = np.where
-    else:
-        import torch
-        finite, nan = torch.isfinite(blocks), torch.isnan(blocks)
-        absmax = torch.where(finite, blocks.abs(), 0).amax(dim=1)
-        where = torch.where
-    top = absmax[:, None]
-    low = -top if signed else 0 * top
-    return where(finite, blocks, where(nan, 0 * top, where(blocks > 0, top, low))), absmax
+        return np.where(np.isfinite(blocks), np.abs(blocks), 0).max(axis=1)
+    import torch
+    return torch.where(torch.isfinite(blocks), blocks.abs(), 0).amax(dim=1)
 
 
 def quantize(values: Any, signed: bool) -> tuple[Any, Any]:
     """Codes (int8 signed / uint8 unsigned, shape of ``values``) and float32 absmax per block of ``values``
-    (non-finite values contained: see :func:`_contained`)."""
+    (over finite values: see :func:`_finite_absmax`)."""
     flat = values.reshape(-1)
-    blocks, absmax = _contained(_blocks(flat), signed)
+    blocks = _blocks(flat)
+    absmax = _finite_absmax(blocks)
     inv = _bound("inverse_scale", blocks)(absmax)[:, None]
     codes = _bound("quantize_signed" if signed else "quantize_unsigned", blocks)(blocks, inv)
     codes = codes.reshape(-1)[: flat.shape[0]].reshape(values.shape)
@@ -327,40 +329,3 @@ class BlockGuard:
             restore_blocks(self.state[k], self.kept[k], self.bad)
             self.state[f"{k}.absmax"][self.bad] = self.kept[f"{k}.absmax"][self.bad]
         return int(self.bad.sum())
-
-
-# -- storing and loading a state array in a given precision (shared by the engines) -----------------------------
-
-def bf16_bits(values: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-    """float → bfloat16 bits (uint16): stochastic rounding with ``rng``, else round-to-nearest-even."""
-    bits = np.asarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    noise = rng.integers(0, 1 << 16, size=bits.shape, dtype=np.uint64) if rng is not None \
-        else 0x7FFF + ((bits >> 16) & 1)
-    out = ((bits + noise) >> 16).astype(np.uint16)
-    return np.where(np.isnan(values), np.uint16(0x7FC0), out)
-
-
-def bf16_values(bits: np.ndarray, dtype: Any) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32).astype(dtype)
-
-
-def store(state: dict, key: str, values: Any, precision: str | None, rng: np.random.Generator | None = None) -> None:
-    """Store a full-precision state array in ``precision`` (NumPy arrays; the torch engine has its own tensors)."""
-    state.pop(f"{key}.absmax", None)
-    state.pop(f"{key}.bf16", None)
-    if is_quantized(precision, values.size) and values.dtype.kind == "f":
-        state[key], state[f"{key}.absmax"] = quantize(values, key in SIGNED_STATES)
-    elif precision in ("bf16", "int8") and values.size >= MIN_QUANTIZED and values.dtype.kind == "f":
-        state[key] = bf16_bits(values, rng)
-        state[f"{key}.bf16"] = True
-    else:
-        state[key] = values
-
-
-def load(state: dict, key: str, dtype: Any) -> np.ndarray:
-    """A state array in full precision, whatever its storage."""
-    if f"{key}.absmax" in state:
-        return dequantize(state[key], state[f"{key}.absmax"], key in SIGNED_STATES, dtype)
-    if state.get(f"{key}.bf16"):
-        return bf16_values(state[key], dtype)
-    return state[key]

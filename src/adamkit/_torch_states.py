@@ -1,0 +1,186 @@
+"""The torch engine's states: :mod:`adamkit.storage` on torch tensors (and DTensor shards), plus the checks and
+conversions torch.optim's conventions ask for (scalar states as float tensors, states validated against their
+parameter before a step). Used by both the reference path and the compiled path; no numba here."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+
+from . import checkpoints as _checkpoints
+from . import rules as _rules
+from . import states as _states
+from . import storage as _storage
+from . import _tensors
+
+_DTYPES = {None: None, "bfloat16": torch.bfloat16, "int8": torch.int8, "uint8": torch.uint8}
+
+
+class TorchOps:
+    """:class:`adamkit.storage.ArrayOps` for torch tensors; a DTensor's blocks are those of its local shard."""
+
+    def dtype_name(self, x: torch.Tensor) -> str:
+        return str(getattr(x, "dtype", type(x).__name__)).replace("torch.", "")
+
+    def full_like(self, like: torch.Tensor, value: Any, dtype: str | None = None) -> torch.Tensor:
+        codes = dtype in ("int8", "uint8")  # codes are read block by block: contiguous, whatever the parameter
+        return torch.full_like(like, value, dtype=_DTYPES[dtype],
+                               memory_format=torch.contiguous_format if codes else torch.preserve_format)
+
+    def blocks_of(self, like: torch.Tensor, value: float) -> torch.Tensor:
+        return torch.full((_states.n_blocks(_tensors.local_numel(like)),), value, dtype=torch.float32,
+                          device=like.device)
+
+    def float32_bits(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+
+    def from_bf16_bits(self, bits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        signed = torch.where(bits < 0x8000, bits, bits - 0x10000)  # the same 16 bits as an int16
+        return signed.to(torch.int16).view(torch.bfloat16).reshape(like.shape)
+
+    def bf16_value(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return x.to(dtype)
+
+    def index(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.arange(n, dtype=torch.int64, device=like.device)
+
+    def cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return x if x.dtype == dtype else x.to(dtype)
+
+
+OPS = TorchOps()
+
+
+def state_format(p: torch.Tensor, precision: str | None) -> str:
+    """The format ``p``'s states get (:func:`adamkit.storage.format_for`)."""
+    return _storage.format_for(precision, p.numel(), OPS.dtype_name(p))
+
+
+def stored_format(state: Mapping[str, Any], key: str, p: torch.Tensor) -> str:
+    """The format state ``key`` of ``p`` is stored in now."""
+    return _storage.format_of(state, key, OPS.dtype_name(p), OPS.dtype_name(state[key]))
+
+
+def scalar_dtype() -> torch.dtype:
+    """torch.optim's dtype for a new step counter: the default dtype if float64, else float32."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def canonical_scalars(rule: _rules.Rule, state: dict, create: bool = False) -> None:
+    """Scalar states (``step``, ``mu_product``) as the float tensors torch.optim keeps (a number from an old
+    checkpoint, or a tensor of another dtype or shape, is converted; ``create``: missing ones are made)."""
+    for k, v in rule.scalar_states.items():
+        if k not in state and not create:
+            continue
+        value = state.get(k, v)
+        if not (type(value) is torch.Tensor and value.dtype in (torch.float32, torch.float64)
+                and value.numel() == 1 and value.is_cpu and value.is_contiguous()):
+            value = float(value.item() if torch.is_tensor(value) else value)
+            state[k] = torch.tensor(value, dtype=scalar_dtype())
+
+
+def init_state(rule: _rules.Rule, states: dict, p: torch.Tensor, h: Mapping[str, Any],
+               precision: str | None) -> bool:
+    """Create the states ``h`` needs that ``p`` lacks, in their format, and bring scalar states to torch's form;
+    return whether array states were new. Call :func:`validate_state` first."""
+    missing = {k: v for k, v in rule.states(h).items() if k not in states.get(p, ())}
+    if not missing and not rule.scalar_states:
+        return False  # nothing to keep (SGD without momentum): no empty entry, as torch.optim
+    state = states[p]
+    canonical_scalars(rule, state, create=True)
+    fmt = state_format(p, precision)
+    for k, v in missing.items():
+        _storage.create(OPS, state, k, p, v, fmt)
+    return bool(missing)
+
+
+def validate_state(rule: _rules.Rule, state: Mapping[str, Any] | None, where: str, p: torch.Tensor) -> None:
+    """Raise a clear error, before anything changes, if ``p``'s existing state cannot be stepped: a state tensor
+    replaced by one of another dtype, size, device or kind (or the parameter converted after the state was made,
+    e.g. by ``model.double()``), or a scalar state (``step``) that is not a finite number >= 0."""
+    if not state:
+        return
+    for k in rule.scalar_states:
+        if k in state:
+            _checkpoints.check_scalar(where, k, state[k])
+    local = _tensors.local_view(p)
+    if local is None:
+        return  # a fake or functional tensor: torch ops check it
+    for s in rule.update_states:
+        if s in state:
+            fmt = stored_format(state, s, p)
+            _tensors.check_state_tensor(s, where, state[s], local, fmt, s in _states.SIGNED_STATES)
+            if fmt == "int8":
+                _check_scales(where, s, state[f"{s}.absmax"], local)
+
+
+def _check_scales(where: str, s: str, scales: Any, local: torch.Tensor) -> None:
+    blocks = _states.n_blocks(local.numel())
+    if not (type(scales) is torch.Tensor and scales.dtype == torch.float32 and scales.shape == (blocks,)
+            and scales.is_contiguous() and scales.device == local.device):
+        raise RuntimeError(f"{where}: state '{s}.absmax' must be a contiguous float32 tensor of shape ({blocks},) "
+                           f"on {local.device}")
+
+
+def store_state(p: torch.Tensor, state: dict, key: str, values: torch.Tensor, fmt: str,
+                noise: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Store full-precision ``values`` of ``p``'s state ``key`` in format ``fmt`` (a DTensor's shard by shard;
+    ``noise(local)``: the 16 random bits per element of stochastic rounding, else round to nearest even)."""
+    if fmt == "plain":
+        state.pop(f"{key}.absmax", None)
+        state[key] = values.to(p.dtype)
+        return
+    scales = []
+
+    def stored(local: torch.Tensor) -> torch.Tensor:
+        out: dict = {}
+        _storage.store(OPS, out, key, local.detach(), fmt, noise(local) if noise else None)
+        scales.extend(v for k, v in out.items() if k != key)
+        return out[key].contiguous()
+    state[key] = _tensors.on_local(stored, values)
+    state.pop(f"{key}.absmax", None)
+    if scales:
+        state[f"{key}.absmax"] = scales[0]
+
+
+def load_state(p: torch.Tensor, state: Mapping[str, Any], key: str) -> torch.Tensor:
+    """State ``key`` of ``p`` in the parameter's dtype, whatever its format."""
+    return _tensors.on_local(lambda local: _storage.load(OPS, {**state, key: local}, key, p.dtype), state[key])
+
+
+def low_precision_states(rule: _rules.Rule, entry: Mapping[str, Any], p: torch.Tensor) -> set[str]:
+    """The states of ``entry`` (``p``'s, or saved for it) stored in bf16 or 8 bits."""
+    return {k for k in rule.update_states if k in entry and torch.is_tensor(entry[k])
+            and stored_format(entry, k, p) != "plain"}
+
+
+def restore_storage(rule: _rules.Rule, state: dict | None, p: torch.Tensor, entry: Mapping[str, Any],
+                    group: Mapping[str, Any]) -> None:
+    """Store ``p``'s loaded states as this optimizer keeps them (8-bit codes already in its format are kept bit
+    for bit; others are rounded to nearest; a centered RMSprop's variance converted if it was stored in another
+    form)."""
+    if not state:
+        return
+    canonical_scalars(rule, state)
+    fmt = state_format(p, group.get("state_precision"))
+    low = {k for k in rule.update_states if k in state} if fmt != "plain" else set()
+    state.update(_checkpoints.variance_form(rule, group, state, low_precision_states(rule, entry, p), low))
+    for k in rule.update_states:
+        if k not in state:
+            continue
+        if f"{k}.absmax" in entry and fmt == "int8":
+            state[k] = entry[k].detach().clone().contiguous()
+            state[f"{k}.absmax"] = entry[f"{k}.absmax"].detach().clone().to(torch.float32)
+        else:  # stored as this optimizer keeps it, laid out like its parameter
+            store_state(p, state, k, state[k].contiguous() if p.is_contiguous() else state[k], fmt)
+
+
+def distributable(entry: dict[str, Any]) -> dict[str, Any]:
+    """A state entry whose 8-bit states of a DTensor parameter are dequantized into float32 DTensors (scales are
+    per rank and would not survive resharding; the codes come back bit for bit when loaded at the same sharding)."""
+    for k in [k for k in entry if f"{k}.absmax" in entry and _tensors.is_dtensor(entry[k])]:
+        absmax = entry.pop(f"{k}.absmax")
+        entry[k] = _tensors.on_local(lambda codes: _states.dequantize(codes, absmax, k in _states.SIGNED_STATES,
+                                                                       torch.float32), entry[k])
+    return entry

@@ -1,0 +1,234 @@
+"""How each state array is stored, for every engine: the one place that decides a state's format, creates it,
+stores new values into it and loads it back, and the one stochastic-rounding function.
+
+A state is stored in one of three formats:
+
+* ``"plain"``: like its parameter (torch.optim's format);
+* ``"bf16"``: bfloat16, 2 bytes (a torch bfloat16 tensor; NumPy, which has no bfloat16, holds its bits in uint16);
+* ``"int8"``: one 8-bit code per element and one float32 scale per block of 256, under ``"<state>.absmax"``
+  (:mod:`adamkit.states` defines the codes).
+
+:func:`format_for` decides it from the optimizer's ``state_precision``; :func:`format_of` reads it back from a
+state dict. Engines reach their arrays through a small protocol, :class:`ArrayOps`: :data:`NUMPY` here, and the
+torch engine's in :mod:`adamkit.torch`.
+
+**Stochastic rounding.** A float32 value ``x`` rounds to bfloat16 as ``(bits(x) + r) >> 16`` with 16 random bits
+``r``: up with probability equal to the distance from the value below, so the rounding is unbiased and small EMA
+updates survive on average (round to nearest even uses ``r = 0x7FFF + lsb``). The random bits are a counter-based
+hash of (step seed, tensor, value, element), the same on every path, so the NumPy engine, the torch reference path
+and the compiled kernels round to the same bits:
+
+* a step draws one seed from the optimizer's rounding stream (:func:`next_seed`);
+* tensor ``t`` (its position among the optimizer's parameters) numbers the values it rounds stochastically
+  ``0, 1, …`` (the parameter first if it is rounded, then its states in the rule's order), and values ``2q`` and
+  ``2q + 1`` share one 32-bit hash per element, under the key ``stream_keys(seed, [t], q)``;
+* element ``i`` of the pair gets ``random32(key, i)``; the first value takes its low 16 bits, the second the high.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from . import states as _states
+
+FORMATS = ("plain", "bf16", "int8")
+"""How a state is stored: like its parameter, bfloat16, or 8-bit block-wise."""
+
+ROUNDING = "stochastic_rounding_stream"
+"""The key, in the first param group, of the stochastic-rounding stream: [its key, seeds drawn so far]."""
+
+_M32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
+_NAN_BF16 = 0x7FC0
+
+
+# -- which format ----------------------------------------------------------------------------------------------
+
+def format_for(precision: str | None, numel: int, dtype: str) -> str:
+    """The format of the states of a parameter of ``numel`` elements and dtype ``dtype`` (a name, e.g.
+    ``"float32"``) under ``state_precision=precision``: 8-bit for real floating parameters with int8 precision;
+    bfloat16 for float32/float64 parameters with bf16 precision (and, with int8, for those 8 bits cannot hold,
+    e.g. complex ones); like the parameter for tensors under :data:`states.MIN_QUANTIZED` elements."""
+    if precision not in ("bf16", "int8") or numel < _states.MIN_QUANTIZED:
+        return "plain"
+    if precision == "int8" and "float" in dtype:
+        return "int8"
+    return "bf16" if dtype in ("float32", "float64") else "plain"
+
+
+def format_of(state: dict, key: str, param_dtype: str, stored_dtype: str) -> str:
+    """The format state ``key`` is stored in (``stored_dtype``: its array's dtype name)."""
+    if f"{key}.absmax" in state:
+        return "int8"
+    if stored_dtype in ("bfloat16", "uint16") and param_dtype != stored_dtype:
+        return "bf16"
+    return "plain"
+
+
+# -- the array protocol the engines implement --------------------------------------------------------------------
+
+class ArrayOps(Protocol):
+    """What storage needs from an engine's arrays (NumPy arrays, torch tensors)."""
+
+    def dtype_name(self, x: Any) -> str: ...
+    def full_like(self, like: Any, value: Any, dtype: str | None = None) -> Any: ...
+    def blocks_of(self, like: Any, value: float) -> Any: ...
+    def float32_bits(self, x: Any) -> Any: ...
+    def from_bf16_bits(self, bits: Any, like: Any) -> Any: ...
+    def bf16_value(self, x: Any, dtype: Any) -> Any: ...
+    def index(self, n: int, like: Any) -> Any: ...
+    def cast(self, x: Any, dtype: Any) -> Any: ...
+
+
+class NumpyOps:
+    """:class:`ArrayOps` for NumPy arrays (bfloat16 as its bits in uint16)."""
+
+    def dtype_name(self, x: np.ndarray) -> str:
+        return str(x.dtype)
+
+    def full_like(self, like: np.ndarray, value: Any, dtype: str | None = None) -> np.ndarray:
+        if dtype == "bfloat16":
+            value, dtype = bf16_nearest_bits(value), "uint16"
+        return np.full(like.shape, value, dtype=dtype or like.dtype)
+
+    def blocks_of(self, like: np.ndarray, value: float) -> np.ndarray:
+        return np.full(_states.n_blocks(like.size), value, dtype=np.float32)
+
+    def float32_bits(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.int64)
+
+    def from_bf16_bits(self, bits: np.ndarray, like: np.ndarray) -> np.ndarray:
+        return bits.astype(np.uint16).reshape(like.shape)
+
+    def bf16_value(self, x: np.ndarray, dtype: Any) -> np.ndarray:
+        return (x.astype(np.uint32) << 16).view(np.float32).astype(dtype)
+
+    def index(self, n: int, like: np.ndarray) -> np.ndarray:
+        return np.arange(n, dtype=np.int64)
+
+    def cast(self, x: np.ndarray, dtype: Any) -> np.ndarray:
+        return np.asarray(x, dtype=dtype)
+
+
+NUMPY = NumpyOps()
+
+
+def bf16_nearest_bits(value: float) -> int:
+    """The bfloat16 bits of a number, rounded to nearest even."""
+    return int(bf16_bits(NUMPY, np.array([value], dtype=np.float32), None)[0])
+
+
+# -- creating, storing and loading ------------------------------------------------------------------------------
+
+def create(ops: ArrayOps, state: dict, key: str, like: Any, value: float, fmt: str) -> None:
+    """Make state ``key`` of parameter ``like`` with every element ``value``, directly in format ``fmt`` (no
+    full-precision temporary). A complex parameter steps like its real view: both parts start at ``value``."""
+    if fmt == "int8":
+        code, scale = _states.constant_code(value, key in _states.SIGNED_STATES)
+        state[key] = ops.full_like(like, code, "int8" if key in _states.SIGNED_STATES else "uint8")
+        state[f"{key}.absmax"] = ops.blocks_of(like, scale)
+    elif fmt == "bf16":
+        state[key] = ops.full_like(like, value, "bfloat16")
+    else:
+        state[key] = ops.full_like(like, complex(value, value) if "complex" in ops.dtype_name(like) else value)
+
+
+def store(ops: ArrayOps, state: dict, key: str, values: Any, fmt: str, noise: Any = None) -> None:
+    """Store full-precision ``values`` as state ``key`` in format ``fmt``: quantized, rounded to bfloat16 (with
+    16-bit ``noise`` per element: stochastic; None: to nearest even), or as they are."""
+    state.pop(f"{key}.absmax", None)
+    if fmt == "int8":
+        state[key], state[f"{key}.absmax"] = _states.quantize(values, key in _states.SIGNED_STATES)
+    elif fmt == "bf16":
+        state[key] = ops.from_bf16_bits(bf16_bits(ops, values, noise), values)
+    else:
+        state[key] = values
+
+
+def load(ops: ArrayOps, state: dict, key: str, dtype: Any) -> Any:
+    """State ``key`` in full precision as ``dtype``, whatever its format."""
+    value = state[key]
+    if f"{key}.absmax" in state:
+        return _states.dequantize(value, state[f"{key}.absmax"], key in _states.SIGNED_STATES, dtype)
+    if ops.dtype_name(value) in ("bfloat16", "uint16"):
+        return ops.bf16_value(value, dtype)
+    return ops.cast(value, dtype)
+
+
+def bf16_bits(ops: ArrayOps, values: Any, noise: Any) -> Any:
+    """The bfloat16 bits (int64, 0…65535) of ``values``: ``(bits + noise) >> 16``, with round to nearest even's
+    ``0x7FFF + lsb`` for ``noise=None``; nan becomes the quiet nan 0x7FC0 (as the kernels store it)."""
+    bits = ops.float32_bits(values)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1) if noise is None else noise)) >> 16
+    nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    return rounded * ~nan + _NAN_BF16 * nan
+
+
+# -- the random bits of stochastic rounding ----------------------------------------------------------------------
+
+def _splitmix64(x: Any) -> Any:
+    """The splitmix64 finalizer on uint64 values (Python ints or NumPy uint64 arrays)."""
+    if isinstance(x, int):
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _M64
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _M64
+        return x ^ (x >> 31)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def next_seed(first_group: dict, draw_key: Any) -> int:
+    """The next seed of the optimizer's rounding stream: a hash of the stream's key and how many seeds were drawn.
+    Both live in the first param group (``group[ROUNDING] = [key, draws]``), and so in the state dict: a resumed
+    run rounds exactly as an uninterrupted one. The entry appears with the first rounding; ``draw_key()`` makes
+    its key (from the engine's global generator, so that seeding it fixes the stream)."""
+    stream = first_group.get(ROUNDING)
+    if stream is None:
+        stream = first_group[ROUNDING] = [int(draw_key()), 0]
+    draw = int(stream[1])
+    stream[1] = draw + 1
+    return _splitmix64((int(stream[0]) ^ (draw * 0x9E3779B97F4A7C15)) & _M64) % 2 ** 62
+
+
+def stream_keys(seed: int, tensors: Sequence[int] | np.ndarray, pairs: int) -> np.ndarray:
+    """The 32-bit keys (uint32, shape ``(len(tensors), pairs)``) of each tensor's pairs of rounded values in the
+    step with ``seed``."""
+    t = np.asarray(tensors, dtype=np.uint64)[:, None]
+    q = np.arange(pairs, dtype=np.uint64)[None, :]
+    with np.errstate(over="ignore"):
+        x = np.uint64(seed) ^ (t * np.uint64(0x9E3779B97F4A7C15)) ^ (q * np.uint64(0x94D049BB133111EB))
+        return (_splitmix64(x) & np.uint64(_M32)).astype(np.uint32)
+
+
+def random32(key: int, index: Any) -> Any:
+    """32 random bits for each element ``index`` (int64 array) under ``key``: Wellons' lowbias32 hash (a bijection
+    with full avalanche) of the index rotated by 16 bits, xor the key. Integer ops on int64 arrays of NumPy or
+    torch, masked to 32 bits; the kernels emit the same hash in 32-bit lanes (:func:`adamkit.kernels.random32`)."""
+    i = index & _M32
+    v = (((i << 16) | (i >> 16)) & _M32) ^ int(key)
+    v = ((v ^ (v >> 16)) * 0x7FEB352D) & _M32
+    v = ((v ^ (v >> 15)) * 0x846CA68B) & _M32
+    return v ^ (v >> 16)
+
+
+def noise(ops: ArrayOps, keys: np.ndarray, value: int, like: Any) -> Any:
+    """The 16 random bits per element of a tensor's rounded value number ``value``, given the tensor's row of
+    :func:`stream_keys`; ``like``'s elements are numbered in row-major order."""
+    bits = random32(int(keys[value // 2]), ops.index(_numel(like), like))
+    return (bits & 0xFFFF if value % 2 == 0 else bits >> 16).reshape(tuple(like.shape))
+
+
+def _numel(x: Any) -> int:
+    return int(np.prod(tuple(x.shape), dtype=np.int64))
+
+
+def rounded_values(state_formats: Sequence[str | None], bf16_param: bool = False,
+                   stochastic: bool = False) -> list[int]:
+    """Which values of one tensor round stochastically, in order: 0 for the parameter, ``j + 1`` for state ``j``
+    of the rule (``state_formats[j]``: its format, None if absent). bf16 states always; a bfloat16 parameter, and
+    states stored like it, with ``stochastic`` rounding on."""
+    param = bf16_param and stochastic
+    return [0] * param + [j + 1 for j, fmt in enumerate(state_formats)
+                          if fmt == "bf16" or (fmt == "plain" and param)]

@@ -1,0 +1,182 @@
+"""adamkit.storage: one format decision, one store/load, and one stochastic rounding that gives the same bits on
+the NumPy engine, the torch reference path and the compiled kernels."""
+
+import numba
+import numpy as np
+import pytest
+import torch
+
+import adamkit.numpy as akn
+import adamkit.torch as akt
+from adamkit import storage
+from adamkit._torch_states import OPS as TORCH_OPS
+from adamkit.kernels import random32
+
+N = 6000  # above states.MIN_QUANTIZED, so that bf16 states are bf16; not a multiple of the kernels' chunk
+STATEFUL = ["Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "SGD"]
+OPTIONS = {"RMSprop": {"centered": True, "momentum": 0.9}, "SGD": {"momentum": 0.9}, "Adam": {"amsgrad": True}}
+
+
+@numba.njit
+def _kernel_hash(key, n):
+    out = np.empty(n, dtype=np.uint32)
+    for i in range(n):
+        out[i] = random32(key, i)
+    return out
+
+
+@pytest.mark.parametrize("key", [0, 1, 0xDEADBEEF, 0xFFFFFFFF])
+def test_random32_is_one_function_on_every_engine(key):
+    index = np.arange(100_000, dtype=np.int64)
+    on_numpy = storage.random32(key, index)
+    on_torch = storage.random32(key, torch.from_numpy(index)).numpy()
+    compiled = _kernel_hash(np.uint32(key), index.size).astype(np.int64)
+    assert np.array_equal(on_numpy, compiled) and np.array_equal(on_torch, compiled)
+    assert 0 <= on_numpy.min() and on_numpy.max() < 2 ** 32
+    # a bijection of the index: no repeats; and each half-word is uniform (every 16-bit value 0..65535 equally
+    # likely: 100,000 draws into 16 buckets of 4096 values, each within 5 standard deviations of 6,250)
+    assert np.unique(on_numpy).size == index.size
+    for half in (on_numpy & 0xFFFF, on_numpy >> 16):
+        counts = np.bincount(half >> 12, minlength=16)
+        assert np.abs(counts - 6250).max() < 5 * np.sqrt(6250)
+
+
+def test_nearest_rounding_is_torchs():
+    x = torch.cat([torch.randn(10_000) * 10.0 ** torch.randint(-40, 38, (10_000,)),
+                   torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.4e38, -3.4e38, 1e-45, 2.0 ** -130])])
+    for ops, values in ((storage.NUMPY, x.numpy()), (TORCH_OPS, x)):
+        bits = np.asarray(storage.bf16_bits(ops, values, None))
+        assert np.array_equal(bits, x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+    nan = torch.tensor([float("nan"), -float("nan")])
+    assert storage.bf16_bits(TORCH_OPS, nan, None).tolist() == [0x7FC0, 0x7FC0]
+
+
+def test_stochastic_rounding_is_unbiased_and_brackets_the_value():
+    x = torch.full((200_000,), 1.0 + 2.0 ** -10)  # 1/128 of the way from 1 to the next bfloat16, 1 + 2^-7
+    noise = storage.noise(TORCH_OPS, storage.stream_keys(7, [0], 1)[0], 0, x)
+    rounded = TORCH_OPS.from_bf16_bits(storage.bf16_bits(TORCH_OPS, x, noise), x).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2.0 ** -7}
+    # mean within 5 standard errors of the value (each draw is a Bernoulli(1/8) step of 2^-7)
+    sigma = 2.0 ** -7 * np.sqrt(0.125 * 0.875 / x.numel())
+    assert abs(rounded.double().mean().item() - (1.0 + 2.0 ** -10)) < 5 * sigma
+
+
+def _steps(make, params, grads_per_step):
+    opt = make(params)
+    opt.param_groups[0][storage.ROUNDING] = [12345, 0]
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    return opt
+
+
+def _bits(opt, params):
+    return [{k: v.view(torch.int16).clone() for k, v in opt.state[p].items() if v.dtype == torch.bfloat16}
+            for p in params]
+
+
+EXACT_MATH = {"Adagrad", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "SGD"}
+"""Rules whose states are moving averages, sums and maxima: both paths compute the same float32 values, so the
+stored bfloat16 bits must be equal. RMSprop's momentum buffer divides by √v, which the kernels compute with a
+reciprocal (within an ulp): there the bits are equal wherever the float32 values are."""
+
+
+def _assert_same_bits(a, b, exact, what):
+    """bfloat16 bits (int16 views) equal; or, where the float32 values rounded may differ by an ulp of round-off
+    (not ``exact``), equal except for rare elements one bfloat16 ulp apart (a rounding boundary between the two
+    float32 values: about 2^-16 of the elements per ulp of difference)."""
+    differ = a != b
+    if exact:
+        assert not differ.any(), f"{what}: {differ.sum()} of {a.numel()} differ"
+    else:
+        assert (a.int() - b.int()).abs().max() <= 1 and differ.sum() <= a.numel() // 1000, what
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bf16_states_have_the_same_bits_on_the_reference_and_compiled_paths(name, dtype):
+    """Same seed, same gradients: every bf16 state bit for bit, over several steps and tensors."""
+    torch.manual_seed(0)
+    start = [torch.randn(N, dtype=dtype), torch.randn(64, 80, dtype=dtype), torch.randn(10, dtype=dtype)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    opts = {}
+    for fused in (False, None):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opts[fused] = (_steps(lambda ps: getattr(akt, name)(ps, lr=1e-3, state_precision="bf16", fused=fused,
+                                                            **OPTIONS.get(name, {})), params, grads), params)
+    reference, compiled = (_bits(*opts[f]) for f in (False, None))
+    assert any(reference), "no bf16 state to compare"
+    for a, b in zip(reference, compiled):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same_bits(a[k], b[k], name in EXACT_MATH or dtype == torch.float64, f"{name} {k}")
+    for p, q in zip(opts[False][1], opts[None][1]):  # params: float math on both paths, at round-off
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["Adam", "RMSprop", "Adagrad"])
+def test_numpy_engine_rounds_to_the_same_bits(name):
+    """NumPy and torch compute the same sums and products; a moving average in lerp form (Adam's exp_avg) is one
+    fused multiply-add in torch's vector loop and two roundings in NumPy, so it may differ by an ulp."""
+    rng = np.random.default_rng(1)
+    start = [rng.standard_normal(N).astype(np.float32), rng.standard_normal((70, 90)).astype(np.float32)]
+    grads = [[rng.standard_normal(p.shape).astype(np.float32) for p in start] for _ in range(3)]
+    arrays = [p.copy() for p in start]
+    opt = getattr(akn, name)(arrays, lr=1e-3, state_precision="bf16", check_finite=False)
+    opt.param_groups[0][storage.ROUNDING] = [12345, 0]
+    for gs in grads:
+        opt.step(gs)
+    params = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in start]
+    ref = _steps(lambda ps: getattr(akt, name)(ps, lr=1e-3, state_precision="bf16", fused=False), params,
+                 [[torch.from_numpy(g) for g in gs] for gs in grads])
+    for index, p in enumerate(params):
+        for k, v in ref.state[p].items():
+            if k != "step":
+                mine = opt.state[index][k]
+                assert mine.dtype == np.uint16
+                _assert_same_bits(torch.from_numpy(mine.view(np.int16)), v.view(torch.int16), k != "exp_avg", k)
+
+
+def test_numpy_rounding_stream_resumes_exactly():
+    rng = np.random.default_rng(2)
+    grads = [[rng.standard_normal(N).astype(np.float32)] for _ in range(4)]
+    w = np.ones(N, dtype=np.float32)
+    np.random.seed(3)
+    whole = akn.Adam([w], lr=1e-2, state_precision="bf16")
+    for g in grads:
+        whole.step(g)
+    w2 = np.ones(N, dtype=np.float32)
+    np.random.seed(3)
+    first = akn.Adam([w2], lr=1e-2, state_precision="bf16")
+    for g in grads[:2]:
+        first.step(g)
+    saved = first.state_dict()
+    w3 = w2.copy()
+    resumed = akn.Adam([w3], lr=1e-2, state_precision="bf16")
+    resumed.load_state_dict(saved)
+    for g in grads[2:]:
+        resumed.step(g)
+    assert np.array_equal(w3, w) and np.array_equal(resumed.state[0]["exp_avg"], whole.state[0]["exp_avg"])
+
+
+@pytest.mark.parametrize("stream", [[1], "ab", [1.5, 0], [-1, 0], [True, 0], [0, 2 ** 64]])
+def test_a_corrupt_rounding_stream_is_refused(stream):
+    w = np.ones(10)
+    opt = akn.Adam([w])
+    opt.step([np.ones(10)])
+    saved = opt.state_dict()
+    saved["param_groups"][0][storage.ROUNDING] = stream
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="stochastic_rounding_stream"):
+        opt.load_state_dict(saved)
+    assert opt.state_dict()["param_groups"] == before["param_groups"]
+
+
+@pytest.mark.parametrize("precision, numel, dtype, expected", [
+    (None, 10 ** 6, "float32", "plain"), ("bf16", 4095, "float32", "plain"), ("bf16", 4096, "float32", "bf16"),
+    ("bf16", 10 ** 6, "float64", "bf16"), ("bf16", 10 ** 6, "bfloat16", "plain"), ("bf16", 10 ** 6, "float16", "plain"),
+    ("int8", 10 ** 6, "float32", "int8"), ("int8", 10 ** 6, "bfloat16", "int8"), ("int8", 10 ** 6, "complex64", "plain"),
+    ("int8", 100, "float32", "plain")])
+def test_format_decision(precision, numel, dtype, expected):
+    assert storage.format_for(precision, numel, dtype) == expected
