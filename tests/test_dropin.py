@@ -286,3 +286,22 @@ def test_tensor_lr_with_foreach_is_refused_only_where_torch_refuses_it():
         p = torch.nn.Parameter(torch.ones(3))
         getattr(akt, name)([p], lr=torch.tensor(0.01), foreach=True)  # torch.optim takes it too
         getattr(torch.optim, name)([p], lr=torch.tensor(0.01), foreach=True)
+
+
+def test_float16_params_with_int8_states_step_in_float32_on_the_reference_path():
+    """In float16, ε = 1e-8 is 0, and a second moment that dequantizes to 0 would divide by 0: the reference path
+    computes 16-bit parameters with 8-bit states in float32, as the kernels do, and both agree."""
+    torch.manual_seed(0)
+    start = torch.randn(8192).half()
+    grads = [(torch.randn(8192) * 10.0 ** -torch.randint(0, 6, (8192,)).float()).half() for _ in range(20)]
+    finals = []
+    for fused in (False, None):
+        p = torch.nn.Parameter(start.clone())
+        opt = akt.Adam([p], lr=1e-3, state_precision="int8", fused=fused)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        assert torch.isfinite(p).all()
+        finals.append(p.detach().float())
+    # the same float32 math on both paths; float16 rounding of the parameter after each step: within 2 ulps
+    torch.testing.assert_close(finals[0], finals[1], rtol=2 * 2 ** -10, atol=1e-4)

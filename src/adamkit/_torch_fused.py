@@ -77,8 +77,7 @@ class _Batch:
         locals_ = self.locals
         if self.dtensor and not all(map(operator.is_, map(_local, self.params), locals_)):
             return False  # a DTensor whose local shard was replaced
-        if self.fmt in kernels.HALF_FORMATS and not all(map(operator.is_, map(_dtype, locals_),
-                                                            itertools.repeat(self.dtype))):
+        if self.fmt in kernels.HALF_FORMATS and list(map(_dtype, locals_)).count(self.dtype) != len(locals_):
             return False  # float16 memory viewed as bfloat16 in place (or back): same address and size
         # No size needs a check of its own: the plan holds every storage it validated (``keep``), so an unchanged
         # address is the same live allocation, as large as when validated (each gradient's size is checked). State
