@@ -109,7 +109,12 @@ def state_tensor_replaced():
 
 @case
 def state_tensor_replaced_wrong_dtype():
-    return both_paths(lambda ps, o: o.state[ps[1]].__setitem__("exp_avg_sq", torch.zeros_like(ps[1], dtype=torch.float64)))
+    """A state of another dtype, wider or narrower than the kernel reads (a float16 state under a float32
+    parameter would be read past its end; a float32 state under a float16 parameter misread)."""
+    def replace(dtype):
+        return lambda ps, o: o.state[ps[1]].__setitem__("exp_avg_sq", torch.zeros_like(ps[1], dtype=dtype))
+    return {"float64 state": both_paths(replace(torch.float64)), "float16 state": both_paths(replace(torch.float16)),
+            "float32 state, float16 param": both_paths(replace(torch.float32), dtype=torch.float16)}
 
 
 @case
@@ -197,6 +202,17 @@ def model_bfloat16():
 
 
 @case
+def model_float16():
+    return both_paths(lambda ps, o: [setattr(p, "data", p.data.half()) for p in ps])
+
+
+@case
+def float16_model_float():
+    """float16 parameters (float16 states, on the kernels) converted to float32 after the first steps."""
+    return both_paths(lambda ps, o: [setattr(p, "data", p.data.float()) for p in ps], dtype=torch.float16)
+
+
+@case
 def param_data_smaller():
     return both_paths(lambda ps, o: setattr(ps[1], "data", ps[1].data[:100]))
 
@@ -211,25 +227,46 @@ def param_data_new_memory():
     return both_paths(lambda ps, o: setattr(ps[1], "data", ps[1].data.clone()))
 
 
-@case
-def grad_data_smaller():
+def changed_after_gradients(edit: Callable[[list], None], dtype: torch.dtype = torch.float32) -> dict:
+    """``edit`` applied to the parameters after their gradients are set for the next step: a gradient's or a
+    parameter's ``.data`` replaced behind the other's back (``outcome`` would set new gradients after the
+    change; torch.optim is not compared)."""
     def change(ps, o):
         grads(ps, 99)
-        ps[1].grad.data = torch.randn(100)
+        edit(ps)
     out = {}
     for fused in (None, False):
-        ours, opt, theirs, ref = twins(fused=fused)
+        ours, opt, theirs, ref = twins(fused=fused, dtype=dtype)
         grads(ours, 0), grads(theirs, 0)
         opt.step(), ref.step()
         change(ours, opt)
         before = snapshot(ours, opt)
         try:
             opt.step()
-            out[str(fused)] = {"outcome": "stepped", "torch": "?", "difference": float("inf")}
+            out[str(fused)] = {"outcome": "stepped", "torch": "not compared", "difference": float("inf")}
         except Exception as e:  # noqa: BLE001
-            out[str(fused)] = {"outcome": "refused", "error": f"{type(e).__name__}: {e}"[:300], "torch": "refused",
-                               "unchanged": same_bits(before, snapshot(ours, opt))}
+            out[str(fused)] = {"outcome": "refused", "error": f"{type(e).__name__}: {e}"[:300],
+                               "torch": "not compared", "unchanged": same_bits(before, snapshot(ours, opt))}
     return out
+
+
+@case
+def grad_data_smaller():
+    return changed_after_gradients(lambda ps: setattr(ps[1].grad, "data", torch.randn(100)))
+
+
+@case
+def float16_grad_data_float32():
+    """A float32 gradient (twice the bytes) under a float16 parameter stepped by the kernels."""
+    return changed_after_gradients(lambda ps: setattr(ps[1].grad, "data", torch.randn(5000)), torch.float16)
+
+
+@case
+def float16_param_viewed_as_bfloat16():
+    """The same memory, now bfloat16, under float16 gradients and states: the address and size are unchanged,
+    the dtype is not (the kernels would read bfloat16 bits as float16)."""
+    return changed_after_gradients(lambda ps: setattr(ps[1], "data", ps[1].data.view(torch.bfloat16)),
+                                   torch.float16)
 
 
 @case

@@ -149,7 +149,7 @@ def test_engine_options_on_load_stay_the_optimizers_own(own):
     opt = akt.Adam([p], fused=own, state_precision="bf16")
     opt.load_state_dict(torch_opt.state_dict())
     assert opt.param_groups[0]["fused"] is own and opt.param_groups[0]["state_precision"] == "bf16"
-    half = torch.nn.Parameter(torch.randn(N, dtype=torch.float16))  # refused by fused=True, fine with None/False
+    half = torch.nn.Parameter(torch.randn(N, dtype=torch.float16))  # fused=True takes float16, as torch
     opt2 = akt.Adam([half], fused=own)
     sd = opt2.state_dict()
     sd["param_groups"][0]["fused"] = True

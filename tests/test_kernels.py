@@ -91,10 +91,10 @@ def test_chunk_table_covers_every_element_once():
         assert np.array_equal(mine, np.arange(n))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_finite_scan_counts_inf_and_nan(dtype):
     ts = [torch.randn(n).to(dtype) for n in (10, 100000, 7)]
-    fmt = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}[dtype]
+    fmt = str(dtype).removeprefix("torch.")
 
     def count():
         sizes = np.array([t.numel() for t in ts], dtype=np.int64)
@@ -114,17 +114,19 @@ def test_importing_adamkit_compiles_nothing_and_kernels_are_generated_from_the_r
     assert "r = update(" in src and "math." not in src and " / " not in src  # a loop calling the rule, no math
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "RMSprop", "NAdam", "RAdam", "Adamax", "Adagrad"])
-def test_bfloat16_params_math_in_float32_rounded_to_nearest(name):
-    """The bf16 kernel equals: upcast p, g and states to float32, one reference step, round to nearest bf16."""
+def test_16_bit_params_math_in_float32_rounded_to_nearest(name, dtype):
+    """The bf16 and float16 kernels equal: upcast p, g and states to float32, one reference step, round to
+    nearest."""
     cfg = dict(lr=0.01, momentum=0.9) if name == "SGD" else dict(lr=0.01)
     gen = torch.Generator().manual_seed(5)
-    start = torch.randn(5000, generator=gen).bfloat16()
+    start = torch.randn(5000, generator=gen).to(dtype)
     fast = torch.nn.Parameter(start.clone())
     o_fast = akt.OPTIMIZERS[name]([fast], **cfg)
     emul, emul_sd = start.clone(), None
     for t in range(15):
-        g = torch.randn(5000, generator=gen).bfloat16()
+        g = torch.randn(5000, generator=gen).to(dtype)
         fast.grad = g.clone()
         o_fast.step()
         p32 = torch.nn.Parameter(emul.float())
@@ -133,14 +135,46 @@ def test_bfloat16_params_math_in_float32_rounded_to_nearest(name):
             o.load_state_dict(emul_sd)  # casts the bf16 states to float32
         p32.grad = g.float()
         o.step()
-        emul = p32.detach().bfloat16()
+        emul = p32.detach().to(dtype)
         emul_sd = o.state_dict()
-        emul_sd["state"][0] = {k: v if k == "step" else v.bfloat16() for k, v in emul_sd["state"][0].items()}
-        # one bf16 ulp (2^-8 relative) at most, from float32 rounding differences that flip a bf16 rounding
-        assert rel_error(fast, emul) <= 2 ** -8
+        emul_sd["state"][0] = {k: v if k == "step" else v.to(dtype) for k, v in emul_sd["state"][0].items()}
+        # one ulp of the largest value (2^-8 relative for bf16, 2^-11 for float16) at most, from float32
+        # rounding differences that flip a 16-bit rounding
+        assert rel_error(fast, emul) <= torch.finfo(dtype).eps / 2
         assert (fast != emul).float().mean() < 0.01
-    assert o_fast.state[fast]["exp_avg" if "exp_avg" in o_fast.state[fast] else next(
-        k for k in o_fast.state[fast] if k != "step")].dtype == torch.bfloat16
+    assert o_fast._kernel_plan.reference == [] and o_fast._kernel_plan.batches()[0].fmt == str(dtype)[6:]
+    assert all(v.dtype == dtype for k, v in o_fast.state[fast].items() if k in o_fast.rule.update_states)
+
+
+def test_float16_load_and_store_are_torchs_conversions():
+    """Every float16 bit pattern loads exactly; float32 values (normal, subnormal, halfway, overflowing, inf,
+    nan) store as ``.to(torch.float16)`` does, bit for bit."""
+    import numba
+
+    @numba.njit
+    def load(bits, out):
+        for i in range(bits.size):
+            out[i] = kernels.f16_load(bits[i])
+
+    @numba.njit
+    def store(values, out):
+        for i in range(values.size):
+            out[i] = kernels.f16_store(values[i])
+
+    every = np.arange(1 << 16, dtype=np.uint16)
+    loaded = np.empty(every.size, np.float32)
+    load(every, loaded)
+    expected = torch.from_numpy(every.view(np.int16)).view(torch.float16).float().numpy()
+    assert np.array_equal(loaded, expected, equal_nan=True)
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(1 << 20, generator=gen) * torch.logspace(-30, 6, 1 << 20)  # subnormal to overflow
+    halfway = (torch.from_numpy(every[:0x7BFF].view(np.int16)).view(torch.float16).float()
+               + torch.from_numpy(every[1:0x7C00].view(np.int16)).view(torch.float16).float()) / 2
+    values = torch.cat([values, halfway, -halfway, torch.tensor([float("nan"), float("inf"), -float("inf"),
+                                                                 65519.0, 65520.0, -0.0])])
+    stored = np.empty(values.numel(), np.uint16)
+    store(values.numpy(), stored)
+    assert np.array_equal(stored, values.half().view(torch.int16).numpy().view(np.uint16))
 
 
 def test_bfloat16_stochastic_rounding_keeps_tiny_updates():

@@ -62,7 +62,8 @@ MUST_STEP = {"state_tensor_replaced", "state_cleared", "state_recreated", "state
              "params_swapped_in_group", "zero_redundancy_reload", "grad_expanded", "int8_state_model_double"}
 # Cases where torch.optim raises (or would compute garbage) and a clean refusal, nothing changed, is required.
 MUST_REFUSE = {"state_tensor_replaced_wrong_dtype", "state_tensor_replaced_wrong_size", "step_counters_unusable", "model_double", "model_bfloat16",
-               "param_data_smaller", "grad_data_smaller", "grad_storage_freed_compiled_path"}
+               "model_float16", "float16_model_float", "param_data_smaller", "grad_data_smaller",
+               "float16_grad_data_float32", "float16_param_viewed_as_bfloat16", "grad_storage_freed_compiled_path"}
 
 
 @pytest.mark.parametrize("name", list(safety_cases.CASES))

@@ -192,8 +192,11 @@ def _poisoned(g: torch.Tensor) -> torch.Tensor:
     return g
 
 
-@pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# float16 on the kernels only: fused=False steps float16 parameters with float16 torch ops, as torch.optim's
+# for-loop does, where eps=1e-8 underflows to 0, so a second moment dequantized to 0 gives a non-finite step
+# in the clean run too
+@pytest.mark.parametrize("fused,dtype", [(True, torch.float32), (False, torch.float32), (True, torch.bfloat16),
+                                         (False, torch.bfloat16), (True, torch.float16)])
 def test_without_check_finite_int8_skips_exactly_the_nonfinite_blocks(fused, dtype):
     """check_finite=False with int8 states: a block of 256 whose gradient holds inf/nan keeps its params, codes
     and absmax; every other block gets exactly the step it would get with a finite gradient there."""

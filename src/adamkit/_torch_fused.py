@@ -34,7 +34,8 @@ from ._torch_step import Stepper
 from ._tensors import (TrackedState, is_dtensor, local_view, nonfinite_gradients, refuse_nonfinite,
                        track_entries, tracked)
 
-FORMAT_OF = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}
+FORMAT_OF = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
+             torch.float16: "float16"}  # 16-bit formats: float32 math, as torch's CPU fused kernels
 SCALAR_FORMAT_OF = {torch.float32: "float32", torch.float64: "float64"}
 # unbound methods, mapped over lists of tensors (C-level iteration: the per-step passes over 1,000s of tensors)
 _data_ptr, _numel, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.is_contiguous
@@ -72,10 +73,12 @@ class _Batch:
 
     def unchanged(self) -> bool:
         """Whether every parameter (or DTensor shard) and state tensor still has the address and size validated
-        when the plan was made."""
+        when the plan was made (and, for 16-bit parameters, the dtype)."""
         locals_ = self.locals
         if self.dtensor and not all(map(operator.is_, map(_local, self.params), locals_)):
             return False  # a DTensor whose local shard was replaced
+        if self.fmt in kernels.HALF_FORMATS and list(map(_dtype, locals_)).count(self.dtype) != len(locals_):
+            return False  # float16 memory viewed as bfloat16 in place (or back): same address and size
         # No size needs a check of its own: the plan holds every storage it validated (``keep``), so an unchanged
         # address is the same live allocation, as large as when validated (each gradient's size is checked). State
         # tensors are not re-read: replacing one is a counted mutation of opt.state, and memory the kernels

@@ -145,8 +145,10 @@ def store_state(p: torch.Tensor, state: dict, key: str, values: torch.Tensor, fm
 
 
 def load_state(p: torch.Tensor, state: Mapping[str, Any], key: str) -> torch.Tensor:
-    """State ``key`` of ``p`` in the parameter's dtype, whatever its format."""
-    return _tensors.on_local(lambda local: _storage.load(OPS, {**state, key: local}, key, p.dtype), state[key])
+    """State ``key`` of ``p`` in the parameter's dtype, whatever its format; 8-bit states of a 16-bit parameter
+    in float32, as the kernels read them (float16 would flush a small second moment to 0)."""
+    dtype = torch.float32 if f"{key}.absmax" in state and p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+    return _tensors.on_local(lambda local: _storage.load(OPS, {**state, key: local}, key, dtype), state[key])
 
 
 def low_precision_states(rule: _rules.Rule, entry: Mapping[str, Any], p: torch.Tensor) -> set[str]:

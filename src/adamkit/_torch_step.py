@@ -257,11 +257,12 @@ def _update(rule: _rules.Rule):
 
 def _math_view(p: torch.Tensor, group: Mapping[str, Any]):
     """How the rule sees a tensor of ``p``: a complex one as its real view; float32 math for 16-bit tensors with
-    ``fused=True`` (as torch's fused kernels); a copy inside autograd (the graph keeps the old values, the tensors
+    ``fused=True`` (as torch's fused kernels) or 8-bit states (as the kernels; in 16 bits ε = 1e-8 is 0); a copy inside autograd (the graph keeps the old values, the tensors
     are updated in place)."""
     real = torch.view_as_real if p.is_complex() else (lambda t: t)
-    if group.get("fused") is True and p.dtype in (torch.float16, torch.bfloat16):
-        real = lambda t: t.to(torch.float32)  # noqa: E731
+    if p.dtype in (torch.float16, torch.bfloat16) and (group.get("fused") is True
+                                                     or group.get("state_precision") == "int8"):
+        real = lambda t: t.to(torch.float32)  # noqa: E731 - 8-bit states: ε and small moments need float32
     if torch.is_grad_enabled():
         plain = real
         real = lambda t: plain(t).clone()  # noqa: E731

@@ -4,8 +4,10 @@ For a rule and the set of states present, :func:`kernel` writes a small loop —
 module under the cache directory, imports it and compiles it with ``numba.njit(parallel=True, cache=True)``.
 The loop calls the rule's own element function (:mod:`adamkit.rules`, bound to ``math.sqrt`` / ``max`` and
 compiled by numba) and, for low-precision states, the load/store functions of :mod:`adamkit.states` (bfloat16
-rounding, 8-bit codes block by block), so the math is never re-typed. One call covers many tensors: a table of
-chunks ``(tensor, start, stop)`` is split across threads, each chunk reads and writes every byte once.
+rounding, 8-bit codes block by block), so the math is never re-typed. 16-bit parameters (bfloat16, float16) are
+loaded to float32 and stored rounded to nearest even, as torch's CPU fused kernels do. One call covers many
+tensors: a table of chunks ``(tensor, start, stop)`` is split across threads, each chunk reads and writes every
+byte once.
 
 The generator is a few small emitters: the layout of a configuration (:class:`_Layout`: storage, loads, stores,
 random streams), the chunk's views, the element step (built once, used by both loops), and the flat or
@@ -50,7 +52,10 @@ FORMATS: dict[str, tuple[Any, Any, int]] = {
     "float32": (np.uint32, np.float32, 0x7F800000),
     "float64": (np.uint64, np.float64, 0x7FF0000000000000),
     "bfloat16": (np.uint16, np.float32, 0x7F80),
+    "float16": (np.uint16, np.float32, 0x7C00),
 }
+HALF_FORMATS = ("bfloat16", "float16")
+"""16-bit formats: stored as their bits (uint16), computed in float32, as torch's CPU fused kernels do."""
 _lock = threading.Lock()
 _kernels: dict[tuple, "Kernel"] = {}
 _finite_kernels: dict[str, Callable] = {}
@@ -118,6 +123,31 @@ def bf16_store(value, noise):
     if value != value:
         return np.uint16(0x7FC0)
     return np.uint16(np.uint32(_f32_as_u32(value) + np.uint32(noise)) >> np.uint32(16))
+
+
+@intrinsic
+def f16_load(typingctx, bits):
+    """IEEE float16 bits (uint16) -> float32, exactly (one ``vcvtph2ps`` lane with F16C)."""
+    if not (isinstance(bits, types.Integer) and bits.bitwidth == 16):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def f16_store(typingctx, value):
+    """float32 -> IEEE float16 bits, rounded to nearest even (overflow to inf, nan stays nan), as torch's
+    ``.to(torch.float16)``."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(value), codegen
 
 
 @numba.njit(inline="always")
@@ -209,7 +239,7 @@ class _Layout:
     def __init__(self, rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic: bool,
                  kinds: tuple[str, ...], constants: tuple[bool, ...] | None) -> None:
         self.rule, self.fmt, self.stochastic, self.constants = rule, fmt, stochastic, constants
-        self.bf16_param = fmt == "bfloat16"
+        self.bf16_param = fmt == "bfloat16"  # stochastic rounding is offered for bfloat16 params only
         self.on = [(j, s, kind) for j, (s, p, kind) in enumerate(zip(rule.update_states, present, kinds)) if p]
         self.kind_of = {s: kind for _, s, kind in self.on}
         self.quantized = [s for _, s, kind in self.on if kind == "int8"]
@@ -223,19 +253,24 @@ class _Layout:
         """bf16 states always; bf16 params (and states stored like them) when ``stochastic``."""
         return kind == "bf16" or (kind == "plain" and self.bf16_param and self.stochastic)
 
-    def is_bf16(self, kind: str) -> bool:
-        return kind == "bf16" or (kind == "plain" and self.bf16_param)
+    def half(self, kind: str) -> str | None:
+        """The 16-bit format of values of ``kind`` (bf16 states; the parameter and states stored like it, for a
+        16-bit parameter), or None."""
+        if kind == "bf16":
+            return "bfloat16"
+        return self.fmt if kind == "plain" and self.fmt in HALF_FORMATS else None
 
     def storage(self, kind: str, s: str = "") -> str:
         if kind == "int8":
             return "np.int8" if s in _states.SIGNED_STATES else "np.uint8"
-        return "np.uint16" if self.is_bf16(kind) else "DT"
+        return "np.uint16" if self.half(kind) else "DT"
 
     def load(self, kind: str, s: str, x: str) -> str:
         if kind == "int8":
             fn = "dequantize_signed" if s in _states.SIGNED_STATES else "dequantize_unsigned"
             return f"DT({fn}({x}, {s}_scale))"
-        return f"DT(bf16_load({x}))" if self.is_bf16(kind) else x
+        half = self.half(kind)
+        return x if half is None else f"DT({'bf16' if half == 'bfloat16' else 'f16'}_load({x}))"
 
     def noise(self, stream: int) -> str:
         """The 16 random bits of ``stream`` (0: the parameter, j + 1: state j): a half of its pair's hash."""
@@ -243,8 +278,11 @@ class _Layout:
         return f"{'low16' if position % 2 == 0 else 'high16'}(bits{position // 2})"
 
     def store(self, kind: str, target: str, value: str, stream: int) -> str:
-        if not self.is_bf16(kind):
+        half = self.half(kind)
+        if half is None:
             return f"{target} = {value}"
+        if half == "float16":
+            return f"{target} = f16_store(np.float32({value}))"
         noise = self.noise(stream) if self.rounds_stochastically(kind) else f"nearest_even(np.float32({value}))"
         return f"{target} = bf16_store(np.float32({value}), {noise})"
 
@@ -261,6 +299,7 @@ def _emit_header(lay: _Layout) -> list[str]:
         "import numpy as np",
         "from numba import njit, prange, carray",
         "from adamkit.kernels import address_as_pointer, scalar_update, bf16_load, bf16_store, nearest_even",
+        "from adamkit.kernels import f16_load, f16_store",
         "from adamkit.kernels import random32, low16, high16",
         "from adamkit.kernels import scalar_state_functions, _f32_as_u32 as f32_bits, _u32_as_f32 as bits_f32",
         "dequantize_signed, dequantize_unsigned, quantize_signed, quantize_unsigned, inverse_scale = "

@@ -5,7 +5,7 @@
 :class:`torch.optim.Optimizer`. A ``torch.optim`` checkpoint loads into the adamkit class of the same name and
 training continues exactly as it would have; an adamkit checkpoint loads into ``torch.optim``.
 
-The math is the rule of the same name in :mod:`adamkit.rules`. On CPU, float32/float64/bfloat16 tensors step
+The math is the rule of the same name in :mod:`adamkit.rules`. On CPU, float32/float64/bfloat16/float16 tensors step
 through compiled, multi-threaded kernels generated from that rule (:mod:`adamkit.kernels`); ``fused=False``
 selects the reference path, which runs the rule on whole tensors with torch ops and works on any device.
 
