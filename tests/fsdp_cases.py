@@ -220,6 +220,42 @@ def mixed_precision_and_clipping() -> dict:
     return {"difference": rel(*runs)}
 
 
+def cpu_offload() -> dict:
+    """FSDP2's CPU offload (``pin_memory=False``: pinning needs an accelerator) with adamkit's AdamW on the
+    compiled path, against torch.optim.AdamW on the same model without offload (on CPU the offload moves nothing,
+    so the two must agree as the plain FSDP2 runs do). One offloaded model per process: a second one aborts in
+    torch's own all-gather, with torch.optim too."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    import adamkit.torch as ak
+    runs, compiled = [], 0
+    for offload in (True, False):
+        m = model(torch.float32)
+        policy = {"offload_policy": CPUOffloadPolicy(pin_memory=False)} if offload else {}
+        for layer in m:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, **policy)
+        fully_shard(m, **policy)
+        opt = (ak.AdamW if offload else torch.optim.AdamW)(m.parameters(), lr=1e-2)
+        train(m, opt, 5, torch.float32)
+        if offload:
+            compiled = sum(len(b.params) for b in opt._kernel_plan.batches())
+        runs.append(full(m))
+    return {"difference": rel(*runs), "compiled_tensors": compiled}
+
+
+def run_offload(rank: int, out: str, store_dir: str) -> None:
+    store = dist.FileStore(os.path.join(store_dir, "store"), 2)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    try:
+        result = cpu_offload()
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
 def run(rank: int, out: str, store_dir: str) -> None:
     os.environ["FSDP_CASES_DIR"] = store_dir
     store = dist.FileStore(os.path.join(store_dir, "store"), 2)
@@ -249,7 +285,9 @@ def run_reshard(rank: int, world: int, path: str, save_to: str, out: str, store_
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--reshard":  # --reshard WORLD CHECKPOINT SAVE_TO OUT.json
+    if sys.argv[1] == "--offload":  # --offload OUT.json
+        mp.spawn(run_offload, args=(sys.argv[2], tempfile.mkdtemp()), nprocs=2, join=True)
+    elif sys.argv[1] == "--reshard":  # --reshard WORLD CHECKPOINT SAVE_TO OUT.json
         world, path, save_to, out = int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
         mp.spawn(run_reshard, args=(world, path, save_to, out, tempfile.mkdtemp()), nprocs=world, join=True)
     else:  # OUT.json [CHECKPOINT_DIR]
