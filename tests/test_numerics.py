@@ -457,3 +457,30 @@ def test_an_engine_option_set_in_a_group_later_is_checked_before_the_step(key, v
     with pytest.raises(ValueError, match=f"Invalid {key}"):
         opt.step()
     assert torch.equal(p, before) and torch.equal(opt.state_dict()["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_a_centered_rmsprop_state_below_its_mean_square_is_refused_for_low_precision(engine, precision):
+    """torch's square_avg v below grad_avg² is no real state; kept as the variance v − ḡ² in bf16/int8 storage it
+    would be clamped and lost, so the load refuses it and changes nothing (fp32 storage takes it, as torch)."""
+    import numpy as np
+    import adamkit.numpy as akn
+    n = 5000
+    saved = {"state": {0: {"step": 3.0, "square_avg": np.full(n, 1.0, np.float32),
+                           "grad_avg": np.full(n, 2.0, np.float32), "momentum_buffer": np.zeros(n, np.float32)}},
+             "param_groups": [{"lr": 0.01, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0, "momentum": 0.5,
+                               "centered": True, "maximize": False, "params": [0]}]}
+    if engine == "torch":
+        saved["state"][0] = {k: torch.as_tensor(v) for k, v in saved["state"][0].items()}
+        p = torch.nn.Parameter(torch.zeros(n))
+        opt = akt.RMSprop([p], lr=0.01, momentum=0.5, centered=True, state_precision=precision)
+        plain = akt.RMSprop([torch.nn.Parameter(torch.zeros(n))], lr=0.01, momentum=0.5, centered=True)
+    else:
+        opt = akn.RMSprop([np.zeros(n, np.float32)], lr=0.01, momentum=0.5, centered=True, state_precision=precision)
+        plain = akn.RMSprop([np.zeros(n, np.float32)], lr=0.01, momentum=0.5, centered=True)
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="below 'grad_avg'"):
+        opt.load_state_dict(saved)
+    assert str(opt.state_dict()) == str(before)
+    plain.load_state_dict(saved)  # full-precision states take it as torch.optim does

@@ -179,6 +179,27 @@ def _check_entry(where: str, entry: Any, rule: _rules.Rule, h: Mapping[str, Any]
                 raise ValueError(f"state of {where} has '{k}' without the state '{base}' it belongs to")
             if k.endswith(".bf16") and v is not True:
                 raise ValueError(f"state '{k}' of {where} must be True (it marks bfloat16 bits), not {v!r}")
+    _check_variance(where, entry, rule, h, p, precision)
+
+
+def _check_variance(where: str, entry: Mapping[str, Any], rule: _rules.Rule, h: Mapping[str, Any], p: Any,
+                    precision: str | None) -> None:
+    """A centered RMSprop state in torch's form (v) that will be stored in bf16 or 8 bits is kept as its variance
+    v − ḡ² (:func:`variance_form`), which is ≥ 0 for any real state: v below ḡ² by more than bfloat16 rounding
+    (2^-7 of v + ḡ²) is not one, and would be lost by the conversion, so it is refused."""
+    if rule.stored_variance is None or not h.get("centered"):
+        return
+    v, a = rule.stored_variance
+    if v not in entry or a not in entry or v in low_precision_states(entry) \
+            or _storage.format_for(precision, int(np.prod(p.shape)), _dtype_name(p)) == "plain":
+        return
+    square, mean = _numpy(entry[v]).astype(np.float64), _numpy(entry[a]).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        below = square - mean * mean < -2.0 ** -7 * (np.abs(square) + mean * mean)
+    if below.any():
+        raise ValueError(f"state '{v}' of {where} is below '{a}'² at {int(below.sum())} element(s): not a centered "
+                         f"RMSprop state (a mean of squares is at least the square of the mean), and its variance "
+                         f"could not be stored in {precision} states")
 
 
 def _dtype_name(v: Any) -> str:
