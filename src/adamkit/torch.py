@@ -57,7 +57,54 @@ __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", 
 _ENGINE_KEYS = _checkpoints.ENGINE_KEYS
 
 
-class Optimizer(_optim.Optimizer):
+class _Checkpoints(_optim.Optimizer):
+    """The checkpoint half of :class:`Optimizer`: torch.optim's ``state_dict``, loaded after
+    :func:`adamkit.checkpoints.check_state_dict` and stored in the optimizer's formats."""
+
+    rule: _rules.Rule
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """As torch.optim's, after checking that the state dict fits this optimizer
+        (:func:`adamkit.checkpoints.check_state_dict`).
+
+        Raises ``ValueError`` naming the mismatch (group count or sizes, invalid hyperparameters or engine
+        options, missing or unknown state keys, state shapes, dtypes and values) and leaves the optimizer
+        unchanged. Engine options (``fused``, ``state_precision``, ...) stay this optimizer's own.
+        """
+        engine = [{k: g[k] for k in _ENGINE_KEYS if k in g} for g in self.param_groups]
+        precisions = [g.get("state_precision") for g in self.param_groups]
+        hypers = _checkpoints.check_state_dict(state_dict, self.rule, [g["params"] for g in self.param_groups],
+                                               precisions, torch.is_tensor)
+        full = _checkpoints.full_precision(state_dict, self.rule)
+        for g, h in zip(full["param_groups"], hypers):
+            g.update(h)
+        super().load_state_dict(full)
+        for group, own in zip(self.param_groups, engine):
+            group.update(own)  # this optimizer's engine options win over the checkpoint's
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        mine = [(p, group) for group in self.param_groups for p in group["params"]]
+        for saved_id, (p, group) in zip(saved_ids, mine):  # each state in this optimizer's format
+            _torch_states.restore_storage(self.rule, self.state.get(p), p, state_dict["state"].get(saved_id, {}),
+                                          group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """As torch.optim's: per-parameter states as plain dicts (``torch.load(weights_only=True)`` reads them)."""
+        out = super().state_dict()
+        out["state"] = {k: _torch_states.distributable(dict(v)) if isinstance(v, dict) else v
+                        for k, v in out["state"].items()}
+        return out
+
+    def torch_state_dict(self) -> dict[str, Any]:
+        """The state in torch.optim's own format: full-precision states in the parameter's dtype, no adamkit
+        keys. ``torch.optim.<Class>.load_state_dict`` takes it; for full-precision states it equals
+        :meth:`state_dict`."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        return _checkpoints.full_precision(
+            self.state_dict(), self.rule, drop_engine_keys=True,
+            low=lambda i, entry: _torch_states.low_precision_states(self.rule, entry, params[i]))
+
+
+class Optimizer(_Checkpoints):
     """Base of the adamkit.torch optimizers: one rule, run by the compiled kernels or the reference path
     (:mod:`adamkit._torch_step`)."""
 
@@ -144,47 +191,6 @@ class Optimizer(_optim.Optimizer):
     def _step(self) -> None:
         self._step_seed = None  # drawn at most once per step
         _torch_step.step(self)
-
-    # -- checkpoints ---------------------------------------------------------------------------------------
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """As torch.optim's, after checking that the state dict fits this optimizer
-        (:func:`adamkit.checkpoints.check_state_dict`).
-
-        Raises ``ValueError`` naming the mismatch (group count or sizes, invalid hyperparameters or engine
-        options, missing or unknown state keys, state shapes, dtypes and values) and leaves the optimizer
-        unchanged. Engine options (``fused``, ``state_precision``, ...) stay this optimizer's own.
-        """
-        engine = [{k: g[k] for k in _ENGINE_KEYS if k in g} for g in self.param_groups]
-        precisions = [g.get("state_precision") for g in self.param_groups]
-        hypers = _checkpoints.check_state_dict(state_dict, self.rule, [g["params"] for g in self.param_groups],
-                                               precisions, torch.is_tensor)
-        full = _checkpoints.full_precision(state_dict, self.rule)
-        for g, h in zip(full["param_groups"], hypers):
-            g.update(h)
-        super().load_state_dict(full)
-        for group, own in zip(self.param_groups, engine):
-            group.update(own)  # this optimizer's engine options win over the checkpoint's
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        mine = [(p, group) for group in self.param_groups for p in group["params"]]
-        for saved_id, (p, group) in zip(saved_ids, mine):  # each state in this optimizer's format
-            _torch_states.restore_storage(self.rule, self.state.get(p), p, state_dict["state"].get(saved_id, {}),
-                                          group)
-
-    def state_dict(self) -> dict[str, Any]:
-        """As torch.optim's: per-parameter states as plain dicts (``torch.load(weights_only=True)`` reads them)."""
-        out = super().state_dict()
-        out["state"] = {k: _torch_states.distributable(dict(v)) if isinstance(v, dict) else v
-                        for k, v in out["state"].items()}
-        return out
-
-    def torch_state_dict(self) -> dict[str, Any]:
-        """The state in torch.optim's own format: full-precision states in the parameter's dtype, no adamkit
-        keys. ``torch.optim.<Class>.load_state_dict`` takes it; for full-precision states it equals
-        :meth:`state_dict`."""
-        params = [p for g in self.param_groups for p in g["params"]]
-        return _checkpoints.full_precision(
-            self.state_dict(), self.rule, drop_engine_keys=True,
-            low=lambda i, entry: _torch_states.low_precision_states(self.rule, entry, params[i]))
 
 
 def _defaults(rule: _rules.Rule, values: dict[str, Any]) -> dict[str, Any]:
