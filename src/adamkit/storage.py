@@ -72,14 +72,29 @@ def format_of(state: dict, key: str, param_dtype: str, stored_dtype: str) -> str
 class ArrayOps(Protocol):
     """What storage needs from an engine's arrays (NumPy arrays, torch tensors)."""
 
-    def dtype_name(self, x: Any) -> str: ...
-    def full_like(self, like: Any, value: Any, dtype: str | None = None) -> Any: ...
-    def blocks_of(self, like: Any, value: float) -> Any: ...
-    def float32_bits(self, x: Any) -> Any: ...
-    def from_bf16_bits(self, bits: Any, like: Any) -> Any: ...
-    def bf16_value(self, x: Any, dtype: Any) -> Any: ...
-    def index(self, n: int, like: Any) -> Any: ...
-    def cast(self, x: Any, dtype: Any) -> Any: ...
+    def dtype_name(self, x: Any) -> str:
+        """``x``'s dtype as a name (``"float32"``, ``"bfloat16"``, ``"uint16"``, ...)."""
+
+    def full_like(self, like: Any, value: Any, dtype: str | None = None) -> Any:
+        """An array shaped like ``like`` filled with ``value``, of dtype ``dtype`` (a name; None: ``like``'s)."""
+
+    def blocks_of(self, like: Any, value: float) -> Any:
+        """One float32 ``value`` per 8-bit block of ``like`` (of a DTensor: of its local shard)."""
+
+    def float32_bits(self, x: Any) -> Any:
+        """The IEEE bits of ``x`` as float32, in int64 (0 … 2^32 − 1)."""
+
+    def from_bf16_bits(self, bits: Any, like: Any) -> Any:
+        """Stored bfloat16 from its bits (int64, 0 … 65535), shaped like ``like``."""
+
+    def bf16_value(self, x: Any, dtype: Any) -> Any:
+        """Stored bfloat16 ``x`` as values of ``dtype``."""
+
+    def index(self, n: int, like: Any) -> Any:
+        """0 … n − 1 as int64, where ``like`` lives."""
+
+    def cast(self, x: Any, dtype: Any) -> Any:
+        """``x`` as ``dtype`` (itself if it already is)."""
 
 
 class NumpyOps:
