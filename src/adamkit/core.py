@@ -73,14 +73,14 @@ def step_parameter(rule: _rules.Rule, update: Callable, h: Mapping[str, Any], ar
 
 
 def rounding_noise(ops: _storage.ArrayOps, formats: list[str | None], seed: Callable[[], int],
-                   tensor: int) -> Callable[[int], Callable | None]:
+                   tensor: Callable[[], int]) -> Callable[[int], Callable | None]:
     """For each rule state ``j``: None if it is not rounded stochastically, else a function giving the 16 random
     bits per element of an array of that state (:mod:`adamkit.storage`: the same bits on every path). ``seed()``
-    is called only if some state rounds."""
+    and ``tensor()`` (the parameter's position) are called only if some state rounds."""
     rounded = _storage.rounded_values(formats)
     if not rounded:
         return lambda j: None
-    keys = _storage.stream_keys(seed(), [tensor], (len(rounded) + 1) // 2)[0]
+    keys = _storage.stream_keys(seed(), [tensor()], (len(rounded) + 1) // 2)[0]
 
     def of(j: int) -> Callable | None:
         if j + 1 not in rounded:

@@ -201,7 +201,7 @@ class Optimizer(_Checkpoints):
         for k, v in missing.items():  # made first, so that the block guard sees a new 8-bit state too
             _storage.create(_storage.NUMPY, state, k, p, v, fmt)
         formats = [fmt if k in state else None for k in self.rule.update_states]
-        noise = _core.rounding_noise(_storage.NUMPY, formats, self.rounding_seed, index)
+        noise = _core.rounding_noise(_storage.NUMPY, formats, self.rounding_seed, lambda: index)
         return _core.step_parameter(self.rule, self._update, h, _NumpyArrays(p), p, g, state, formats,
                                     bool(missing), self.check_finite, noise)
 
