@@ -484,3 +484,38 @@ def test_a_centered_rmsprop_state_below_its_mean_square_is_refused_for_low_preci
         opt.load_state_dict(saved)
     assert str(opt.state_dict()) == str(before)
     plain.load_state_dict(saved)  # full-precision states take it as torch.optim does
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_centered_rmsprop_with_alpha_zero_is_refused_for_low_precision(engine, precision):
+    """α = 0 makes the centered variance of one sample exactly 0: the stored-variance form divides by ε where
+    torch.optim divides by the rounding error of g² − g·g (NaN where negative; with g² overflowing, 0 where the
+    stored form gives 0 · inf = NaN). Refused wherever α can arrive: construction, a new group, a loaded group,
+    and a group edited before the step, each before anything changes. Full-precision states take α = 0, as torch."""
+    n, make = 5000, (lambda: torch.nn.Parameter(torch.ones(n))) if engine == "torch" else (lambda: np.ones(n, np.float32))
+    cls = akt.RMSprop if engine == "torch" else akn.RMSprop
+    with pytest.raises(ValueError, match="Invalid alpha value: 0.0 with centered=True"):
+        cls([make()], alpha=0.0, centered=True, state_precision=precision)
+    cls([make()], alpha=0.0, centered=True)  # torch.optim's behaviour with full-precision states
+    cls([make()], alpha=0.0, state_precision=precision)  # not centered: no variance estimate
+    p = make()
+    opt = cls([p], alpha=0.5, centered=True, state_precision=precision)
+    grads = [torch.full((n,), 0.25)] if engine == "torch" else [np.full(n, 0.25, np.float32)]
+    if engine == "torch":
+        p.grad = grads[0]
+        opt.step()
+    else:
+        opt.step(grads)
+    with pytest.raises(ValueError, match="Invalid alpha value"):
+        opt.add_param_group({"params": [make()], "alpha": 0.0})
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][0]["alpha"] = 0.0
+    before, theta = copy.deepcopy(opt.state_dict()), (p.detach().clone() if engine == "torch" else p.copy())
+    with pytest.raises(ValueError, match="group 0 of the state dict: Invalid alpha value"):
+        opt.load_state_dict(saved)
+    opt.param_groups[0]["alpha"] = 0.0
+    with pytest.raises(ValueError, match="Invalid alpha value"):
+        opt.step() if engine == "torch" else opt.step(grads)
+    assert str(opt.state_dict()) == str({**before, "param_groups": [{**before["param_groups"][0], "alpha": 0.0}]})
+    assert (torch.equal(p.detach(), theta) if engine == "torch" else np.array_equal(p, theta))

@@ -79,7 +79,9 @@ def gather(opt: Stepper) -> Work:
         else:
             params = group["params"]
         if params:
-            work.append((group, params, grads, opt.hyperparameters(group)))
+            h = opt.hyperparameters(group)
+            opt.rule.check_group(h, group.get("state_precision"))  # e.g. a value set in the group since
+            work.append((group, params, grads, h))
     return work
 
 

@@ -73,12 +73,13 @@ def fill_defaults(rule: _rules.Rule, defaults: Mapping[str, Any], groups: Sequen
         group.update(rule.defaults_override)
 
 
-def group_hyperparameters(rule: _rules.Rule, saved: Mapping[str, Any]) -> dict[str, Any]:
+def group_hyperparameters(rule: _rules.Rule, saved: Mapping[str, Any], precision: str | None) -> dict[str, Any]:
     """The hyperparameters a loaded group gets: class defaults for missing keys (as torch.optim's
-    ``__setstate__``), the saved values, then the rule's fixed values (AdamW's decoupled decay), validated."""
+    ``__setstate__``), the saved values, then the rule's fixed values (AdamW's decoupled decay), validated for
+    states stored in ``precision``."""
     defaults = class_defaults(rule)
     h = {**defaults, **{k: v for k, v in saved.items() if k in defaults}, **rule.defaults_override}
-    rule.validate(h)
+    rule.validate(h, precision)
     return h
 
 
@@ -115,7 +116,7 @@ def check_state_dict(state_dict: Any, rule: _rules.Rule, groups: Sequence[Sequen
         try:
             check_options(saved)
             check_rounding_stream(saved)
-            h = group_hyperparameters(rule, saved)
+            h = group_hyperparameters(rule, saved, precisions[gi])
         except (ValueError, TypeError) as e:
             raise ValueError(f"group {gi} of the state dict: {e}") from None
         for saved_id, p in zip(saved["params"], params):

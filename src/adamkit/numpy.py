@@ -137,7 +137,7 @@ class Optimizer(_Checkpoints):
                              f"adamkit.numpy sets it per optimizer ({self.state_precision!r}), not per group")
         hypers.pop("state_precision", None)
         h = {**self.defaults, **hypers}
-        self.rule.validate(h)
+        self.rule.validate(h, self.state_precision)
         first = sum(len(g["params"]) for g in self.param_groups)
         self.param_groups.append({"params": params, **h})
         for i, p in enumerate(params):
@@ -185,7 +185,7 @@ class Optimizer(_Checkpoints):
         params = self._params()
         grads = _checked_gradients(params, grads, self.check_finite)
         for group in self.param_groups:
-            self.rule.validate(self._hyper(group))
+            self.rule.validate(self._hyper(group), self.state_precision)
         skipped, self._step_seed = 0, None
         for index, (p, g) in enumerate(zip(params, grads)):
             if g is not None:

@@ -395,7 +395,8 @@ class Rule:
         scalar_states: names and initial values of per-tensor scalar states (``step``, ``mu_product``).
         coefficients: ``coefficients(h, step, scalar_state)`` → (coefficient dict for ``update``, new scalar
             state); computed in float64 once per tensor and step.
-        check_group: cross-parameter validation (e.g. Nesterov needs momentum).
+        check_group: ``check_group(h, precision)``: cross-parameter validation (e.g. Nesterov needs momentum),
+            given the states' storage (``state_precision``: ``None``, ``"bf16"`` or ``"int8"``).
         sparse_gradients: whether sparse gradients are taken (torch.optim's SGD and Adagrad take them; the math
             is the dense rule on the entries present); ``sparse_weight_decay``: also with weight decay.
         states_at_construction: the states exist from construction (torch.optim.Adagrad's ``sum``), not from
@@ -415,7 +416,7 @@ class Rule:
     states: Callable[[Mapping[str, Any]], dict[str, float]]
     coefficients: Callable[[Mapping[str, Any], float, Mapping[str, float]], tuple[dict, dict]]
     scalar_states: dict[str, float] = field(default_factory=lambda: {"step": 0.0})
-    check_group: Callable[[Mapping[str, Any]], None] = lambda h: None
+    check_group: Callable[[Mapping[str, Any], str | None], None] = lambda h, precision: None
     defaults_override: dict[str, Any] = field(default_factory=dict)
     sparse_gradients: bool = False
     sparse_weight_decay: bool = True
@@ -436,11 +437,13 @@ class Rule:
         self.validate(h)
         return h
 
-    def validate(self, h: Mapping[str, Any]) -> None:
+    def validate(self, h: Mapping[str, Any], precision: str | None = None) -> None:
+        """Raise ``ValueError`` (or torch's error type) for a bad value in ``h``, or a combination that states
+        stored in ``precision`` cannot run."""
         for x in self.hypers:
             if x.name in h:
                 x.check(h[x.name])
-        self.check_group(h)
+        self.check_group(h, precision)
 
 
 def _lr(h: Mapping[str, Any]) -> Any:
@@ -486,7 +489,7 @@ def _sgd_coefficients(h, step, scalar_state):
     return c, {}
 
 
-def _sgd_check(h):
+def _sgd_check(h, precision):
     if h["nesterov"] and (float(h["momentum"]) <= 0 or float(h["dampening"]) != 0):
         raise ValueError("Invalid nesterov: Nesterov momentum requires a momentum > 0 and zero dampening")
 
@@ -538,6 +541,15 @@ def _rmsprop_states(h):
     return s
 
 
+def _rmsprop_check(h, precision):
+    # With α = 0, ḡ is the last gradient and the variance is exactly 0: the stored form keeps that 0 and divides
+    # by ε, while torch.optim divides by the rounding error of g² − g·g (NaN where it is negative, 0 updates
+    # where g² overflows). Neither is a variance estimate, and the two cannot agree: refused.
+    if h["centered"] and precision in ("bf16", "int8") and float(h["alpha"]) == 0:
+        raise ValueError(f"Invalid alpha value: 0.0 with centered=True and state_precision={precision!r}: the "
+                         f"variance of a one-sample average is 0 (use alpha > 0, or full-precision states)")
+
+
 def _rmsprop_coefficients(h, step, scalar_state):
     alpha, wd, momentum = float(h["alpha"]), float(h["weight_decay"]), float(h["momentum"])
     centered = bool(h["centered"])
@@ -556,6 +568,7 @@ RMSPROP = Rule(
     update_states=("square_avg", "grad_avg", "momentum_buffer"),
     states=_rmsprop_states,
     coefficients=_rmsprop_coefficients,
+    check_group=_rmsprop_check,
     stored_variance=("square_avg", "grad_avg"),
 )
 

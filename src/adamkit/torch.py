@@ -151,7 +151,7 @@ class Optimizer(_Checkpoints):
         """As torch.optim's, with the group's hyperparameters and engine options (``fused``, ``state_precision``)
         validated before it is added (the constructor's groups come through here too)."""
         h = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        self.rule.validate(self.hyperparameters(h))
+        self.rule.validate(self.hyperparameters(h), h.get("state_precision"))
         _checkpoints.check_options(h)
         super().add_param_group(param_group)
         self._plan_version = getattr(self, "_plan_version", 0) + 1
