@@ -270,6 +270,13 @@ def float16_param_viewed_as_bfloat16():
 
 
 @case
+def grad_data_viewed_as_int32():
+    """The same memory, address and size, now int32: caught by the gradients' metadata guard (one call over all
+    of them), as a gradient of another size is."""
+    return changed_after_gradients(lambda ps: setattr(ps[1].grad, "data", ps[1].grad.data.view(torch.int32)))
+
+
+@case
 def grad_storage_freed_compiled_path():
     """A gradient whose storage was resized to 0 bytes keeps its shape, and its address becomes 0. torch.optim and
     the reference path (torch ops) read it anyway and crash; the compiled path checks every gradient's address."""

@@ -63,7 +63,7 @@ MUST_STEP = {"state_tensor_replaced", "state_cleared", "state_recreated", "state
 # Cases where torch.optim raises (or would compute garbage) and a clean refusal, nothing changed, is required.
 MUST_REFUSE = {"state_tensor_replaced_wrong_dtype", "state_tensor_replaced_wrong_size", "step_counters_unusable", "model_double", "model_bfloat16",
                "model_float16", "float16_model_float", "param_data_smaller", "grad_data_smaller",
-               "float16_grad_data_float32", "float16_param_viewed_as_bfloat16", "grad_storage_freed_compiled_path"}
+               "float16_grad_data_float32", "float16_param_viewed_as_bfloat16", "grad_storage_freed_compiled_path", "grad_data_viewed_as_int32"}
 
 
 @pytest.mark.parametrize("name", list(safety_cases.CASES))
@@ -100,3 +100,21 @@ def test_state_repointed_in_place_never_reaches_freed_memory(results):
 
 def test_every_case_is_classified():
     assert set(safety_cases.CASES) == MUST_STEP | MUST_REFUSE | NO_CRASH | {"step_counters_of_every_dtype"}
+
+
+def test_the_gradients_metadata_guard_sees_every_change_but_the_address():
+    """The per-step check of the gradients (``_tensors.MetadataGuard``): equal metadata in new tensors matches;
+    any other dtype, size, stride, type, autograd flag or count does not (then everything is validated again)."""
+    import torch
+    from adamkit._tensors import MetadataGuard
+    grads = [torch.randn(1024) for _ in range(3)]
+    guard = MetadataGuard(grads)
+    assert guard.matches([torch.randn(1024) for _ in range(3)])
+    changed = {"dtype": torch.randn(1024).view(torch.int32), "size": torch.randn(1000),
+               "stride": torch.randn(2048)[::2], "expanded": torch.ones(1).expand(1024),
+               "subclass": torch.nn.Parameter(torch.randn(1024)), "requires_grad": torch.randn(1024, requires_grad=True),
+               "not a tensor": 1.0, "meta": torch.empty(1024, device="meta")}
+    for what, g in changed.items():
+        assert not guard.matches([grads[0], g, grads[2]]), what
+    assert not guard.matches(grads[:2]) and not guard.matches(grads + grads[:1])
+    assert not MetadataGuard([]).matches([])  # an empty guard validates nothing

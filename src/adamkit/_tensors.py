@@ -16,6 +16,10 @@ from typing import Any, Callable
 import torch
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+try:
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # pragma: no cover - a torch without dynamo: every check is done in full
+    _TensorGuards = None
 
 
 # -- the state mapping: every mutation counted ---------------------------------------------------------------------
@@ -135,6 +139,26 @@ def local_view(t: torch.Tensor) -> torch.Tensor | None:
     if is_dtensor(t):
         return local_view(t._local_tensor)
     return None
+
+
+class MetadataGuard:
+    """A one-call check that a list of tensors still has the type, dispatch keys, dtype, device, sizes, strides
+    and ``requires_grad`` each had when the guard was made: dynamo's C++ tensor guard (the check by which
+    torch.compile decides whether compiled code may run again), so that nothing about a tensor but its address
+    can change unseen. It reads no addresses. ``matches`` is False on any difference, a tensor more or less, or
+    a torch without the guard: the caller then validates in full and makes a new guard."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.count, self._guard = len(tensors), None
+        if _TensorGuards is not None and tensors:
+            self._guard = _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                                        dynamic_dims_strides=[list(t.stride()) for t in tensors])
+
+    def matches(self, tensors: list[torch.Tensor]) -> bool:
+        try:
+            return self._guard is not None and len(tensors) == self.count and bool(self._guard.check(*tensors))
+        except (TypeError, RuntimeError, ValueError):
+            return False
 
 
 def check_state_tensor(name: str, where: str, value: Any, p_local: torch.Tensor, kind: str,

@@ -31,8 +31,8 @@ from . import storage as _storage
 from . import _torch_step
 from ._torch_states import stored_format
 from ._torch_step import Stepper
-from ._tensors import (TrackedState, is_dtensor, local_view, nonfinite_gradients, refuse_nonfinite,
-                       track_entries, tracked)
+from ._tensors import (MetadataGuard, TrackedState, is_dtensor, local_view, nonfinite_gradients,
+                       refuse_nonfinite, track_entries, tracked)
 
 FORMAT_OF = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
              torch.float16: "float16"}  # 16-bit formats: float32 math, as torch's CPU fused kernels
@@ -70,6 +70,7 @@ class _Batch:
         self.kernel: Any = None
         self.ids = np.zeros(0, dtype=np.int64)  # each tensor's position among the optimizer's parameters
         self.pairs = 0  # 32-bit hashes per element for stochastic rounding (one per two rounded values)
+        self.grad_guard = MetadataGuard([])  # the last gradients validated in full (matches nothing yet)
 
     def unchanged(self) -> bool:
         """Whether every parameter (or DTensor shard) and state tensor still has the address and size validated
@@ -250,11 +251,14 @@ def _grad_addresses(plan: _Plan, work: list) -> list[np.ndarray] | None:
                     gs = _dtensor_grads(b, gs)
                     if gs is None:
                         return None
-                # list.count compares by identity first: a dtype is one object
-                if not (list(map(_dtype, gs)).count(b.dtype) == len(gs) and all(map(_is_contiguous, gs))
-                        and list(map(_numel, gs)) == b.size_list):
-                    return None
-                ptrs = np.array(list(map(_data_ptr, gs)), dtype=np.int64)
+                if not b.grad_guard.matches(gs):
+                    # list.count compares by identity first: a dtype is one object
+                    if not (list(map(_dtype, gs)).count(b.dtype) == len(gs) and all(map(_is_contiguous, gs))
+                            and list(map(_numel, gs)) == b.size_list):
+                        return None
+                    if not b.dtensor:  # validated: later steps need only one call over these properties
+                        b.grad_guard = MetadataGuard(gs)
+                ptrs = np.fromiter(map(_data_ptr, gs), dtype=np.int64, count=len(gs))
                 if not ptrs.all():  # a tensor without memory (its storage freed or resized to 0)
                     return None
                 out.append(ptrs)
