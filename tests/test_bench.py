@@ -101,3 +101,17 @@ def test_distributed_bench_times_adamkit_torch_and_the_shard_floor(tmp_path):
     row = next(row for row in r["rows"] if row["config"] == "Adam")
     assert {"adamkit", "torch single", "torch foreach"} <= set(row["ms"])
     assert row["speedup_vs_torch_best"] == row["ms"][row["torch_best_path"]] / row["ms"]["adamkit"]
+
+
+def test_compiled_bench_times_both_compiled_training_steps(tmp_path, capsys):
+    """``--compiled``: adamkit's and torch.optim's training steps under torch.compile, both timed, the ratio in
+    the table computed from them."""
+    from adamkit import bench
+    out = tmp_path / "c.json"
+    assert bench.main(["--compiled", "--steps", "2", "--only", "AdamW", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["configs"]) == {"AdamW"} and r["params"] == 4 * (1024 * 1024 + 1024)
+    t = r["configs"]["AdamW"]
+    assert set(t) == {"adamkit", "torch.optim"} and all(v > 0 for v in t.values())
+    assert f"| AdamW | {t['adamkit']:.2f} | {t['torch.optim']:.2f} | {t['torch.optim'] / t['adamkit']:.2f}× |" \
+        in capsys.readouterr().out

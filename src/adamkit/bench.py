@@ -418,6 +418,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--state-precision", default="", help="also compare AdamW with these state precisions "
                         "(comma-separated: bf16,int8) against torch fused fp32; add 'only' to skip the other tables "
                         "(e.g. bf16,int8,only)")
+    parser.add_argument("--compiled", action="store_true", help="instead: a whole training step under "
+                        "torch.compile (forward, backward, opt.step()), adamkit against torch.optim compiled the "
+                        "same way, eager for reference")
     parser.add_argument("--distributed", action="store_true", help="instead: the step on FSDP2 shards, 2 processes "
                         "(gloo), against torch.optim's paths on DTensors and the shard's memory floor")
     return parser
@@ -428,6 +431,17 @@ def _distributed(args: argparse.Namespace, only: list[str] | None, log: Callable
     results = bench_distributed.run(int(args.params), args.steps, only, log)
     results["machine"] = {**machine(), "isa": compiled_isa()}
     print(bench_distributed.table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def _compiled(args: argparse.Namespace, only: list[str] | None, log: Callable[[str], None]) -> int:
+    from . import bench_compiled
+    results = bench_compiled.run(args.steps, only, log)
+    results["machine"] = {**machine(), "isa": compiled_isa()}
+    print(bench_compiled.table(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -445,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda s: print(s, flush=True)  # noqa: E731
     if args.distributed:
         return _distributed(args, only, log)
+    if args.compiled:
+        return _compiled(args, only, log)
     names = [p.strip() for p in args.state_precision.split(",") if p.strip()]
     precisions = [p for p in names if p != "only"]
     choices = [p for p in PRECISIONS if p]
