@@ -426,22 +426,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _distributed(args: argparse.Namespace, only: list[str] | None, log: Callable[[str], None]) -> int:
-    from . import bench_distributed
-    results = bench_distributed.run(int(args.params), args.steps, only, log)
+def _other_bench(args: argparse.Namespace, only: list[str] | None, log: Callable[[str], None]) -> int:
+    """``--distributed`` or ``--compiled``: the module's own run and table, with the machine."""
+    if args.distributed:
+        from . import bench_distributed as module
+        results = module.run(int(args.params), args.steps, only, log)
+    else:
+        from . import bench_compiled as module
+        results = module.run(args.steps, only, log)
     results["machine"] = {**machine(), "isa": compiled_isa()}
-    print(bench_distributed.table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    return 0
-
-
-def _compiled(args: argparse.Namespace, only: list[str] | None, log: Callable[[str], None]) -> int:
-    from . import bench_compiled
-    results = bench_compiled.run(args.steps, only, log)
-    results["machine"] = {**machine(), "isa": compiled_isa()}
-    print(bench_compiled.table(results))
+    print(module.table(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -457,10 +451,8 @@ def main(argv: list[str] | None = None) -> int:
                                   *(sys.argv[2:] if argv is None else argv)])
     only = [s.strip() for s in args.only.split(",") if s.strip()] or None
     log = lambda s: print(s, flush=True)  # noqa: E731
-    if args.distributed:
-        return _distributed(args, only, log)
-    if args.compiled:
-        return _compiled(args, only, log)
+    if args.distributed or args.compiled:
+        return _other_bench(args, only, log)
     names = [p.strip() for p in args.state_precision.split(",") if p.strip()]
     precisions = [p for p in names if p != "only"]
     choices = [p for p in PRECISIONS if p]
