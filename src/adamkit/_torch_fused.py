@@ -29,7 +29,8 @@ from . import kernels
 from . import rules as _rules
 from . import storage as _storage
 from . import _torch_step
-from ._torch_states import stored_format
+from ._quantized import QuantizedState
+from ._torch_states import quantized, storage_form, stored_format
 from ._torch_step import Stepper
 from ._tensors import (TrackedState, is_dtensor, local_view, nonfinite_gradients, refuse_nonfinite,
                        track_entries, tracked)
@@ -41,6 +42,7 @@ SCALAR_FORMAT_OF = {torch.float32: "float32", torch.float64: "float64"}
 _data_ptr, _numel, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.is_contiguous
 _dtype = operator.attrgetter("dtype")
 _local = operator.attrgetter("_local_tensor")
+_codes, _scales = operator.attrgetter("codes_"), operator.attrgetter("absmax_")
 _NO_KEYS = np.zeros((1, 0), dtype=np.uint32)  # a batch that rounds nothing stochastically
 
 
@@ -62,6 +64,7 @@ class _Batch:
         self.present: tuple[bool, ...] = ()
         self.kinds: tuple[str, ...] = ()
         self.states: list[list[torch.Tensor]] = []  # the state tensors a kernel touches, column by column
+        self.quantized: list[_Quantized] = []  # the 8-bit states among them, one per state name
         self.addresses: np.ndarray | None = None
         self.scalar_tensors: list[list[torch.Tensor]] = []
         self.scalar_ptrs: list[np.ndarray] = []
@@ -84,7 +87,32 @@ class _Batch:
         # tensors are not re-read: replacing one is a counted mutation of opt.state, and memory the kernels
         # write is held by the plan, so even a state tensor re-pointed in place (``.data =``) cannot make a kernel
         # touch freed memory; that change is seen at the next re-plan.
-        return list(map(_data_ptr, locals_)) == self.param_ptrs
+        return list(map(_data_ptr, locals_)) == self.param_ptrs and all(q.unchanged() for q in self.quantized)
+
+
+class _Quantized:
+    """One 8-bit state of every tensor of a batch: the QuantizedStates ``opt.state`` holds (or DTensors of them),
+    and the codes and scales the plan validated in each. Code can re-point those without touching ``opt.state``
+    (``q.codes_ = ...``, ``dtensor._local_tensor = ...``, ``q.codes_.data = ...``); a kernel then must not step
+    the old memory while the state reads the new, so every step checks they are unchanged."""
+
+    def __init__(self, holders: list[Any]) -> None:
+        self.holders = holders
+        self.dtensor = any(map(is_dtensor, holders))
+        self.wrappers: list[QuantizedState] = list(map(quantized, holders))
+        self.tensors = list(map(_codes, self.wrappers)) + list(map(_scales, self.wrappers))
+        self.layout = self._layout()
+
+    def _layout(self) -> tuple[list, list, list]:
+        return list(map(_data_ptr, self.tensors)), list(map(_numel, self.tensors)), list(map(_dtype, self.tensors))
+
+    def unchanged(self) -> bool:
+        """Whether each state still holds the same QuantizedState, over the same codes and scales tensors, at
+        the same addresses, sizes and dtypes (C-level passes)."""
+        if self.dtensor and not all(map(operator.is_, map(_local, self.holders), self.wrappers)):
+            return False
+        now = list(map(_codes, self.wrappers)) + list(map(_scales, self.wrappers))
+        return all(map(operator.is_, now, self.tensors)) and self._layout() == self.layout
 
 
 class _Plan:
@@ -188,7 +216,10 @@ def _ready_batch(opt: Stepper, fmt: str, present: tuple, kinds: tuple, items: li
     b = _Batch(fmt, [p for _, p, _, _ in items], [t for _, _, t, _ in items], [i for i, _, _, _ in items], size)
     b.present, b.kinds, b.fresh = present, kinds, any(new for *_, new in items)
     columns = kernels.address_columns(rule, present, kinds)[2:]
-    b.states = [[local_view(opt.state[p][c]) for p in b.params] for c in columns]
+    entries = [storage_form(opt.state.get(p, {})) for p in b.params]  # 8-bit states: their codes and scales
+    b.states = [[local_view(e[c]) for e in entries] for c in columns]
+    b.quantized = [_Quantized([opt.state[p][s] for p in b.params])
+                   for s, on, kind in zip(rule.update_states, present, kinds) if on and kind == "int8"]
     b.addresses = np.zeros((len(b.params), 2 + len(columns)), dtype=np.int64)
     b.addresses[:, 0] = b.param_ptrs
     for j, col in enumerate(b.states):
