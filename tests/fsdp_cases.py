@@ -169,10 +169,17 @@ def int8_training() -> dict:
             losses[str(precision)] = float(m(x).square().mean())
         if precision:  # state bytes per parameter over the shards stored in 8 bits (>= 4096 local elements)
             big = [p for p in m.parameters() if p._local_tensor.numel() >= 4096]
-            nbytes = sum(v._local_tensor.nbytes if hasattr(v, "_local_tensor") else v.nbytes
-                         for p in big for k, v in opt.state[p].items() if k != "step")
+            nbytes = sum(held_bytes(v) for p in big for k, v in opt.state[p].items() if k != "step")
             nbytes /= sum(p._local_tensor.numel() for p in big)
-    return {"losses": losses, "bytes_per_param": nbytes}
+            local = opt.state[big[0]]["exp_avg"]._local_tensor
+            eight_bit = type(local).__name__ == "QuantizedState" and local.codes.dtype == torch.int8
+    return {"losses": losses, "bytes_per_param": nbytes, "eight_bit": eight_bit}
+
+
+def held_bytes(state: torch.Tensor) -> int:
+    """Bytes a state holds on this rank: its local shard's, an 8-bit one's codes and scales."""
+    local = state._local_tensor if hasattr(state, "_local_tensor") else state
+    return local.codes.nbytes + local.absmax.nbytes if hasattr(local, "codes") else local.nbytes
 
 
 def nonfinite_on_one_rank() -> dict:

@@ -8,11 +8,13 @@ writes through a view) compute on the values and requantize into the same codes 
 that holds their addresses keeps stepping the same memory. The kernels read :attr:`codes` and :attr:`absmax`
 directly.
 
-* View ops (slicing, ``select``, ``t``, ...) give a view that reads its part of the values and writes back
-  through its root; a reshape of the whole tensor shares the codes (blocks follow the flat order).
+* View ops (slicing, ``select``, ``t``, ``unbind`` and so iteration, ...) give views that read their part of the
+  values and write back through their root; a reshape of the whole tensor shares the codes (blocks follow the
+  flat order).
 * ``clone()`` and ``copy.deepcopy`` copy the codes and scales (a quantized copy); any other op returns plain
   tensors. Pickling (``torch.save``, torch.distributed.checkpoint) writes the values as a plain float32 tensor.
-* ``out=`` arguments that are quantized states are refused with a clear error.
+* ``out=`` arguments that are quantized states are refused with a clear error; ``numpy()`` gives the values
+  read-only (a copy).
 """
 
 from __future__ import annotations
@@ -36,10 +38,13 @@ def _write_target(func: Any) -> bool:
     return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
 
 
-def _is_view(func: Any) -> bool:
-    """Whether ``func`` returns a view of its first argument (``slice``, ``select``, ``t``, ``expand``, ...)."""
+def _views(func: Any) -> str | None:
+    """Whether ``func`` returns a view of its first argument (``"one"``: ``slice``, ``select``, ``t``, ``expand``,
+    ...) or a list of views of it (``"list"``: ``unbind``, ``split``, ``chunk``, and so iteration), else None."""
     returns = func._schema.returns
-    return len(returns) == 1 and returns[0].alias_info is not None and not _write_target(func)
+    if len(returns) != 1 or returns[0].alias_info is None or _write_target(func):
+        return None
+    return "list" if isinstance(returns[0].type, torch._C.ListType) else "one"
 
 
 class QuantizedState(torch.Tensor):
@@ -97,6 +102,17 @@ class QuantizedState(torch.Tensor):
             return self.view_of_root(self.root.dequantize())
         return _states.dequantize(self.codes_, self.absmax_, self.signed, torch.float32)
 
+    def numpy(self, *, force: bool = False) -> Any:
+        """The values as a read-only NumPy array: a copy (a plain tensor's ``numpy()`` shares its memory; writes
+        to this one could not reach the codes, so NumPy refuses them). ``np.asarray(state)`` gives the same."""
+        values = self.dequantize().detach().cpu().numpy()
+        values.flags.writeable = False
+        return values
+
+    def tolist(self) -> Any:
+        """The values as (nested) Python floats."""
+        return self.dequantize().tolist()
+
     # -- torch's protocols -----------------------------------------------------------------------------------------
     def __tensor_flatten__(self):
         if self.root is not None:
@@ -137,12 +153,20 @@ class QuantizedState(torch.Tensor):
                 return QuantizedState(first.codes_.view(shape), first.absmax_)
             if func is _aten.clone.default and first.root is None:
                 return QuantizedState(first.codes_.clone(), first.absmax_.clone())
-            if _is_view(func):
-                root = first if first.root is None else first.root
-                inner = first.view_of_root
-                return QuantizedState(None, None, root=root,
-                                      view=lambda t: func(inner(t) if inner else t, *args[1:], **kwargs))
+            views = _views(func)
+            if views == "one":
+                return first._view(lambda t: func(t, *args[1:], **kwargs))
+            if views == "list":
+                n = len(func(torch.empty(first.shape, device="meta"), *args[1:], **kwargs))
+                return [first._view(lambda t, i=i: func(t, *args[1:], **kwargs)[i]) for i in range(n)]
         return func(*_plain(args), **_plain(kwargs))
+
+    def _view(self, view: Callable) -> "QuantizedState":
+        """The view ``view`` (a function of this tensor's values) of this state, which writes back through its
+        root."""
+        root = self if self.root is None else self.root
+        inner = self.view_of_root
+        return QuantizedState(None, None, root=root, view=lambda t: view(inner(t) if inner else t))
 
     def _write(self, func: Any, rest: tuple, kwargs: dict) -> "QuantizedState":
         """An in-place op: computed on the root's values (through this view, if one), then requantized into the

@@ -211,6 +211,9 @@ def validate_state(rule: _rules.Rule, state: Mapping[str, Any] | None, where: st
     for s in rule.update_states:
         if s in stored:
             fmt = stored_format(stored, s, p)
+            if isinstance(stored[s], QuantizedState):
+                raise RuntimeError(f"{where}: state '{s}' is a view of part of an 8-bit state, which has no codes "
+                                   f"of its own; assign the state itself, or its values (.dequantize())")
             if fmt == "plain" and OPS.dtype_name(stored[s]) in ("int8", "uint8"):
                 raise RuntimeError(f"{where}: state '{s}' holds {OPS.dtype_name(stored[s])} codes without their "
                                    f"block scales; assign its values (a floating tensor, stored in 8 bits at the "
@@ -226,9 +229,9 @@ def _check_scales(where: str, s: str, codes: torch.Tensor, scales: Any, local: t
     if not codes.is_contiguous():
         raise RuntimeError(f"{where}: the codes of state '{s}' must be contiguous")
     if not (type(scales) is torch.Tensor and scales.dtype == torch.float32 and scales.shape == (blocks,)
-            and scales.is_contiguous() and scales.device == local.device):
+            and scales.is_contiguous() and scales.device == local.device and _tensors.has_memory(scales)):
         raise RuntimeError(f"{where}: state '{s}.absmax' must be a contiguous float32 tensor of shape ({blocks},) "
-                           f"on {local.device}")
+                           f"on {local.device}, with its memory")
 
 
 def store_state(p: torch.Tensor, state: dict, key: str, values: torch.Tensor, fmt: str,
