@@ -182,13 +182,13 @@ def init_state(rule: _rules.Rule, states: dict, p: torch.Tensor, h: Mapping[str,
 
 
 def _keep_format(rule: _rules.Rule, state: dict, p: torch.Tensor, fmt: str) -> None:
-    """``state`` in the kept form, and each full-precision tensor assigned to a state of ``p`` kept in 8 bits
+    """``state`` in the kept form, and each tensor of values assigned to a state of ``p`` kept in 8 bits
     (``opt.state[p]["exp_avg"] = torch.zeros_like(p)``) quantized into one."""
     kept_form(state)
     if fmt != "int8":
         return
     for k in rule.update_states:
-        if k in state and stored_format(state, k, p) == "plain":
+        if k in state and stored_format(state, k, p) != "int8":
             stored: dict = {}
             store_state(p, stored, k, state[k].detach(), "int8")
             state[k] = _kept(stored, k)
