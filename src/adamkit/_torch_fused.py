@@ -9,10 +9,11 @@ The kernels reach tensors through raw addresses, so this module is where memory 
   else goes to the reference path, or gets a clear error before anything changes.
 * On every step, the parts that can change between steps without the plan noticing are checked again, in C-level
   passes over the tensors: each gradient's address, dtype, layout and size; each parameter's (and each DTensor's
-  local shard's) address and size; each state tensor's address; and the state mapping itself, which is a
-  :class:`TrackedState` whose every mutation (``opt.state[p][k] = ...``, ``opt.state.clear()``, a new
-  ``opt.state``) is counted. The plan keeps a reference to every tensor it validated, so memory it checked
-  cannot be freed and reused under it.
+  local shard's) address and size; each 8-bit state's QuantizedState and the codes and scales tensors inside it
+  (identity, address, size, dtype: code can re-point them without touching ``opt.state``); and the state mapping
+  itself, which is a :class:`TrackedState` whose every mutation (``opt.state[p][k] = ...``,
+  ``opt.state.clear()``, a new ``opt.state``) is counted. The plan keeps a reference to every storage it
+  validated, so memory it checked cannot be freed and reused under it by dropping the tensor.
 * Step counts are read from the ``step`` tensors themselves on every step (an in-place ``fill_(0)`` restarts
   warm-up, as with torch.optim) and written back to them.
 """
@@ -75,16 +76,17 @@ class _Batch:
         self.pairs = 0  # 32-bit hashes per element for stochastic rounding (one per two rounded values)
 
     def unchanged(self) -> bool:
-        """Whether every parameter (or DTensor shard) and state tensor still has the address and size validated
-        when the plan was made (and, for 16-bit parameters, the dtype)."""
+        """Whether every parameter (or DTensor shard) still has the address and size validated when the plan was
+        made (and, for 16-bit parameters, the dtype), and every 8-bit state the QuantizedState, codes and scales
+        (:class:`_Quantized`)."""
         locals_ = self.locals
         if self.dtensor and not all(map(operator.is_, map(_local, self.params), locals_)):
             return False  # a DTensor whose local shard was replaced
         if self.fmt in kernels.HALF_FORMATS and list(map(_dtype, locals_)).count(self.dtype) != len(locals_):
             return False  # float16 memory viewed as bfloat16 in place (or back): same address and size
         # No size needs a check of its own: the plan holds every storage it validated (``keep``), so an unchanged
-        # address is the same live allocation, as large as when validated (each gradient's size is checked). State
-        # tensors are not re-read: replacing one is a counted mutation of opt.state, and memory the kernels
+        # address is the same live allocation, as large as when validated (each gradient's size is checked). Other
+        # state tensors are not re-read: replacing one is a counted mutation of opt.state, and memory the kernels
         # write is held by the plan, so even a state tensor re-pointed in place (``.data =``) cannot make a kernel
         # touch freed memory; that change is seen at the next re-plan.
         return list(map(_data_ptr, locals_)) == self.param_ptrs and all(q.unchanged() for q in self.quantized)

@@ -109,8 +109,6 @@ def write_back(state: dict, stored: Mapping[str, Any], keys: Any) -> None:
     for k in keys:
         if k not in stored:
             continue
-        if f"{k}.absmax" in state:
-            state.pop(f"{k}.absmax")
         if f"{k}.absmax" in stored and _copy_into(state.get(k), stored[k], stored[f"{k}.absmax"]):
             continue
         new = _kept(stored, k)
