@@ -372,6 +372,13 @@ def int8_codes_replaced():
 
 
 @case
+def int8_codes_data_repointed():
+    """The codes tensor itself given new memory of the right layout (``.data =``): the state reads it, so the step
+    must update it."""
+    return int8_paths(lambda st: setattr(st["exp_avg_sq"].codes, "data", torch.zeros_like(st["exp_avg_sq"].codes)))
+
+
+@case
 def int8_codes_replaced_wrong_size():
     return int8_paths(lambda st: setattr(st["exp_avg"], "codes_", st["exp_avg"].codes_[:100]))
 

@@ -61,7 +61,7 @@ MUST_STEP = {"state_tensor_replaced", "state_cleared", "state_recreated", "state
              "step_fill_zero", "step_as_plain_number", "param_data_new_memory", "param_data_transposed",
              "params_swapped_in_group", "zero_redundancy_reload", "grad_expanded", "int8_state_model_double",
              "int8_state_replaced_by_quantized_state", "int8_state_replaced_by_full_precision",
-             "int8_state_edited_in_place", "int8_codes_replaced"}
+             "int8_state_edited_in_place", "int8_codes_replaced", "int8_codes_data_repointed"}
 # Cases where torch.optim raises (or would compute garbage) and a clean refusal, nothing changed, is required.
 MUST_REFUSE = {"state_tensor_replaced_wrong_dtype", "state_tensor_replaced_wrong_size", "step_counters_unusable", "model_double", "model_bfloat16",
                "model_float16", "float16_model_float", "param_data_smaller", "grad_data_smaller",

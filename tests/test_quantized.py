@@ -152,6 +152,24 @@ def test_reshapes_of_the_whole_share_the_codes_and_kernels_read_codes_only():
     assert q.data_ptr() == 0  # the wrapper owns no memory: only .codes and .absmax may be handed to a kernel
 
 
+def test_replacing_codes_or_scales_is_counted_and_one_it_cannot_read_is_an_error():
+    """``QuantizedState.repointed`` counts replacements of a state's codes or scales (a kernel planned over the
+    old ones plans again); new wrappers over the same codes (views, detach, clones) are not replacements."""
+    q, true = _state()
+    before = QuantizedState.repointed
+    q.detach(), q.view(-1), q.clone(), q[2:4], copy.deepcopy(q)
+    assert QuantizedState.repointed == before
+    q.codes_ = q.codes_.clone()
+    q.absmax_ = q.absmax_.clone()
+    assert QuantizedState.repointed == before + 2 and torch.equal(q, true)
+    q.codes.data = q.codes.data.view(torch.uint8)  # the same memory read as unsigned codes: not these values
+    with pytest.raises(RuntimeError, match="codes of this quantized state were replaced by a torch.uint8 tensor"):
+        q.norm()
+    q.codes_ = q.codes_.view(torch.int8)[:5]
+    with pytest.raises(RuntimeError, match="of shape \\(5, 100\\); it reads torch.int8 codes of shape \\(10, 100\\)"):
+        print(q)
+
+
 def test_out_arguments_and_bad_formats_are_refused():
     q, true = _state()
     with pytest.raises(RuntimeError, match="cannot be an out= argument"):

@@ -56,6 +56,9 @@ class QuantizedState(torch.Tensor):
     codes_: torch.Tensor | None
     absmax_: torch.Tensor | None
     __torch_function__ = torch._C._disabled_torch_function_impl  # every op reaches __torch_dispatch__
+    repointed = 0
+    """How many times the codes or scales of any QuantizedState were replaced after it was made (``q.codes_ =
+    ...``): a kernel planned over the old ones must plan again."""
 
     @staticmethod
     def __new__(cls, codes: torch.Tensor | None, absmax: torch.Tensor | None, *,
@@ -70,6 +73,12 @@ class QuantizedState(torch.Tensor):
         if root is None:
             _check_format(codes, absmax)
         self.codes_, self.absmax_, self.root, self.view_of_root = codes, absmax, root, view
+        self.code_dtype = codes.dtype if root is None else root.code_dtype  # int8: a signed state
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("codes_", "absmax_") and name in self.__dict__:
+            QuantizedState.repointed += 1
+        super().__setattr__(name, value)
 
     # -- what the kernels read -------------------------------------------------------------------------------------
     @property
@@ -88,7 +97,7 @@ class QuantizedState(torch.Tensor):
 
     @property
     def signed(self) -> bool:
-        return (self.codes_ if self.root is None else self.root.codes_).dtype == torch.int8
+        return self.code_dtype == torch.int8
 
     @classmethod
     def from_values(cls, values: torch.Tensor, signed: bool) -> "QuantizedState":
@@ -100,7 +109,17 @@ class QuantizedState(torch.Tensor):
         """The values as a plain float32 tensor (a new tensor)."""
         if self.root is not None:
             return self.view_of_root(self.root.dequantize())
+        self._check_inner()
         return _states.dequantize(self.codes_, self.absmax_, self.signed, torch.float32)
+
+    def _check_inner(self) -> None:
+        """Raise a clear error if code replaced the codes or scales (``q.codes_ = ...``, ``q.codes.data = ...``)
+        by tensors this state cannot read as its values."""
+        if self.codes_.dtype != self.code_dtype or self.codes_.shape != self.shape:
+            raise RuntimeError(f"the codes of this quantized state were replaced by a {self.codes_.dtype} tensor of "
+                               f"shape {tuple(self.codes_.shape)}; it reads {self.code_dtype} codes of shape "
+                               f"{tuple(self.shape)}")
+        _check_format(self.codes_, self.absmax_)
 
     def numpy(self, *, force: bool = False) -> Any:
         """The values as a read-only NumPy array: a copy (a plain tensor's ``numpy()`` shares its memory; writes

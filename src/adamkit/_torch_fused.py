@@ -94,27 +94,23 @@ class _Batch:
 
 class _Quantized:
     """One 8-bit state of every tensor of a batch: the QuantizedStates ``opt.state`` holds (or DTensors of them),
-    and the codes and scales the plan validated in each. Code can re-point those without touching ``opt.state``
-    (``q.codes_ = ...``, ``dtensor._local_tensor = ...``, ``q.codes_.data = ...``); a kernel then must not step
-    the old memory while the state reads the new, so every step checks they are unchanged."""
+    and the codes and scales the plan validated in each. Code can re-point those without touching ``opt.state``;
+    a kernel then must not step the old memory while the state reads the new. Replacing the tensors themselves
+    (``q.codes_ = ...``) is counted by :attr:`QuantizedState.repointed` (see :meth:`_Plan.fits`); here, per step:
+    a DTensor's local shard replaced, and the codes' and scales' memory re-pointed or freed (``.data =``,
+    ``set_()``, ``untyped_storage().resize_(0)``): their addresses, in one C-level pass."""
 
     def __init__(self, holders: list[Any]) -> None:
         self.holders = holders
         self.dtensor = any(map(is_dtensor, holders))
         self.wrappers: list[QuantizedState] = list(map(quantized, holders))
         self.tensors = list(map(_codes, self.wrappers)) + list(map(_scales, self.wrappers))
-        self.layout = self._layout()
-
-    def _layout(self) -> tuple[list, list, list]:
-        return list(map(_data_ptr, self.tensors)), list(map(_numel, self.tensors)), list(map(_dtype, self.tensors))
+        self.ptrs = list(map(_data_ptr, self.tensors))
 
     def unchanged(self) -> bool:
-        """Whether each state still holds the same QuantizedState, over the same codes and scales tensors, at
-        the same addresses, sizes and dtypes (C-level passes)."""
         if self.dtensor and not all(map(operator.is_, map(_local, self.holders), self.wrappers)):
             return False
-        now = list(map(_codes, self.wrappers)) + list(map(_scales, self.wrappers))
-        return all(map(operator.is_, now, self.tensors)) and self._layout() == self.layout
+        return list(map(_data_ptr, self.tensors)) == self.ptrs
 
 
 class _Plan:
@@ -125,6 +121,7 @@ class _Plan:
                  reference: list[tuple[dict, Any]], state: TrackedState):
         self.key, self.params, self.groups, self.reference = key, params, groups, reference
         self.state, self.generation = state, -1
+        self.repointed = QuantizedState.repointed
         self.ready = False
 
     def batches(self) -> list[_Batch]:
@@ -132,10 +129,10 @@ class _Plan:
 
     def fits(self, key: tuple, work: list, state: TrackedState) -> bool:
         """Whether this plan still describes ``work``: same groups, options and parameter objects (compared by
-        identity), the same state mapping with no mutation since it was validated, and every parameter and state
-        tensor at the address and size it was validated with."""
+        identity), the same state mapping with no mutation since it was validated, no 8-bit state's codes or scales
+        replaced since, and every parameter and 8-bit state tensor at the address it was validated with."""
         return (self.key == key and state is self.state and (not self.ready or state.generation == self.generation)
-                and len(self.params) == len(work)
+                and QuantizedState.repointed == self.repointed and len(self.params) == len(work)
                 and all(len(mine) == len(w[1]) and all(map(operator.is_, mine, w[1]))
                         for mine, w in zip(self.params, work))
                 and all(b.unchanged() for b in self.batches()))
@@ -207,7 +204,7 @@ def _prepare_states(opt: Stepper, plan: _Plan) -> None:
             for (present, kinds, _), items in layouts.items():
                 split.append(_ready_batch(opt, batch.fmt, present, kinds, items, size, ids))
         plan.groups[index] = (gi, group, split)
-    plan.generation = plan.state.generation
+    plan.generation, plan.repointed = plan.state.generation, QuantizedState.repointed
     plan.ready = True
 
 
