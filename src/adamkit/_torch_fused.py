@@ -9,9 +9,9 @@ The kernels reach tensors through raw addresses, so this module is where memory 
   else goes to the reference path, or gets a clear error before anything changes.
 * On every step, the parts that can change between steps without the plan noticing are checked again, in C-level
   passes over the tensors: each gradient's address, dtype, layout and size; each parameter's (and each DTensor's
-  local shard's) address and size; each 8-bit state's QuantizedState and the codes and scales tensors inside it
-  (identity, address, size, dtype: code can re-point them without touching ``opt.state``); and the state mapping
-  itself, which is a :class:`TrackedState` whose every mutation (``opt.state[p][k] = ...``,
+  local shard's) address and size; each 8-bit state's codes and scales, which code can replace or re-point
+  without touching ``opt.state`` (:class:`_Quantized`: a replacement is counted, their addresses are compared);
+  and the state mapping itself, which is a :class:`TrackedState` whose every mutation (``opt.state[p][k] = ...``,
   ``opt.state.clear()``, a new ``opt.state``) is counted. The plan keeps a reference to every storage it
   validated, so memory it checked cannot be freed and reused under it by dropping the tensor.
 * Step counts are read from the ``step`` tensors themselves on every step (an in-place ``fill_(0)`` restarts
