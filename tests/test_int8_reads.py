@@ -364,3 +364,41 @@ def test_dtensor_states_read_their_values(world_of_one):
             ema = s.detach().clone()
             ema.mul_(0.5)  # scales halve: exact
             assert torch.equal(ema.full_tensor(), 0.5 * s.full_tensor())
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["fsdp2", "plain"])
+def test_dcp_flattened_optimizer_state_dicts(world_of_one, sharded):
+    """torch.distributed.checkpoint's ``flatten_optimizer_state_dict=True`` rebuilds each entry from the keys of
+    ``opt.state[p]``. FSDP2 (DTensor) states export as float32 values under those keys: they load, bit for bit.
+    A plain parameter's state dict holds ``exp_avg.absmax`` beside the codes, a key ``opt.state[p]`` does not
+    have, so the rebuilt entry lacks its scales: the load is refused, and the optimizer is left as it was."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(128, 64))
+        if sharded:
+            fully_shard(model)
+        return model, _adamw(list(model.parameters()), None)
+
+    def full(t):
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    model, opt = build()
+    model(torch.randn(4, 128)).square().sum().backward()
+    opt.step()
+    model_sd, optim_sd = get_state_dict(model, opt, options=options)
+    other, other_opt = build()
+    other(torch.randn(4, 128)).square().sum().backward()
+    other_opt.step()
+    before = full(other_opt.state[other[0].weight]["exp_avg"]).clone()
+    if not sharded:
+        with pytest.raises(ValueError, match="integer codes cannot be read without their scales"):
+            set_state_dict(other, other_opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+        assert torch.equal(full(other_opt.state[other[0].weight]["exp_avg"]), before)
+        return
+    set_state_dict(other, other_opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+    for k in KEYS:
+        assert torch.equal(full(other_opt.state[other[0].weight][k]), full(opt.state[model[0].weight][k]))
