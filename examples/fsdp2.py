@@ -73,10 +73,21 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: range
     return loss.item()
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank."""
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
+def held_bytes(state: torch.Tensor) -> int:
+    """Bytes a state holds on this rank: an 8-bit state reads as float32 values but holds 8-bit codes and one
+    float32 scale per 256 elements (``.codes``, ``.absmax``)."""
+    shard = local(state)
+    return shard.codes.nbytes + shard.absmax.nbytes if hasattr(shard, "codes") else shard.nbytes
+
+
 def state_bytes_per_parameter(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
-    local = lambda t: t._local_tensor if hasattr(t, "_local_tensor") else t  # noqa: E731 - a DTensor's shard
     params = list(model.parameters())
-    stored = sum(local(v).nbytes for p in params for k, v in optimizer.state[p].items() if k != "step")
+    stored = sum(held_bytes(v) for p in params for k, v in optimizer.state[p].items() if k != "step")
     return stored / sum(local(p).numel() for p in params)
 
 

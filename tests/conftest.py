@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import os
+import tempfile
 from typing import Any
 
+import pytest
 import torch
 
 STEPS = 60
@@ -91,6 +94,19 @@ def stepped_once(cls: Any, numel: int, **options: Any) -> tuple[torch.nn.Paramet
     p.grad = torch.randn_like(p)
     opt.step()
     return p, opt
+
+
+@pytest.fixture
+def world_of_one():
+    """A one-process gloo group and its device mesh (DTensors without child processes)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import init_device_mesh
+    store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
 
 
 def pytest_addoption(parser):

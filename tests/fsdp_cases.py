@@ -169,10 +169,35 @@ def int8_training() -> dict:
             losses[str(precision)] = float(m(x).square().mean())
         if precision:  # state bytes per parameter over the shards stored in 8 bits (>= 4096 local elements)
             big = [p for p in m.parameters() if p._local_tensor.numel() >= 4096]
-            nbytes = sum(v._local_tensor.nbytes if hasattr(v, "_local_tensor") else v.nbytes
-                         for p in big for k, v in opt.state[p].items() if k != "step")
+            nbytes = sum(held_bytes(v) for p in big for k, v in opt.state[p].items() if k != "step")
             nbytes /= sum(p._local_tensor.numel() for p in big)
-    return {"losses": losses, "bytes_per_param": nbytes}
+            reads = logger_reads(opt, big)
+    return {"losses": losses, "bytes_per_param": nbytes, "reads": reads}
+
+
+def logger_reads(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> dict:
+    """What code reading 8-bit DTensor states on 2 ranks gets: DTensors over QuantizedState shards whose
+    all-gathered values, norms and EMA copies are the values ``state_dict()`` exports (collectives: all ranks)."""
+    exported = opt.state_dict()["state"]
+    ids = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    out = {"quantized": True, "values": True, "norm": 0.0, "ema": True}
+    for p in params:
+        for k in ("exp_avg", "exp_avg_sq"):
+            s, values = opt.state[p][k], exported[ids[id(p)]][k].full_tensor()
+            out["quantized"] &= type(s._local_tensor).__name__ == "QuantizedState"
+            out["values"] &= torch.equal(s.full_tensor(), values)
+            norm = float(s.float().norm().full_tensor())  # a logger's norm: a reduction over both ranks
+            out["norm"] = max(out["norm"], abs(norm - float(values.norm())) / float(values.norm()))
+            ema = s.detach().clone()
+            ema.mul_(0.5)  # an 8-bit copy; halving keeps its codes and halves its scales: exact
+            out["ema"] &= torch.equal(ema.full_tensor(), 0.5 * values) and torch.equal(s.full_tensor(), values)
+    return out
+
+
+def held_bytes(state: torch.Tensor) -> int:
+    """Bytes a state holds on this rank: its local shard's, an 8-bit one's codes and scales."""
+    local = state._local_tensor if hasattr(state, "_local_tensor") else state
+    return local.codes.nbytes + local.absmax.nbytes if hasattr(local, "codes") else local.nbytes
 
 
 def nonfinite_on_one_rank() -> dict:

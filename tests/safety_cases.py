@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 import adamkit.torch as ak
+from adamkit._quantized import QuantizedState
 
 CASES: dict[str, Callable[[], dict]] = {}
 
@@ -45,7 +46,11 @@ def grads(params: list, seed: int) -> None:
 def snapshot(params: list, opt: Any) -> list[torch.Tensor]:
     out = [p.detach().clone() for p in params]
     for s in opt.state.values():
-        out.extend(v.detach().clone() for v in s.values() if torch.is_tensor(v))
+        for v in s.values():
+            if isinstance(v, QuantizedState) and v.root is None:  # its codes and scales as they are (a case may
+                out += [v.codes_.clone(), v.absmax_.clone()]       # have broken them)
+            elif torch.is_tensor(v):
+                out.append(v.detach().clone())
     return out
 
 
@@ -328,6 +333,108 @@ def int8_state_model_double():
     ours, opt = run(None)
     theirs, ref = run(False)
     return {"outcome": "stepped", "torch": "n/a", "difference": difference(ours, opt, theirs, ref)}
+
+
+# -- 8-bit states (QuantizedState) changed under the optimizer ------------------------------------------------------
+# The same change to AdamW with int8 states on each path, beside the reference path doing it too: both must step
+# alike (the kernels and the reference path store the same codes), or refuse cleanly with nothing changed.
+
+def int8_twins(fused: Any) -> tuple[list, Any, list, Any]:
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(*s)) for s in ((64, 80), (5000,))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    return (ours, ak.AdamW(ours, fused=fused, state_precision="int8"), theirs,
+            ak.AdamW(theirs, fused=False, state_precision="int8"))
+
+
+def int8_paths(change: Callable[[Any], None]) -> dict:
+    """``change(opt.state[p])`` for the 5000-element parameter (a ragged last block), on both paths."""
+    return {str(fused): outcome(*int8_twins(fused), lambda ps, o: change(o.state[ps[1]])) for fused in (None, False)}
+
+
+@case
+def int8_state_replaced_by_quantized_state():
+    return int8_paths(lambda st: st.__setitem__("exp_avg", QuantizedState.from_values(torch.full((5000,), 0.01), True)))
+
+
+@case
+def int8_state_replaced_by_full_precision():
+    """A float32 tensor assigned to an 8-bit state: quantized at the step, never read as codes."""
+    return int8_paths(lambda st: st.__setitem__("exp_avg_sq", torch.full((5000,), 0.5)))
+
+
+@case
+def int8_state_edited_in_place():
+    return int8_paths(lambda st: (st["exp_avg"].zero_(), st["exp_avg_sq"].mul_(0.5)))
+
+
+@case
+def int8_codes_replaced():
+    """New codes and scales of the right layout put inside the QuantizedState: the state reads them, so the step
+    must update them (not the memory planned before)."""
+    def change(st):
+        q = st["exp_avg"]
+        q.codes_, q.absmax_ = torch.zeros_like(q.codes_), torch.zeros_like(q.absmax_)
+    return int8_paths(change)
+
+
+@case
+def int8_codes_data_repointed():
+    """The codes tensor itself given new memory of the right layout (``.data =``): the state reads it, so the step
+    must update it."""
+    return int8_paths(lambda st: setattr(st["exp_avg_sq"].codes, "data", torch.zeros_like(st["exp_avg_sq"].codes)))
+
+
+@case
+def int8_codes_replaced_wrong_size():
+    return int8_paths(lambda st: setattr(st["exp_avg"], "codes_", st["exp_avg"].codes_[:100]))
+
+
+@case
+def int8_codes_replaced_wrong_dtype():
+    return int8_paths(lambda st: setattr(st["exp_avg"], "codes_", st["exp_avg"].codes_.view(torch.uint8)))
+
+
+@case
+def int8_absmax_wrong_shape():
+    return int8_paths(lambda st: setattr(st["exp_avg_sq"], "absmax_", st["exp_avg_sq"].absmax_[:-1].clone()))
+
+
+@case
+def int8_codes_data_reassigned():
+    return int8_paths(lambda st: setattr(st["exp_avg"].codes, "data", torch.zeros(7, dtype=torch.int8)))
+
+
+@case
+def int8_state_replaced_by_codes():
+    """Codes alone (what opt.state held before 8-bit states read as values) cannot be read without scales."""
+    return int8_paths(lambda st: st.__setitem__("exp_avg", st["exp_avg"].codes.clone()))
+
+
+@case
+def int8_state_replaced_by_part_of_one():
+    return int8_paths(lambda st: st.__setitem__("exp_avg", st["exp_avg"][0:5000]))
+
+
+@case
+def int8_codes_storage_freed():
+    """The codes' storage resized to 0 bytes: the tensor keeps its shape, its memory is gone."""
+    out = {}
+    for fused in (None, False):
+        ours, opt, _, _ = int8_twins(fused)
+        grads(ours, 0)
+        opt.step()
+        grads(ours, 1)
+        opt.state[ours[1]]["exp_avg"].codes.untyped_storage().resize_(0)
+        before = [ours[0].detach().clone(), ours[1].detach().clone(), opt.state[ours[0]]["exp_avg"].codes.clone()]
+        try:
+            opt.step()
+            out[str(fused)] = {"outcome": "stepped", "torch": "n/a", "difference": float("inf")}
+        except Exception as e:  # noqa: BLE001 - the error adamkit gives is the result
+            after = [ours[0].detach(), ours[1].detach(), opt.state[ours[0]]["exp_avg"].codes]
+            out[str(fused)] = {"outcome": "refused", "error": f"{type(e).__name__}: {e}"[:300], "torch": "n/a",
+                               "unchanged": same_bits(before, after)}
+    return out
 
 
 @case

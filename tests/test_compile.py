@@ -9,6 +9,7 @@ import torch
 import torch._dynamo
 
 import adamkit.torch as akt
+from adamkit._quantized import QuantizedState
 
 
 def _model_and_grads(seed: int = 0):
@@ -31,7 +32,12 @@ def test_compiled_step_is_one_graph_without_breaks_and_matches_eager(name, kw):
                 opt.zero_grad()
                 m(x).square().mean().backward()
                 step()
-        results.append([p.detach().clone() for p in m.parameters()])
+        # 8-bit states stay QuantizedStates whose codes the operator updated (it is given codes and scales)
+        states = [v.dequantize() if type(v) is QuantizedState else v.clone() for p in m.parameters()
+                  for v in opt.state[p].values()]
+        assert any(type(v) is QuantizedState for p in m.parameters() for v in opt.state[p].values()) == (
+            kw.get("state_precision") == "int8")
+        results.append([p.detach().clone() for p in m.parameters()] + states)
         if compiled:
             explanation = torch._dynamo.explain(opt.step)()
             assert (explanation.graph_count, explanation.graph_break_count) == (1, 0)

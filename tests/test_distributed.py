@@ -66,6 +66,12 @@ def test_fsdp2_int8_states_take_about_2_bytes_per_parameter_and_train_like_fp32(
     assert abs(r["losses"]["int8"] - r["losses"]["None"]) <= 0.02 * r["losses"]["None"], r
 
 
+def test_fsdp2_int8_states_read_as_their_values_on_every_rank(results):
+    reads = results["int8"]["reads"]
+    # the norm of 2 ranks' shards (square roots of partial sums) against one tensor's: float32 round-off
+    assert reads["quantized"] and reads["values"] and reads["ema"] and reads["norm"] <= 1e-6, reads
+
+
 def test_fsdp2_check_finite_decides_the_same_on_every_rank(results):
     assert results["nonfinite"] == {"refused_on_every_rank": True, "unchanged": True}
 

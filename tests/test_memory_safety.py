@@ -59,11 +59,16 @@ def _leaves(result: dict, where: str = ""):
 # Cases whose every outcome must be torch.optim's step (torch steps too, and so must we).
 MUST_STEP = {"state_tensor_replaced", "state_cleared", "state_recreated", "state_entry_replaced_by_copy",
              "step_fill_zero", "step_as_plain_number", "param_data_new_memory", "param_data_transposed",
-             "params_swapped_in_group", "zero_redundancy_reload", "grad_expanded", "int8_state_model_double"}
+             "params_swapped_in_group", "zero_redundancy_reload", "grad_expanded", "int8_state_model_double",
+             "int8_state_replaced_by_quantized_state", "int8_state_replaced_by_full_precision",
+             "int8_state_edited_in_place", "int8_codes_replaced", "int8_codes_data_repointed"}
 # Cases where torch.optim raises (or would compute garbage) and a clean refusal, nothing changed, is required.
 MUST_REFUSE = {"state_tensor_replaced_wrong_dtype", "state_tensor_replaced_wrong_size", "step_counters_unusable", "model_double", "model_bfloat16",
                "model_float16", "float16_model_float", "param_data_smaller", "grad_data_smaller",
-               "float16_grad_data_float32", "float16_param_viewed_as_bfloat16", "grad_storage_freed_compiled_path", "grad_data_viewed_as_int32"}
+               "float16_grad_data_float32", "float16_param_viewed_as_bfloat16", "grad_storage_freed_compiled_path",
+               "int8_codes_replaced_wrong_size", "int8_codes_replaced_wrong_dtype", "int8_absmax_wrong_shape",
+               "int8_codes_data_reassigned", "int8_state_replaced_by_codes", "int8_state_replaced_by_part_of_one",
+               "int8_codes_storage_freed", "grad_data_viewed_as_int32"}
 
 
 @pytest.mark.parametrize("name", list(safety_cases.CASES))

@@ -1,12 +1,11 @@
 """adamkit._quantized.QuantizedState: an 8-bit state (codes + block scales) that reads as its values under any torch
-op, and requantizes in place on any write. Not yet used by the optimizers: these tests pin its behaviour first."""
+op, and requantizes in place on any write: what ``opt.state[p][k]`` is for an int8 state of the torch engine
+(``test_int8_reads.py`` tests it there)."""
 
 from __future__ import annotations
 
 import copy
 import io
-import os
-import tempfile
 
 import pytest
 import torch
@@ -47,6 +46,30 @@ def test_what_a_logger_reads_is_the_values_not_the_codes():
     assert torch.equal(q[3], true[3]) and torch.equal(q[:, 7:9], true[:, 7:9]) and q[2, 5].item() == true[2, 5]
     assert torch.equal(q, true) and torch.equal(q.double(), true.double())
     assert type(q + 1) is torch.Tensor and torch.equal(q + 1, true + 1)
+
+
+def test_numpy_and_python_values_are_the_values_read_only():
+    import numpy as np
+    q, true = _state()
+    array = np.asarray(q)
+    assert array.dtype == np.float32 and np.array_equal(array, true.numpy()) and np.array_equal(q.numpy(), array)
+    with pytest.raises(ValueError, match="read-only"):  # a copy: a write could not reach the codes
+        array[0, 0] = 1.0
+    assert q.tolist() == true.tolist() and q[1, 2].item() == true[1, 2].item() and float(q[4, 4]) == float(true[4, 4])
+
+
+def test_iteration_unbind_and_chunks_are_views_that_write_back():
+    q, true = _state()
+    rows = list(q)
+    assert len(rows) == 10 and all(type(r) is QuantizedState and torch.equal(r, t) for r, t in zip(rows, true))
+    assert all(torch.equal(a, b) for a, b in zip(q.chunk(3, dim=1), true.chunk(3, dim=1)))
+    expected = q.dequantize()
+    rows[2].zero_()
+    q.split(40, dim=1)[2].fill_(0.5)
+    expected[2] = 0.0
+    expected[:, 80:] = 0.5
+    codes, absmax = states.quantize(expected, True)
+    assert torch.equal(q.codes, codes) and torch.equal(q.absmax, absmax)
 
 
 def test_printing_shows_values():
@@ -129,6 +152,24 @@ def test_reshapes_of_the_whole_share_the_codes_and_kernels_read_codes_only():
     assert q.data_ptr() == 0  # the wrapper owns no memory: only .codes and .absmax may be handed to a kernel
 
 
+def test_replacing_codes_or_scales_is_counted_and_one_it_cannot_read_is_an_error():
+    """``QuantizedState.repointed`` counts replacements of a state's codes or scales (a kernel planned over the
+    old ones plans again); new wrappers over the same codes (views, detach, clones) are not replacements."""
+    q, true = _state()
+    before = QuantizedState.repointed
+    q.detach(), q.view(-1), q.clone(), q[2:4], copy.deepcopy(q)
+    assert QuantizedState.repointed == before
+    q.codes_ = q.codes_.clone()
+    q.absmax_ = q.absmax_.clone()
+    assert QuantizedState.repointed == before + 2 and torch.equal(q, true)
+    q.codes.data = q.codes.data.view(torch.uint8)  # the same memory read as unsigned codes: not these values
+    with pytest.raises(RuntimeError, match="codes of this quantized state were replaced by a torch.uint8 tensor"):
+        q.norm()
+    q.codes_ = q.codes_.view(torch.int8)[:5]
+    with pytest.raises(RuntimeError, match="of shape \\(5, 100\\); it reads torch.int8 codes of shape \\(10, 100\\)"):
+        print(q)
+
+
 def test_out_arguments_and_bad_formats_are_refused():
     q, true = _state()
     with pytest.raises(RuntimeError, match="cannot be an out= argument"):
@@ -143,18 +184,6 @@ def test_out_arguments_and_bad_formats_are_refused():
         QuantizedState(codes, absmax[:3])
     with pytest.raises(TypeError, match="absmax must be"):
         QuantizedState(codes, absmax.double())
-
-
-@pytest.fixture
-def world_of_one():
-    import torch.distributed as dist
-    from torch.distributed.tensor import init_device_mesh
-    store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_as_a_dtensor_local_shard_ops_and_checkpoints_read_values(world_of_one, tmp_path):

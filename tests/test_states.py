@@ -14,6 +14,7 @@ from hypothesis.extra import numpy as hnp
 
 import adamkit.torch as akt
 from adamkit import states as S
+from adamkit._quantized import QuantizedState
 from conftest import stepped_once
 
 
@@ -107,8 +108,9 @@ def test_fused_int8_kernel_equals_the_slow_reference_of_the_same_algorithm(name,
         fast_before = fast.detach().clone()
         o_fast.step()
         o_ref.step()
-        for k, v in o_ref.state[ref].items():
-            w = o_fast.state[fast][k]
+        stored = o_fast.state_dict()["state"][0]  # 8-bit states as their codes and scales
+        for k, v in o_ref.state_dict()["state"][0].items():
+            w = stored[k]
             assert v.dtype == w.dtype, k
             if v.dtype in (torch.int8, torch.uint8):
                 diff = (v.to(torch.int16) - w.to(torch.int16)).abs()
@@ -126,8 +128,12 @@ def test_state_memory_per_parameter(precision, limit):
     opt = akt.AdamW([p, small], state_precision=precision)
     p.grad, small.grad = torch.randn_like(p), torch.randn_like(small)
     opt.step()
-    nbytes = sum(v.numel() * v.element_size() for k, v in opt.state[p].items() if k != "step")
+    held = opt.state_dict()["state"][0]  # the tensors opt.state holds: an 8-bit state's codes and scales
+    nbytes = sum(v.numel() * v.element_size() for k, v in held.items() if k != "step")
     assert nbytes / p.numel() <= limit
+    if precision == "int8":
+        assert all(type(opt.state[p][k]) is QuantizedState and opt.state[p][k].codes is held[k]
+                   and opt.state[p][k].absmax is held[f"{k}.absmax"] for k in ("exp_avg", "exp_avg_sq"))
     assert all(v.dtype == torch.float32 for k, v in opt.state[small].items())
 
 
@@ -143,7 +149,7 @@ def test_checkpoints_int8_native_and_torch_format_both_ways():
     b = torch.nn.Parameter(a.detach().clone())
     q = akt.AdamW([b], lr=1e-2, state_precision="int8")
     q.load_state_dict(torch_opt.state_dict())
-    assert q.state[b]["exp_avg"].dtype == torch.int8 and "exp_avg_sq.absmax" in q.state[b]
+    assert q.state[b]["exp_avg"].codes.dtype == torch.int8 and "exp_avg_sq.absmax" in q.state_dict()["state"][0]
     exported = q.torch_state_dict()
     for k in ("exp_avg", "exp_avg_sq"):
         exact = torch_opt.state[a][k]
@@ -160,7 +166,7 @@ def test_checkpoints_int8_native_and_torch_format_both_ways():
     b.grad, c.grad = g.clone(), g.clone()
     q.step()
     q2.step()
-    assert torch.equal(b, c) and torch.equal(q.state[b]["exp_avg"], q2.state[c]["exp_avg"])
+    assert torch.equal(b, c) and torch.equal(q.state[b]["exp_avg"].codes, q2.state[c]["exp_avg"].codes)
     # the export loads into torch.optim
     t2 = torch.optim.AdamW([torch.nn.Parameter(b.detach().clone())], lr=1e-2)
     t2.load_state_dict(q.torch_state_dict())
@@ -177,7 +183,7 @@ def test_nonfinite_gradients_never_reach_quantized_blocks():
     p.grad[100] = float("nan")
     with pytest.raises(FloatingPointError):
         opt.step()
-    assert torch.equal(opt.state[p]["exp_avg"], before["state"][0]["exp_avg"])
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], before["state"][0]["exp_avg"])
     with pytest.raises(ValueError, match="state_precision"):
         akt.Adam([p], state_precision="fp8")
 
@@ -209,7 +215,7 @@ def test_without_check_finite_int8_skips_exactly_the_nonfinite_blocks(fused, dty
         for p, opt in zip(ps, opts):
             p.grad = g.clone()
             opt.step()
-    before = {k: v.clone() for k, v in opts[0].state[ps[0]].items()}
+    before = {k: v.clone() for k, v in opts[0].state_dict()["state"][0].items()}  # codes and scales
     before_param = ps[0].detach().clone()
     ps[0].grad = _poisoned(grads[2])
     ps[1].grad = grads[2].clone()
@@ -219,7 +225,7 @@ def test_without_check_finite_int8_skips_exactly_the_nonfinite_blocks(fused, dty
     bad = torch.zeros(40, dtype=torch.bool)
     bad[list(BAD_BLOCKS)] = True
     elements = bad.repeat_interleave(256)[:10000].view(100, 100)
-    state, clean = opts[0].state[ps[0]], opts[1].state[ps[1]]
+    state, clean = opts[0].state_dict()["state"][0], opts[1].state_dict()["state"][0]
     assert torch.equal(ps[0].detach()[elements], before_param[elements])
     assert torch.equal(ps[0].detach()[~elements], ps[1].detach()[~elements])
     for k in ("exp_avg", "exp_avg_sq"):
@@ -280,7 +286,7 @@ def test_quality_on_digits_int8_and_bf16_match_fp32():
             acc = float((model(x[test]).argmax(1) == y[test]).float().mean())
         results[precision] = (loss, acc)
         if precision == "int8":
-            assert opt.state[model[0].weight]["exp_avg"].dtype == torch.int8  # 64*256 ≥ 4096: quantized
+            assert opt.state[model[0].weight]["exp_avg"].codes.dtype == torch.int8  # 64*256 ≥ 4096: quantized
     base_loss, base_acc = results[None]
     print("digits MLP (train loss, test accuracy):", results)
     for precision in ("bf16", "int8"):
@@ -341,7 +347,7 @@ def test_quality_autoencoder_on_digits_int8_and_bf16_match_fp32():
         with torch.no_grad():
             losses[precision] = float(torch.nn.functional.mse_loss(model(x), x))
         if precision == "int8":
-            assert opt.state[model[0].weight]["exp_avg_sq"].dtype == torch.uint8
+            assert opt.state[model[0].weight]["exp_avg_sq"].codes.dtype == torch.uint8
     print("digits autoencoder MSE:", losses)
     for precision in ("bf16", "int8"):
         assert abs(losses[precision] - losses[None]) <= 0.02 * losses[None], losses

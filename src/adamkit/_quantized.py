@@ -8,11 +8,13 @@ writes through a view) compute on the values and requantize into the same codes 
 that holds their addresses keeps stepping the same memory. The kernels read :attr:`codes` and :attr:`absmax`
 directly.
 
-* View ops (slicing, ``select``, ``t``, ...) give a view that reads its part of the values and writes back
-  through its root; a reshape of the whole tensor shares the codes (blocks follow the flat order).
+* View ops (slicing, ``select``, ``t``, ``unbind`` and so iteration, ...) give views that read their part of the
+  values and write back through their root; a reshape of the whole tensor shares the codes (blocks follow the
+  flat order).
 * ``clone()`` and ``copy.deepcopy`` copy the codes and scales (a quantized copy); any other op returns plain
   tensors. Pickling (``torch.save``, torch.distributed.checkpoint) writes the values as a plain float32 tensor.
-* ``out=`` arguments that are quantized states are refused with a clear error.
+* ``out=`` arguments that are quantized states are refused with a clear error; ``numpy()`` gives the values
+  read-only (a copy).
 """
 
 from __future__ import annotations
@@ -36,10 +38,13 @@ def _write_target(func: Any) -> bool:
     return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
 
 
-def _is_view(func: Any) -> bool:
-    """Whether ``func`` returns a view of its first argument (``slice``, ``select``, ``t``, ``expand``, ...)."""
+def _views(func: Any) -> str | None:
+    """Whether ``func`` returns a view of its first argument (``"one"``: ``slice``, ``select``, ``t``, ``expand``,
+    ...) or a list of views of it (``"list"``: ``unbind``, ``split``, ``chunk``, and so iteration), else None."""
     returns = func._schema.returns
-    return len(returns) == 1 and returns[0].alias_info is not None and not _write_target(func)
+    if len(returns) != 1 or returns[0].alias_info is None or _write_target(func):
+        return None
+    return "list" if isinstance(returns[0].type, torch._C.ListType) else "one"
 
 
 class QuantizedState(torch.Tensor):
@@ -51,6 +56,9 @@ class QuantizedState(torch.Tensor):
     codes_: torch.Tensor | None
     absmax_: torch.Tensor | None
     __torch_function__ = torch._C._disabled_torch_function_impl  # every op reaches __torch_dispatch__
+    repointed = 0
+    """How many times the codes or scales of any QuantizedState were replaced after it was made (``q.codes_ =
+    ...``): a kernel planned over the old ones must plan again."""
 
     @staticmethod
     def __new__(cls, codes: torch.Tensor | None, absmax: torch.Tensor | None, *,
@@ -65,6 +73,12 @@ class QuantizedState(torch.Tensor):
         if root is None:
             _check_format(codes, absmax)
         self.codes_, self.absmax_, self.root, self.view_of_root = codes, absmax, root, view
+        self.code_dtype = codes.dtype if root is None else root.code_dtype  # int8: a signed state
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("codes_", "absmax_") and name in self.__dict__:
+            QuantizedState.repointed += 1
+        super().__setattr__(name, value)
 
     # -- what the kernels read -------------------------------------------------------------------------------------
     @property
@@ -83,7 +97,7 @@ class QuantizedState(torch.Tensor):
 
     @property
     def signed(self) -> bool:
-        return (self.codes_ if self.root is None else self.root.codes_).dtype == torch.int8
+        return self.code_dtype == torch.int8
 
     @classmethod
     def from_values(cls, values: torch.Tensor, signed: bool) -> "QuantizedState":
@@ -95,7 +109,28 @@ class QuantizedState(torch.Tensor):
         """The values as a plain float32 tensor (a new tensor)."""
         if self.root is not None:
             return self.view_of_root(self.root.dequantize())
+        self._check_inner()
         return _states.dequantize(self.codes_, self.absmax_, self.signed, torch.float32)
+
+    def _check_inner(self) -> None:
+        """Raise a clear error if code replaced the codes or scales (``q.codes_ = ...``, ``q.codes.data = ...``)
+        by tensors this state cannot read as its values."""
+        if self.codes_.dtype != self.code_dtype or self.codes_.shape != self.shape:
+            raise RuntimeError(f"the codes of this quantized state were replaced by a {self.codes_.dtype} tensor of "
+                               f"shape {tuple(self.codes_.shape)}; it reads {self.code_dtype} codes of shape "
+                               f"{tuple(self.shape)}")
+        _check_format(self.codes_, self.absmax_)
+
+    def numpy(self, *, force: bool = False) -> Any:
+        """The values as a read-only NumPy array: a copy (a plain tensor's ``numpy()`` shares its memory; writes
+        to this one could not reach the codes, so NumPy refuses them). ``np.asarray(state)`` gives the same."""
+        values = self.dequantize().detach().cpu().numpy()
+        values.flags.writeable = False
+        return values
+
+    def tolist(self) -> Any:
+        """The values as (nested) Python floats."""
+        return self.dequantize().tolist()
 
     # -- torch's protocols -----------------------------------------------------------------------------------------
     def __tensor_flatten__(self):
@@ -137,12 +172,20 @@ class QuantizedState(torch.Tensor):
                 return QuantizedState(first.codes_.view(shape), first.absmax_)
             if func is _aten.clone.default and first.root is None:
                 return QuantizedState(first.codes_.clone(), first.absmax_.clone())
-            if _is_view(func):
-                root = first if first.root is None else first.root
-                inner = first.view_of_root
-                return QuantizedState(None, None, root=root,
-                                      view=lambda t: func(inner(t) if inner else t, *args[1:], **kwargs))
+            views = _views(func)
+            if views == "one":
+                return first._view(lambda t: func(t, *args[1:], **kwargs))
+            if views == "list":
+                n = len(func(torch.empty(first.shape, device="meta"), *args[1:], **kwargs))
+                return [first._view(lambda t, i=i: func(t, *args[1:], **kwargs)[i]) for i in range(n)]
         return func(*_plain(args), **_plain(kwargs))
+
+    def _view(self, view: Callable) -> "QuantizedState":
+        """The view ``view`` (a function of this tensor's values) of this state, which writes back through its
+        root."""
+        root = self if self.root is None else self.root
+        inner = self.view_of_root
+        return QuantizedState(None, None, root=root, view=lambda t: view(inner(t) if inner else t))
 
     def _write(self, func: Any, rest: tuple, kwargs: dict) -> "QuantizedState":
         """An in-place op: computed on the root's values (through this view, if one), then requantized into the

@@ -180,7 +180,19 @@ def check_state_tensor(name: str, where: str, value: Any, p_local: torch.Tensor,
         raise RuntimeError(f"{where}: state '{name}' has {local.numel()} elements on {local.device} "
                            f"(contiguous: {local.is_contiguous()}), the parameter {p_local.numel()} on "
                            f"{p_local.device}; they must match")
+    if not has_memory(local):
+        raise RuntimeError(f"{where}: state '{name}' has no memory for its elements (its storage was freed or "
+                           f"resized)")
     return local
+
+
+def has_memory(t: torch.Tensor) -> bool:
+    """Whether ``t``'s storage holds every element ``t`` addresses (a storage resized to 0 bytes, or freed, leaves
+    the tensor its shape and strides)."""
+    if t.numel() == 0:
+        return True
+    last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return t.data_ptr() != 0 and t.untyped_storage().nbytes() >= (last + 1) * t.element_size()
 
 
 def nonfinite_gradients(params: list[torch.Tensor]) -> list[torch.Tensor]:

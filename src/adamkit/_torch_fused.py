@@ -9,10 +9,11 @@ The kernels reach tensors through raw addresses, so this module is where memory 
   else goes to the reference path, or gets a clear error before anything changes.
 * On every step, the parts that can change between steps without the plan noticing are checked again, in C-level
   passes over the tensors: each gradient's address, dtype, layout and size; each parameter's (and each DTensor's
-  local shard's) address and size; each state tensor's address; and the state mapping itself, which is a
-  :class:`TrackedState` whose every mutation (``opt.state[p][k] = ...``, ``opt.state.clear()``, a new
-  ``opt.state``) is counted. The plan keeps a reference to every tensor it validated, so memory it checked
-  cannot be freed and reused under it.
+  local shard's) address and size; each 8-bit state's codes and scales, which code can replace or re-point
+  without touching ``opt.state`` (:class:`_Quantized`: a replacement is counted, their addresses are compared);
+  and the state mapping itself, which is a :class:`TrackedState` whose every mutation (``opt.state[p][k] = ...``,
+  ``opt.state.clear()``, a new ``opt.state``) is counted. The plan keeps a reference to every storage it
+  validated, so memory it checked cannot be freed and reused under it by dropping the tensor.
 * Step counts are read from the ``step`` tensors themselves on every step (an in-place ``fill_(0)`` restarts
   warm-up, as with torch.optim) and written back to them.
 """
@@ -29,7 +30,8 @@ from . import kernels
 from . import rules as _rules
 from . import storage as _storage
 from . import _torch_step
-from ._torch_states import stored_format
+from ._quantized import QuantizedState
+from ._torch_states import quantized, storage_form, stored_format
 from ._torch_step import Stepper
 from ._tensors import (MetadataGuard, TrackedState, is_dtensor, local_view, nonfinite_gradients,
                        refuse_nonfinite, track_entries, tracked)
@@ -41,6 +43,7 @@ SCALAR_FORMAT_OF = {torch.float32: "float32", torch.float64: "float64"}
 _data_ptr, _numel, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.is_contiguous
 _dtype = operator.attrgetter("dtype")
 _local = operator.attrgetter("_local_tensor")
+_codes, _scales = operator.attrgetter("codes_"), operator.attrgetter("absmax_")
 _NO_KEYS = np.zeros((1, 0), dtype=np.uint32)  # a batch that rounds nothing stochastically
 
 
@@ -62,6 +65,7 @@ class _Batch:
         self.present: tuple[bool, ...] = ()
         self.kinds: tuple[str, ...] = ()
         self.states: list[list[torch.Tensor]] = []  # the state tensors a kernel touches, column by column
+        self.quantized: list[_Quantized] = []  # the 8-bit states among them, one per state name
         self.addresses: np.ndarray | None = None
         self.scalar_tensors: list[list[torch.Tensor]] = []
         self.scalar_ptrs: list[np.ndarray] = []
@@ -73,19 +77,41 @@ class _Batch:
         self.grad_guard = MetadataGuard([])  # the last gradients validated in full (matches nothing yet)
 
     def unchanged(self) -> bool:
-        """Whether every parameter (or DTensor shard) and state tensor still has the address and size validated
-        when the plan was made (and, for 16-bit parameters, the dtype)."""
+        """Whether every parameter (or DTensor shard) still has the address and size validated when the plan was
+        made (and, for 16-bit parameters, the dtype), and every 8-bit state the QuantizedState, codes and scales
+        (:class:`_Quantized`)."""
         locals_ = self.locals
         if self.dtensor and not all(map(operator.is_, map(_local, self.params), locals_)):
             return False  # a DTensor whose local shard was replaced
         if self.fmt in kernels.HALF_FORMATS and list(map(_dtype, locals_)).count(self.dtype) != len(locals_):
             return False  # float16 memory viewed as bfloat16 in place (or back): same address and size
         # No size needs a check of its own: the plan holds every storage it validated (``keep``), so an unchanged
-        # address is the same live allocation, as large as when validated (each gradient's size is checked). State
-        # tensors are not re-read: replacing one is a counted mutation of opt.state, and memory the kernels
+        # address is the same live allocation, as large as when validated (each gradient's size is checked). Other
+        # state tensors are not re-read: replacing one is a counted mutation of opt.state, and memory the kernels
         # write is held by the plan, so even a state tensor re-pointed in place (``.data =``) cannot make a kernel
         # touch freed memory; that change is seen at the next re-plan.
-        return list(map(_data_ptr, locals_)) == self.param_ptrs
+        return list(map(_data_ptr, locals_)) == self.param_ptrs and all(q.unchanged() for q in self.quantized)
+
+
+class _Quantized:
+    """One 8-bit state of every tensor of a batch: the QuantizedStates ``opt.state`` holds (or DTensors of them),
+    and the codes and scales the plan validated in each. Code can re-point those without touching ``opt.state``;
+    a kernel then must not step the old memory while the state reads the new. Replacing the tensors themselves
+    (``q.codes_ = ...``) is counted by :attr:`QuantizedState.repointed` (see :meth:`_Plan.fits`); here, per step:
+    a DTensor's local shard replaced, and the codes' and scales' memory re-pointed or freed (``.data =``,
+    ``set_()``, ``untyped_storage().resize_(0)``): their addresses, in one C-level pass."""
+
+    def __init__(self, holders: list[Any]) -> None:
+        self.holders = holders
+        self.dtensor = any(map(is_dtensor, holders))
+        self.wrappers: list[QuantizedState] = list(map(quantized, holders))
+        self.tensors = list(map(_codes, self.wrappers)) + list(map(_scales, self.wrappers))
+        self.ptrs = list(map(_data_ptr, self.tensors))
+
+    def unchanged(self) -> bool:
+        if self.dtensor and not all(map(operator.is_, map(_local, self.holders), self.wrappers)):
+            return False
+        return list(map(_data_ptr, self.tensors)) == self.ptrs
 
 
 class _Plan:
@@ -96,6 +122,7 @@ class _Plan:
                  reference: list[tuple[dict, Any]], state: TrackedState):
         self.key, self.params, self.groups, self.reference = key, params, groups, reference
         self.state, self.generation = state, -1
+        self.repointed = QuantizedState.repointed
         self.ready = False
 
     def batches(self) -> list[_Batch]:
@@ -103,10 +130,10 @@ class _Plan:
 
     def fits(self, key: tuple, work: list, state: TrackedState) -> bool:
         """Whether this plan still describes ``work``: same groups, options and parameter objects (compared by
-        identity), the same state mapping with no mutation since it was validated, and every parameter and state
-        tensor at the address and size it was validated with."""
+        identity), the same state mapping with no mutation since it was validated, no 8-bit state's codes or scales
+        replaced since, and every parameter and 8-bit state tensor at the address it was validated with."""
         return (self.key == key and state is self.state and (not self.ready or state.generation == self.generation)
-                and len(self.params) == len(work)
+                and QuantizedState.repointed == self.repointed and len(self.params) == len(work)
                 and all(len(mine) == len(w[1]) and all(map(operator.is_, mine, w[1]))
                         for mine, w in zip(self.params, work))
                 and all(b.unchanged() for b in self.batches()))
@@ -178,7 +205,7 @@ def _prepare_states(opt: Stepper, plan: _Plan) -> None:
             for (present, kinds, _), items in layouts.items():
                 split.append(_ready_batch(opt, batch.fmt, present, kinds, items, size, ids))
         plan.groups[index] = (gi, group, split)
-    plan.generation = plan.state.generation
+    plan.generation, plan.repointed = plan.state.generation, QuantizedState.repointed
     plan.ready = True
 
 
@@ -189,7 +216,10 @@ def _ready_batch(opt: Stepper, fmt: str, present: tuple, kinds: tuple, items: li
     b = _Batch(fmt, [p for _, p, _, _ in items], [t for _, _, t, _ in items], [i for i, _, _, _ in items], size)
     b.present, b.kinds, b.fresh = present, kinds, any(new for *_, new in items)
     columns = kernels.address_columns(rule, present, kinds)[2:]
-    b.states = [[local_view(opt.state[p][c]) for p in b.params] for c in columns]
+    entries = [storage_form(opt.state.get(p, {})) for p in b.params]  # 8-bit states: their codes and scales
+    b.states = [[local_view(e[c]) for e in entries] for c in columns]
+    b.quantized = [_Quantized([opt.state[p][s] for p in b.params])
+                   for s, on, kind in zip(rule.update_states, present, kinds) if on and kind == "int8"]
     b.addresses = np.zeros((len(b.params), 2 + len(columns)), dtype=np.int64)
     b.addresses[:, 0] = b.param_ptrs
     for j, col in enumerate(b.states):

@@ -1,6 +1,14 @@
 """The torch engine's states: :mod:`adamkit.storage` on torch tensors (and DTensor shards), plus the checks and
 conversions torch.optim's conventions ask for (scalar states as float tensors, states validated against their
-parameter before a step). Used by both the reference path and the compiled path; no numba here."""
+parameter before a step). Used by both the reference path and the compiled path; no numba here.
+
+Two forms of a parameter's state, translated here and nowhere else:
+
+* **kept** (``opt.state[p]``): an 8-bit state is one :class:`~adamkit._quantized.QuantizedState` (on a DTensor
+  parameter, a DTensor whose local shard is one), which reads as its values under any torch op;
+* **stored** (:func:`storage_form`: :mod:`adamkit.storage`, :mod:`adamkit.core`, the kernels' addresses and
+  ``state_dict()``): an 8-bit state is its codes under its key and its block scales under ``"<key>.absmax"``.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ from . import rules as _rules
 from . import states as _states
 from . import storage as _storage
 from . import _tensors
+from ._quantized import QuantizedState
 
 _DTYPES = {None: None, "bfloat16": torch.bfloat16, "int8": torch.int8, "uint8": torch.uint8}
 
@@ -58,8 +67,78 @@ def state_format(p: torch.Tensor, precision: str | None) -> str:
 
 
 def stored_format(state: Mapping[str, Any], key: str, p: torch.Tensor) -> str:
-    """The format state ``key`` of ``p`` is stored in now."""
+    """The format state ``key`` of ``p`` is stored in now (``state`` in either form)."""
+    if quantized(state[key]) is not None:
+        return "int8"
     return _storage.format_of(state, key, OPS.dtype_name(p), OPS.dtype_name(state[key]))
+
+
+# -- the two forms of a state entry ----------------------------------------------------------------------------
+
+def quantized(value: Any) -> QuantizedState | None:
+    """The 8-bit state ``value`` is (itself, or a DTensor's local shard), or None. A view of part of one is not
+    a state: it has no codes of its own."""
+    local = value._local_tensor if _tensors.is_dtensor(value) else value
+    return local if type(local) is QuantizedState and local.root is None else None
+
+
+def storage_form(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A new dict of ``entry`` with each 8-bit state as :mod:`adamkit.storage` keeps it: its codes under its key (a
+    DTensor's laid out like it) and its block scales under ``"<key>.absmax"`` (the same tensors, not copies)."""
+    out = dict(entry)
+    for k, v in entry.items():
+        q = quantized(v)
+        if q is not None:
+            out[k] = _tensors.on_local(lambda _, q=q: q.codes, v)
+            out[f"{k}.absmax"] = q.absmax
+    return out
+
+
+def _kept(stored: Mapping[str, Any], key: str) -> Any:
+    """State ``key`` of a stored-form entry as ``opt.state`` keeps it (codes and scales: one QuantizedState)."""
+    scales = stored.get(f"{key}.absmax")
+    if scales is None:
+        return stored[key]
+    return _tensors.on_local(lambda codes: QuantizedState(codes.contiguous(), scales), stored[key])
+
+
+def write_back(state: dict, stored: Mapping[str, Any], keys: Any) -> None:
+    """Put the states ``keys`` of the stored-form ``stored`` (after a step) into the kept ``state``: 8-bit codes
+    and scales into the memory of the QuantizedState already there when it has their layout (states update in
+    place, as torch.optim's and the kernels' do), anything else assigned if it is a new tensor."""
+    for k in keys:
+        if k not in stored:
+            continue
+        if f"{k}.absmax" in stored and _copy_into(state.get(k), stored[k], stored[f"{k}.absmax"]):
+            continue
+        new = _kept(stored, k)
+        if state.get(k) is not new:
+            state[k] = new
+
+
+def _copy_into(old: Any, codes: Any, scales: torch.Tensor) -> bool:
+    """Copy ``codes`` and ``scales`` into the 8-bit state ``old`` if it has their layout; whether it did."""
+    q = quantized(old)
+    if q is None or _tensors.is_dtensor(old) != _tensors.is_dtensor(codes):
+        return False
+    local = codes._local_tensor if _tensors.is_dtensor(codes) else codes
+    if (q.codes.dtype, q.codes.shape, q.absmax.shape) != (local.dtype, local.shape, scales.shape):
+        return False
+    if local.data_ptr() != q.codes.data_ptr():
+        q.codes.copy_(local)
+    if scales is not q.absmax:
+        q.absmax.copy_(scales)
+    return True
+
+
+def kept_form(entry: dict) -> None:
+    """Bring ``entry`` to the kept form in place: 8-bit states stored as codes beside a ``"<key>.absmax"`` entry
+    (an optimizer pickled by an earlier adamkit, or set so by hand) become QuantizedStates; stray scales go."""
+    for k in [k for k in entry if isinstance(k, str) and k.endswith(".absmax")]:
+        base, scales = k[:-len(".absmax")], entry.pop(k)
+        if base in entry and quantized(entry[base]) is None:
+            if OPS.dtype_name(entry[base]) in ("int8", "uint8"):
+                entry[base] = _kept({base: entry[base], k: scales}, base)
 
 
 def scalar_dtype() -> torch.dtype:
@@ -82,23 +161,42 @@ def canonical_scalars(rule: _rules.Rule, state: dict, create: bool = False) -> N
 
 def init_state(rule: _rules.Rule, states: dict, p: torch.Tensor, h: Mapping[str, Any],
                precision: str | None) -> bool:
-    """Create the states ``h`` needs that ``p`` lacks, in their format, and bring scalar states to torch's form;
-    return whether array states were new. Call :func:`validate_state` first."""
+    """Create the states ``h`` needs that ``p`` lacks, in their format, bring scalar states to torch's form and
+    8-bit states to the kept form (a full-precision tensor assigned to a state kept in 8 bits is quantized); return
+    whether array states were new. Call :func:`validate_state` first."""
+    fmt = state_format(p, precision)
+    if p in states:
+        _keep_format(rule, states[p], p, fmt)
     missing = {k: v for k, v in rule.states(h).items() if k not in states.get(p, ())}
     if not missing and not rule.scalar_states:
         return False  # nothing to keep (SGD without momentum): no empty entry, as torch.optim
     state = states[p]
     canonical_scalars(rule, state, create=True)
-    fmt = state_format(p, precision)
     for k, v in missing.items():
-        _storage.create(OPS, state, k, p, v, fmt)
+        made: dict = {}
+        _storage.create(OPS, made, k, p, v, fmt)
+        state[k] = _kept(made, k)
     return bool(missing)
+
+
+def _keep_format(rule: _rules.Rule, state: dict, p: torch.Tensor, fmt: str) -> None:
+    """``state`` in the kept form, and each tensor of values assigned to a state of ``p`` kept in 8 bits
+    (``opt.state[p]["exp_avg"] = torch.zeros_like(p)``) quantized into one."""
+    kept_form(state)
+    if fmt != "int8":
+        return
+    for k in rule.update_states:
+        if k in state and stored_format(state, k, p) != "int8":
+            stored: dict = {}
+            store_state(p, stored, k, state[k].detach(), "int8")
+            state[k] = _kept(stored, k)
 
 
 def validate_state(rule: _rules.Rule, state: Mapping[str, Any] | None, where: str, p: torch.Tensor) -> None:
     """Raise a clear error, before anything changes, if ``p``'s existing state cannot be stepped: a state tensor
     replaced by one of another dtype, size, device or kind (or the parameter converted after the state was made,
-    e.g. by ``model.double()``), or a scalar state (``step``) that is not a finite number >= 0."""
+    e.g. by ``model.double()``), 8-bit codes without their scales or with scales of another shape, or a scalar
+    state (``step``) that is not a finite number >= 0."""
     if not state:
         return
     for k in rule.scalar_states:
@@ -107,26 +205,38 @@ def validate_state(rule: _rules.Rule, state: Mapping[str, Any] | None, where: st
     local = _tensors.local_view(p)
     if local is None:
         return  # a fake or functional tensor: torch ops check it
+    stored = storage_form(state)
     for s in rule.update_states:
-        if s in state:
-            fmt = stored_format(state, s, p)
-            _tensors.check_state_tensor(s, where, state[s], local, fmt, s in _states.SIGNED_STATES)
+        if s in stored:
+            fmt = stored_format(stored, s, p)
+            if isinstance(stored[s], QuantizedState):
+                raise RuntimeError(f"{where}: state '{s}' is a view of part of an 8-bit state, which has no codes "
+                                   f"of its own; assign the state itself, or its values (.dequantize())")
+            if fmt == "plain" and OPS.dtype_name(stored[s]) in ("int8", "uint8"):
+                raise RuntimeError(f"{where}: state '{s}' holds {OPS.dtype_name(stored[s])} codes without their "
+                                   f"block scales; assign its values (a floating tensor, stored in 8 bits at the "
+                                   f"step) or an adamkit QuantizedState")
+            codes = _tensors.check_state_tensor(s, where, stored[s], local, fmt, s in _states.SIGNED_STATES)
             if fmt == "int8":
-                _check_scales(where, s, state[f"{s}.absmax"], local)
+                _check_scales(where, s, codes, stored[f"{s}.absmax"], local)
 
 
-def _check_scales(where: str, s: str, scales: Any, local: torch.Tensor) -> None:
+def _check_scales(where: str, s: str, codes: torch.Tensor, scales: Any, local: torch.Tensor) -> None:
+    """8-bit codes are read block by block from flat memory: contiguous, one float32 scale per block."""
     blocks = _states.n_blocks(local.numel())
+    if not codes.is_contiguous():
+        raise RuntimeError(f"{where}: the codes of state '{s}' must be contiguous")
     if not (type(scales) is torch.Tensor and scales.dtype == torch.float32 and scales.shape == (blocks,)
-            and scales.is_contiguous() and scales.device == local.device):
+            and scales.is_contiguous() and scales.device == local.device and _tensors.has_memory(scales)):
         raise RuntimeError(f"{where}: state '{s}.absmax' must be a contiguous float32 tensor of shape ({blocks},) "
-                           f"on {local.device}")
+                           f"on {local.device}, with its memory")
 
 
 def store_state(p: torch.Tensor, state: dict, key: str, values: torch.Tensor, fmt: str,
                 noise: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-    """Store full-precision ``values`` of ``p``'s state ``key`` in format ``fmt`` (a DTensor's shard by shard;
-    ``noise(local)``: the 16 random bits per element of stochastic rounding, else round to nearest even)."""
+    """Store full-precision ``values`` of ``p``'s state ``key`` in format ``fmt`` into the stored-form ``state``
+    (a DTensor's shard by shard; ``noise(local)``: the 16 random bits per element of stochastic rounding, else
+    round to nearest even)."""
     if fmt == "plain":
         state.pop(f"{key}.absmax", None)
         state[key] = values.to(p.dtype)
@@ -145,8 +255,9 @@ def store_state(p: torch.Tensor, state: dict, key: str, values: torch.Tensor, fm
 
 
 def load_state(p: torch.Tensor, state: Mapping[str, Any], key: str) -> torch.Tensor:
-    """State ``key`` of ``p`` in the parameter's dtype, whatever its format; 8-bit states of a 16-bit parameter
-    in float32, as the kernels read them (float16 would flush a small second moment to 0)."""
+    """State ``key`` of ``p`` (``state`` in the stored form) in the parameter's dtype, whatever its format; 8-bit
+    states of a 16-bit parameter in float32, as the kernels read them (float16 would flush a small second moment
+    to 0)."""
     dtype = torch.float32 if f"{key}.absmax" in state and p.dtype in (torch.float16, torch.bfloat16) else p.dtype
     return _tensors.on_local(lambda local: _storage.load(OPS, {**state, key: local}, key, dtype), state[key])
 
@@ -171,16 +282,20 @@ def restore_storage(rule: _rules.Rule, state: dict | None, p: torch.Tensor, entr
     for k in rule.update_states:
         if k not in state:
             continue
+        stored: dict = {}
         if f"{k}.absmax" in entry and fmt == "int8":
-            state[k] = entry[k].detach().clone().contiguous()
-            state[f"{k}.absmax"] = entry[f"{k}.absmax"].detach().clone().to(torch.float32)
+            stored = {k: entry[k].detach().clone().contiguous(),
+                      f"{k}.absmax": entry[f"{k}.absmax"].detach().clone().to(torch.float32)}
         else:  # stored as this optimizer keeps it, laid out like its parameter
-            store_state(p, state, k, state[k].contiguous() if p.is_contiguous() else state[k], fmt)
+            store_state(p, stored, k, state[k].contiguous() if p.is_contiguous() else state[k], fmt)
+        state[k] = _kept(stored, k)
 
 
-def distributable(entry: dict[str, Any]) -> dict[str, Any]:
-    """A state entry whose 8-bit states of a DTensor parameter are dequantized into float32 DTensors (scales are
-    per rank and would not survive resharding; the codes come back bit for bit when loaded at the same sharding)."""
+def distributable(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A kept state entry as ``state_dict()`` gives it: in the stored form (8-bit codes beside their scales), with
+    the 8-bit states of a DTensor parameter dequantized into float32 DTensors (scales are per rank and would not
+    survive resharding; the codes come back bit for bit when loaded at the same sharding)."""
+    entry = storage_form(entry)
     for k in [k for k in entry if f"{k}.absmax" in entry and _tensors.is_dtensor(entry[k])]:
         absmax = entry.pop(f"{k}.absmax")
         entry[k] = _tensors.on_local(lambda codes: _states.dequantize(codes, absmax, k in _states.SIGNED_STATES,

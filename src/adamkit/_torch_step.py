@@ -203,12 +203,15 @@ def reference_step(opt: Stepper, group: dict[str, Any], p: torch.Tensor) -> int:
     rule = opt.rule
     fresh = init_state(opt, p, group)
     state = opt.state[p] if p in opt.state else {}  # SGD without momentum keeps no entry
+    stored = _ts.storage_form(state)  # what core.py steps: 8-bit states as codes beside their scales
     grad = p.grad.to_dense() if p.grad.is_sparse else p.grad  # torch's sparse math, on the entries present
-    formats = [_ts.stored_format(state, k, p) if k in state else None for k in rule.update_states]
+    formats = [_ts.stored_format(stored, k, p) if k in stored else None for k in rule.update_states]
     noise = _core.rounding_noise(_ts.OPS, formats, opt.rounding_seed, lambda: tensor_index(opt, p))
-    scalar_dtype = np.float64 if state.get("step", torch.tensor(0.0)).dtype == torch.float64 else np.float32
-    return _core.step_parameter(rule, _update(rule), opt.hyperparameters(group), _TorchArrays(p, group), p, grad,
-                                state, formats, fresh, opt.check_finite, noise, scalar_dtype)
+    scalar_dtype = np.float64 if stored.get("step", torch.tensor(0.0)).dtype == torch.float64 else np.float32
+    skipped = _core.step_parameter(rule, _update(rule), opt.hyperparameters(group), _TorchArrays(p, group), p,
+                                   grad, stored, formats, fresh, opt.check_finite, noise, scalar_dtype)
+    _ts.write_back(state, stored, rule.update_states)
+    return skipped
 
 
 class _TorchArrays:

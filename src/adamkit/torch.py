@@ -88,9 +88,11 @@ class _Checkpoints(_optim.Optimizer):
                                           group)
 
     def state_dict(self) -> dict[str, Any]:
-        """As torch.optim's: per-parameter states as plain dicts (``torch.load(weights_only=True)`` reads them)."""
+        """As torch.optim's: per-parameter states as plain dicts of plain tensors (``torch.load(weights_only=True)``
+        reads them); an 8-bit state as its codes (int8 or uint8) beside its block scales (``"<state>.absmax"``),
+        or, of a DTensor parameter, as a float32 DTensor of its values."""
         out = super().state_dict()
-        out["state"] = {k: _torch_states.distributable(dict(v)) if isinstance(v, dict) else v
+        out["state"] = {k: _torch_states.distributable(v) if isinstance(v, dict) else v
                         for k, v in out["state"].items()}
         return out
 
@@ -134,11 +136,17 @@ class Optimizer(_Checkpoints):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.update(check_finite=self.check_finite, stochastic_rounding=self.stochastic_rounding)
+        # pickled with 8-bit states as codes and scales (a QuantizedState alone pickles as float32 values)
+        state["state"] = {p: _torch_states.storage_form(e) if isinstance(e, dict) else e
+                          for p, e in self.state.items()}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         if "state" in state:  # torch.optim's load_state_dict sets a plain defaultdict: track its mutations
             state["state"] = _tensors.TrackedState.of(state["state"])
+            for entry in dict.values(state["state"]):
+                if isinstance(entry, dict):
+                    _torch_states.kept_form(entry)
         self.check_finite = state.pop("check_finite", getattr(self, "check_finite", False))
         self.stochastic_rounding = state.pop("stochastic_rounding", getattr(self, "stochastic_rounding", False))
         super().__setstate__(state)
@@ -243,7 +251,9 @@ def _step_operator(params: list[torch.Tensor], grads: list[torch.Tensor], states
 def _as_operator(opt: Optimizer) -> None:
     """``opt.step()`` inside torch.compile: one call of :func:`_step_operator` on every tensor it touches."""
     params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
-    states = [v for p in params for v in opt.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+    # 8-bit states as their codes and scales: an operator given the QuantizedState would update a dequantized copy
+    states = [v for p in params for v in _torch_states.storage_form(opt.state.get(p, {})).values()
+              if isinstance(v, torch.Tensor)]
     _step_operator(params, [p.grad for p in params], states, opt._handle)
 
 
