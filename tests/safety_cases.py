@@ -416,6 +416,41 @@ def int8_state_replaced_by_part_of_one():
     return int8_paths(lambda st: st.__setitem__("exp_avg", st["exp_avg"][0:5000]))
 
 
+def resize_refused(error: Exception, ours: list, opt: Any) -> dict:
+    """The outcome of a refused ``resize_(0)`` of memory the kernels write: refused, nothing changed, and the
+    optimizer steps on."""
+    before = snapshot(ours, opt)
+    unchanged = same_bits(before, snapshot(ours, opt))
+    grads(ours, 2)
+    opt.step()
+    return {"outcome": "refused", "error": f"{type(error).__name__}: {error}"[:300], "torch": "n/a",
+            "unchanged": unchanged, "steps_on": bool(all(torch.isfinite(p).all() for p in ours))}
+
+
+def state_storage_freed(get: Callable[[Any, Any], torch.Tensor]) -> dict:
+    """The storage of ``get(opt, p)`` resized to 0 bytes after a step of the compiled path, which writes states
+    and step counters by address: it made their memory unresizable when it planned, so the resize is refused and
+    stepping goes on (torch.optim's torch ops would read and write the freed memory)."""
+    ours, opt, _, _ = twins()
+    grads(ours, 0)
+    opt.step()
+    try:
+        get(opt, ours[1]).untyped_storage().resize_(0)
+    except RuntimeError as e:
+        return resize_refused(e, ours, opt)
+    return {"outcome": "resized, not refused"}
+
+
+@case
+def state_storage_freed_compiled_path():
+    return state_storage_freed(lambda opt, p: opt.state[p]["exp_avg"])
+
+
+@case
+def step_counter_storage_freed_compiled_path():
+    return state_storage_freed(lambda opt, p: opt.state[p]["step"])
+
+
 @case
 def int8_codes_storage_freed():
     """The codes' storage resized to 0 bytes: the tensor keeps its shape, its memory is gone."""
@@ -425,7 +460,11 @@ def int8_codes_storage_freed():
         grads(ours, 0)
         opt.step()
         grads(ours, 1)
-        opt.state[ours[1]]["exp_avg"].codes.untyped_storage().resize_(0)
+        try:  # the compiled path's memory cannot be freed under it
+            opt.state[ours[1]]["exp_avg"].codes.untyped_storage().resize_(0)
+        except RuntimeError as e:
+            out[str(fused)] = resize_refused(e, ours, opt)
+            continue
         before = [ours[0].detach().clone(), ours[1].detach().clone(), opt.state[ours[0]]["exp_avg"].codes.clone()]
         try:
             opt.step()

@@ -68,7 +68,8 @@ MUST_REFUSE = {"state_tensor_replaced_wrong_dtype", "state_tensor_replaced_wrong
                "float16_grad_data_float32", "float16_param_viewed_as_bfloat16", "grad_storage_freed_compiled_path",
                "int8_codes_replaced_wrong_size", "int8_codes_replaced_wrong_dtype", "int8_absmax_wrong_shape",
                "int8_codes_data_reassigned", "int8_state_replaced_by_codes", "int8_state_replaced_by_part_of_one",
-               "int8_codes_storage_freed", "grad_data_viewed_as_int32"}
+               "int8_codes_storage_freed", "grad_data_viewed_as_int32",
+               "state_storage_freed_compiled_path", "step_counter_storage_freed_compiled_path"}
 
 
 @pytest.mark.parametrize("name", list(safety_cases.CASES))
@@ -87,6 +88,7 @@ def test_changing_things_under_the_optimizer(results, name):
             assert leaf["outcome"] == "refused", leaf
             assert name not in MUST_STEP, f"{name}{where}: refused what torch.optim steps: {leaf}"
             assert leaf["unchanged"], f"{name}{where}: refused, but changed parameters or state: {leaf}"
+            assert leaf.get("steps_on", True), f"{name}{where}: no step after a refused change: {leaf}"
             assert "Error" in leaf["error"].split(":")[0], leaf
 
 

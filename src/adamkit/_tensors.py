@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -139,6 +140,21 @@ def local_view(t: torch.Tensor) -> torch.Tensor | None:
     if is_dtensor(t):
         return local_view(t._local_tensor)
     return None
+
+
+def fixed_storage(t: torch.Tensor) -> torch.UntypedStorage:
+    """``t``'s storage, made one that cannot be resized, for memory a kernel writes by address at every step: code
+    that frees it (``untyped_storage().resize_(0)``) gets torch's error instead of leaving the kernel a dangling
+    address. A resizable storage's bytes move, in place (``set_``: the same tensor object, its shape, strides and
+    values), into memory NumPy owns, which torch never resizes."""
+    storage = t.untyped_storage()
+    if storage.resizable():
+        fixed = torch.from_numpy(np.empty(storage.nbytes(), dtype=np.uint8)).untyped_storage()
+        fixed.copy_(storage)
+        with torch.no_grad():
+            t.set_(fixed, t.storage_offset(), t.shape, t.stride())
+        storage = t.untyped_storage()
+    return storage
 
 
 class MetadataGuard:

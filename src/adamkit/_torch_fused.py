@@ -13,7 +13,10 @@ The kernels reach tensors through raw addresses, so this module is where memory 
   without touching ``opt.state`` (:class:`_Quantized`: a replacement is counted, their addresses are compared);
   and the state mapping itself, which is a :class:`TrackedState` whose every mutation (``opt.state[p][k] = ...``,
   ``opt.state.clear()``, a new ``opt.state``) is counted. The plan keeps a reference to every storage it
-  validated, so memory it checked cannot be freed and reused under it by dropping the tensor.
+  validated, so memory it checked cannot be freed and reused under it by dropping the tensor; the storages a
+  kernel writes without re-reading their addresses (states, step counters) cannot be resized either
+  (:func:`adamkit._tensors.fixed_storage`), so ``untyped_storage().resize_(0)`` on one is torch's error, not a
+  dangling address.
 * Step counts are read from the ``step`` tensors themselves on every step (an in-place ``fill_(0)`` restarts
   warm-up, as with torch.optim) and written back to them.
 """
@@ -33,8 +36,8 @@ from . import _torch_step
 from ._quantized import QuantizedState
 from ._torch_states import quantized, storage_form, stored_format
 from ._torch_step import Stepper
-from ._tensors import (MetadataGuard, TrackedState, is_dtensor, local_view, nonfinite_gradients,
-                       refuse_nonfinite, track_entries, tracked)
+from ._tensors import (MetadataGuard, TrackedState, fixed_storage, is_dtensor, local_view,
+                       nonfinite_gradients, refuse_nonfinite, track_entries, tracked)
 
 FORMAT_OF = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
              torch.float16: "float16"}  # 16-bit formats: float32 math, as torch's CPU fused kernels
@@ -218,15 +221,16 @@ def _ready_batch(opt: Stepper, fmt: str, present: tuple, kinds: tuple, items: li
     columns = kernels.address_columns(rule, present, kinds)[2:]
     entries = [storage_form(opt.state.get(p, {})) for p in b.params]  # 8-bit states: their codes and scales
     b.states = [[local_view(e[c]) for e in entries] for c in columns]
+    b.scalar_tensors = [[opt.state[p][k] for p in b.params] for k in rule.scalar_states]
+    # the memory the kernels write is held, and cannot be resized (freed) under them; addresses read after
+    b.keep += [fixed_storage(t) for col in b.states + b.scalar_tensors for t in col]
     b.quantized = [_Quantized([opt.state[p][s] for p in b.params])
                    for s, on, kind in zip(rule.update_states, present, kinds) if on and kind == "int8"]
     b.addresses = np.zeros((len(b.params), 2 + len(columns)), dtype=np.int64)
     b.addresses[:, 0] = b.param_ptrs
     for j, col in enumerate(b.states):
         b.addresses[:, 2 + j] = list(map(_data_ptr, col))
-    b.scalar_tensors = [[opt.state[p][k] for p in b.params] for k in rule.scalar_states]
     b.scalar_ptrs = [np.array(list(map(_data_ptr, col)), dtype=np.int64) for col in b.scalar_tensors]
-    b.keep += [t.untyped_storage() for col in b.states + b.scalar_tensors for t in col]
     b.scalar_formats = [SCALAR_FORMAT_OF[col[0].dtype] for col in b.scalar_tensors]
     if any(t.dtype != col[0].dtype for col in b.scalar_tensors for t in col):
         raise RuntimeError(f"{rule.name}: scalar states of one group mix float32 and float64 tensors")

@@ -49,9 +49,10 @@ from . import storage as _storage
 from . import _tensors
 from . import _torch_states
 from . import _torch_step
+from ._quantized import QuantizedState
 from ._signature import bind as _bind
 
-__all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam"]
+__all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "QuantizedState"]
 
 # torch.optim group keys that are not part of the math: kept in every group so checkpoints move both ways.
 _ENGINE_KEYS = _checkpoints.ENGINE_KEYS
