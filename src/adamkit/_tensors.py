@@ -145,16 +145,24 @@ def local_view(t: torch.Tensor) -> torch.Tensor | None:
 def fixed_storage(t: torch.Tensor) -> torch.UntypedStorage:
     """``t``'s storage, made one that cannot be resized, for memory a kernel writes by address at every step: code
     that frees it (``untyped_storage().resize_(0)``) gets torch's error instead of leaving the kernel a dangling
-    address. A resizable storage's bytes move, in place (``set_``: the same tensor object, its shape, strides and
-    values), into memory NumPy owns, which torch never resizes."""
+    address. A resizable storage's bytes move, in place (``set_``: the same tensor object, shape, strides and
+    values), into memory NumPy owns, which torch never resizes. A tensor that spans its whole storage moves with
+    its base (a DTensor's alias of its shard); a part of a larger storage moves alone, into memory of its size."""
     storage = t.untyped_storage()
-    if storage.resizable():
-        fixed = torch.from_numpy(np.empty(storage.nbytes(), dtype=np.uint8)).untyped_storage()
-        fixed.copy_(storage)
-        with torch.no_grad():
-            t.set_(fixed, t.storage_offset(), t.shape, t.stride())
-        storage = t.untyped_storage()
-    return storage
+    if not storage.resizable():
+        return storage
+    whole = t.storage_offset() == 0 and t.is_contiguous() and t.numel() * t.element_size() == storage.nbytes()
+    fixed = torch.from_numpy(np.empty(storage.nbytes() if whole else t.numel() * t.element_size(), np.uint8))
+    with torch.no_grad():
+        if whole:
+            fixed.untyped_storage().copy_(storage)
+            for x in {id(t._base): t._base, id(t): t}.values() if t._base is not None else (t,):
+                x.set_(fixed.untyped_storage(), x.storage_offset(), x.shape, x.stride())
+        else:
+            values = fixed.view(t.dtype).view(t.shape)
+            values.copy_(t)
+            t.set_(values.untyped_storage(), 0, t.shape, values.stride())
+    return t.untyped_storage()
 
 
 class MetadataGuard:
