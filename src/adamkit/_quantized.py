@@ -142,6 +142,13 @@ class QuantizedState(torch.Tensor):
     def __tensor_unflatten__(inner: dict, meta: Any, outer_size: Any, outer_stride: Any) -> "QuantizedState":
         return QuantizedState(inner["codes_"], inner["absmax_"])
 
+    def _stable_hash_for_caching(self) -> str:
+        """What a graph compiled over this state depends on (torch.compile's cache key): shape and code layout,
+        not values."""
+        root = self if self.root is None else self.root
+        return (f"QuantizedState(shape={tuple(self.shape)}, stride={tuple(self.stride())}, "
+                f"codes={root.codes_.dtype}{tuple(root.codes_.shape)}, blocks={tuple(root.absmax_.shape)})")
+
     def __repr__(self, *, tensor_contents: Any = None) -> str:
         kind = "int8" if self.signed else "uint8"
         return f"QuantizedState({self.dequantize()!r}, codes={kind}, blocks of {_states.BLOCK})"
