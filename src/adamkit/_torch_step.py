@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -61,8 +61,9 @@ def step(opt: Stepper) -> None:
     else:
         from . import _torch_fused  # imported when first needed: importing adamkit compiles nothing
         reference, skipped = _torch_fused.step(opt, work, opt.check_finite)
+    position = tensor_positions(opt)
     for group, p in reference:
-        skipped += reference_step(opt, group, p)
+        skipped += reference_step(opt, group, p, position)
     if skipped:
         _states.warn_skipped_blocks(opt.rule.name, skipped)
 
@@ -192,21 +193,29 @@ def reference_only(opt: Stepper, work: Work) -> list[tuple[dict, torch.Tensor]]:
 
 # -- the reference path ------------------------------------------------------------------------------------------
 
-def tensor_index(opt: Stepper, p: torch.Tensor) -> int:
-    """``p``'s position among the optimizer's parameters (its id in the state dict; the rounding streams' tensor)."""
-    return next(i for i, q in enumerate(q for g in opt.param_groups for q in g["params"]) if q is p)
+def tensor_positions(opt: Stepper) -> Callable[[torch.Tensor], int]:
+    """A parameter's position among the optimizer's parameters (its id in the state dict; the rounding streams'
+    tensor), from an index made at the first call (one per step, only if a state rounds stochastically)."""
+    index: dict[int, int] = {}
+
+    def position(p: torch.Tensor) -> int:
+        if not index:
+            index.update((id(q), i) for i, q in enumerate(q for g in opt.param_groups for q in g["params"]))
+        return index[id(p)]
+    return position
 
 
-def reference_step(opt: Stepper, group: dict[str, Any], p: torch.Tensor) -> int:
+def reference_step(opt: Stepper, group: dict[str, Any], p: torch.Tensor,
+                   position: Callable[[torch.Tensor], int]) -> int:
     """Step ``p`` with torch ops (:func:`adamkit.core.step_parameter`); return how many 8-bit blocks were left
-    unchanged (non-finite gradient)."""
+    unchanged (non-finite gradient). ``position``: see :func:`tensor_positions`."""
     rule = opt.rule
     fresh = init_state(opt, p, group)
     state = opt.state[p] if p in opt.state else {}  # SGD without momentum keeps no entry
     stored = _ts.storage_form(state)  # what core.py steps: 8-bit states as codes beside their scales
     grad = p.grad.to_dense() if p.grad.is_sparse else p.grad  # torch's sparse math, on the entries present
     formats = [_ts.stored_format(stored, k, p) if k in stored else None for k in rule.update_states]
-    noise = _core.rounding_noise(_ts.OPS, formats, opt.rounding_seed, lambda: tensor_index(opt, p))
+    noise = _core.rounding_noise(_ts.OPS, formats, opt.rounding_seed, lambda: position(p))
     scalar_dtype = np.float64 if stored.get("step", torch.tensor(0.0)).dtype == torch.float64 else np.float32
     skipped = _core.step_parameter(rule, _update(rule), opt.hyperparameters(group), _TorchArrays(p, group), p,
                                    grad, stored, formats, fresh, opt.check_finite, noise, scalar_dtype)
