@@ -50,6 +50,15 @@ def _adamw(params: list[torch.Tensor], fused: bool | None, **kw) -> akt.AdamW:
     return akt.AdamW(params, lr=1e-2, weight_decay=0.1, state_precision="int8", fused=fused, **kw)
 
 
+def _trained(dtype: torch.dtype, fused: bool | None, steps: int = 3,
+             count: int | None = None) -> tuple[list[torch.nn.Parameter], akt.AdamW]:
+    """The first ``count`` parameters (all: None) and their int8 AdamW after ``steps`` steps."""
+    params = _params(dtype)[:count]
+    opt = _adamw(params, fused)
+    _train(opt, params, range(steps))
+    return params, opt
+
+
 def _stored_values(entry: dict, k: str) -> torch.Tensor:
     """The values a state dict's codes and scales stand for (the format's own definition)."""
     return states.dequantize(entry[k], entry[f"{k}.absmax"], k in states.SIGNED_STATES, torch.float32)
@@ -72,9 +81,7 @@ def _code_step(x: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Ten
 @PATHS
 @DTYPES
 def test_a_logger_reads_the_values_not_the_codes(fused, dtype):
-    params = _params(dtype)
-    opt = _adamw(params, fused)
-    _train(opt, params, range(3))
+    params, opt = _trained(dtype, fused)
     sd = opt.state_dict()["state"]
     for i, p in enumerate(params[:2]):
         for k in KEYS:
@@ -154,9 +161,7 @@ def test_free_running_moments_stay_within_8bit_rounding_of_torch_optims(fused):
 
 @PATHS
 def test_an_ema_tool_keeps_independent_8bit_copies_that_track_the_values(fused):
-    params = _params()[:2]
-    opt = _adamw(params, fused)
-    _train(opt, params, range(2))
+    params, opt = _trained(torch.float32, fused, steps=2, count=2)
     p = params[0]
     ema = {k: v.detach().clone() for k, v in opt.state[p].items()}  # a typical EMA tool's copy
     for k in KEYS:
@@ -183,9 +188,7 @@ def test_an_ema_tool_keeps_independent_8bit_copies_that_track_the_values(fused):
 @PATHS
 @DTYPES
 def test_state_dict_round_trips_through_deepcopy_and_torch_save_and_resumes_bit_for_bit(fused, dtype):
-    params = _params(dtype)
-    opt = _adamw(params, fused)
-    _train(opt, params, range(3))
+    params, opt = _trained(dtype, fused)
     saved = copy.deepcopy(opt.state_dict())
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
@@ -247,9 +250,7 @@ EDITS = {  # edits 8 bits hold exactly, so both optimizers continue from the sam
 @PATHS
 @pytest.mark.parametrize("edit", list(EDITS))
 def test_edits_of_a_state_act_like_the_same_edits_of_torch_optims_float32_state(fused, edit):
-    params = _params()[:2]
-    opt = _adamw(params, fused)
-    _train(opt, params, range(3))
+    params, opt = _trained(torch.float32, fused, steps=3, count=2)
     mirror = [torch.nn.Parameter(p.detach().clone()) for p in params]
     ref = torch.optim.AdamW(mirror, lr=1e-2, weight_decay=0.1)
     _train(ref, mirror, range(1))  # makes torch.optim's states
@@ -276,9 +277,7 @@ def test_edits_of_a_state_act_like_the_same_edits_of_torch_optims_float32_state(
 
 @PATHS
 def test_a_tensor_the_state_cannot_take_is_refused_before_anything_changes(fused):
-    params = _params()[:2]
-    opt = _adamw(params, fused)
-    _train(opt, params, range(2))
+    params, opt = _trained(torch.float32, fused, steps=2, count=2)
     p = params[1]
     before = copy.deepcopy(opt.state_dict())
     cases = [(torch.zeros(5000, dtype=torch.float64), "expected dtype torch.float32 for state 'exp_avg'"),
@@ -303,9 +302,7 @@ def test_a_tensor_the_state_cannot_take_is_refused_before_anything_changes(fused
 @DTYPES
 @pytest.mark.parametrize("assigned", ["like the parameter", "bfloat16"])
 def test_a_tensor_of_values_assigned_to_an_8bit_state_is_stored_in_8_bits_at_the_step(dtype, assigned):
-    params = _params(dtype)[:2]
-    opt = _adamw(params, None)
-    _train(opt, params, range(1))
+    params, opt = _trained(dtype, None, steps=1, count=2)
     p = params[0]
     opt.state[p]["exp_avg"] = torch.full_like(p, 0.5, dtype=dtype if assigned != "bfloat16" else torch.bfloat16)
     v = opt.state[p]["exp_avg_sq"].dequantize()
