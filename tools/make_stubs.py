@@ -61,9 +61,11 @@ def render(module_name: str) -> str:
                      "    def add_param_group(self, group: Mapping[str, Any]) -> None: ...\n"
                      "    def state_dict(self) -> dict[str, Any]: ...\n"
                      "    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None: ...\n")
+    others = [name for name in module.__all__ if not issubclass(getattr(module, name), module.Optimizer)]
+    lines[1:1] = [f"from {getattr(module, name).__module__} import {name} as {name}\n" for name in others]
     for name in module.__all__:
         cls = getattr(module, name)
-        if name == "Optimizer":
+        if name == "Optimizer" or name in others:  # re-exported as it is
             continue
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         lines.append(f"\n\nclass {name}(Optimizer):\n    \"\"\"{doc}\"\"\"\n\n{_init(cls)}")
