@@ -46,6 +46,7 @@ from . import states as _states
 from . import storage as _storage
 
 CHUNK = 1 << 15  # elements per work item: large enough to stream, small enough to balance two or more threads
+AHEAD = 1024  # elements ahead of the loop whose cache lines are prefetched, in every stream the kernel reads
 
 # storage formats: name -> (storage dtype, compute dtype, exponent mask of the storage bits for the finite scan)
 FORMATS: dict[str, tuple[Any, Any, int]] = {
@@ -156,6 +157,27 @@ def nearest_even(value):
 
 
 @intrinsic
+def prefetch(typingctx, address):
+    """A hint to load the cache line at ``address`` (an integer) for reading: ``llvm.prefetch``, which never
+    faults and changes no value. The element loop does arithmetic between its loads, so the hardware prefetcher
+    alone keeps too few lines in flight; the kernels ask for each stream's lines ``AHEAD`` elements early."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        name = "llvm.prefetch.p0"
+        fn = builder.module.globals.get(name) or ir.Function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), name=name)
+        pointer = builder.inttoptr(builder.sext(args[0], ir.IntType(64)) if args[0].type.width < 64 else args[0],
+                                   i8p)
+        builder.call(fn, [pointer, i32(0), i32(3), i32(1)])  # read, keep in all cache levels, data
+        return context.get_dummy_value()
+
+    return types.void(address), codegen
+
+
+@intrinsic
 def random32(typingctx, key, index):
     """:func:`adamkit.storage.random32` (the one definition, which the tests hold this to bit for bit): 32 random
     bits for element ``index`` under ``key``. The low 16 bits round one value of a pair, the high 16 bits the
@@ -249,6 +271,16 @@ class _Layout:
                                                self.bf16_param, stochastic)
         self.pairs = range((len(self.rounded) + 1) // 2)  # one 32-bit hash per pair of rounded values
 
+    def streams(self) -> list[tuple[int, int]]:
+        """(address column, bytes per element) of every array the element loop reads: param, grad, each state
+        (8-bit scales, one per block, are left to the hardware)."""
+        size = np.dtype(FORMATS[self.fmt][0]).itemsize
+        out, col = [(0, size), (1, size)], 2
+        for _, _, kind in self.on:
+            out.append((col, {"int8": 1, "bf16": 2}.get(kind, size)))
+            col += 2 if kind == "int8" else 1
+        return out
+
     def rounds_stochastically(self, kind: str) -> bool:
         """bf16 states always; bf16 params (and states stored like them) when ``stochastic``."""
         return kind == "bf16" or (kind == "plain" and self.bf16_param and self.stochastic)
@@ -300,13 +332,14 @@ def _emit_header(lay: _Layout) -> list[str]:
         "from numba import njit, prange, carray",
         "from adamkit.kernels import address_as_pointer, scalar_update, bf16_load, bf16_store, nearest_even",
         "from adamkit.kernels import f16_load, f16_store",
-        "from adamkit.kernels import random32, low16, high16",
+        "from adamkit.kernels import random32, low16, high16, prefetch",
         "from adamkit.kernels import scalar_state_functions, _f32_as_u32 as f32_bits, _u32_as_f32 as bits_f32",
         "dequantize_signed, dequantize_unsigned, quantize_signed, quantize_unsigned, inverse_scale = "
         "scalar_state_functions()",
         f"update = scalar_update({lay.rule.name!r})",
         f"DT = np.{compute.__name__}",
         f"BLOCK = {_states.BLOCK}",
+        f"AHEAD = {AHEAD}",
         f"BITS = np.{bits.__name__}  # the gradient's storage bits, for the non-finite check",
         f"EXPONENT = BITS({exponent:#x})",
         f"MAGNITUDE = BITS({(1 << (8 * np.dtype(bits).itemsize - 1)) - 1:#x})",
@@ -366,9 +399,25 @@ def _emit_element(lay: _Layout, view: str, index: str) -> list[str]:
     return L
 
 
+def _emit_prefetch(lay: _Layout) -> list[str]:
+    """At the start of a block (``b0``): ask for the cache lines of the block ``AHEAD`` elements on, in every
+    stream, within the tensor."""
+    L = ["ahead = lo + b0 + AHEAD", "if ahead < n:", "    last = min(ahead + BLOCK, n)"]
+    for col, size in lay.streams():
+        L += [f"    for q in range(ahead * {size}, last * {size}, 64):",
+              f"        prefetch(addresses[k, {col}] + q)"]
+    return L
+
+
 def _emit_flat_loop(lay: _Layout) -> list[str]:
-    """Element by element over the chunk (no 8-bit state)."""
-    return ["        for i in range(hi - lo):"] + ["            " + x for x in _emit_element(lay, "_", "lo + i")]
+    """Element by element over the chunk (no 8-bit state), block by block for the prefetches; every array is
+    re-viewed per block so that the loop indexes from 0 (and vectorizes)."""
+    L = ["for b0 in range(0, hi - lo, BLOCK):", "    b1 = min(b0 + BLOCK, hi - lo)"]
+    L += ["    " + x for x in _emit_prefetch(lay)]
+    L += [f"    {s}_b = {s}_[b0:b1]" for s in ["theta", "g"] + [s for _, s, _ in lay.on]]
+    L.append("    for i in range(b1 - b0):")
+    L += ["        " + x for x in _emit_element(lay, "_b", "lo + b0 + i")]
+    return ["        " + line for line in L]
 
 
 def _emit_block_loop(lay: _Layout) -> list[str]:
@@ -378,7 +427,9 @@ def _emit_block_loop(lay: _Layout) -> list[str]:
     value is inf or nan (the running max reaches INF, rarely), the absmax is taken again over the finite values
     only (the quantizers contain the others: ±inf → ±the top code, nan → 0), so the common case pays nothing.
     Every array is re-viewed per block so that the loops index from 0 (and vectorize)."""
-    L = ["for b0 in range(0, hi - lo, BLOCK):", "    b1 = min(b0 + BLOCK, hi - lo)", "    block = (lo + b0) // BLOCK",
+    L = ["for b0 in range(0, hi - lo, BLOCK):", "    b1 = min(b0 + BLOCK, hi - lo)"]
+    L += ["    " + x for x in _emit_prefetch(lay)]
+    L += ["    block = (lo + b0) // BLOCK",
          "    g_bits_b = g_bits[b0:b1]", "    magnitude = BITS(0)", "    for i in range(b1 - b0):",
          "        magnitude = max(magnitude, BITS(g_bits_b[i] & MAGNITUDE))", "    if magnitude >= EXPONENT:",
          "        skipped += 1", "        continue"]
