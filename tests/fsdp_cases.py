@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import tempfile
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -279,47 +280,35 @@ def leave() -> None:
     os._exit(0)
 
 
-def run_offload(rank: int, out: str, store_dir: str) -> None:
-    store = dist.FileStore(os.path.join(store_dir, "store"), 2)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+def as_rank(rank: int, world: int, store_dir: str, out: str, work: Callable[[], dict]) -> None:
+    """Run ``work`` as rank ``rank`` of ``world`` gloo ranks; rank 0 writes its result to ``out`` (JSON)."""
+    store = dist.FileStore(os.path.join(store_dir, "store"), world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
-        result = cpu_offload()
+        result = work()
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(result, f)
     finally:
         dist.destroy_process_group()
     leave()
+
+
+def run_offload(rank: int, out: str, store_dir: str) -> None:
+    as_rank(rank, 2, store_dir, out, cpu_offload)
 
 
 def run(rank: int, out: str, store_dir: str) -> None:
     os.environ["FSDP_CASES_DIR"] = store_dir
-    store = dist.FileStore(os.path.join(store_dir, "store"), 2)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
-    try:
-        results = {"float32": parity(torch.float32), "float64": parity(torch.float64),
-                   "dcp_fp32": dcp_resume(None), "dcp_bf16": dcp_resume("bf16"), "dcp_int8": dcp_resume("int8"),
-                   "int8": int8_training(), "nonfinite": nonfinite_on_one_rank(),
-                   "mixed_precision": mixed_precision_and_clipping()}
-        if rank == 0:
-            with open(out, "w") as f:
-                json.dump(results, f)
-    finally:
-        dist.destroy_process_group()
-    leave()
+    as_rank(rank, 2, store_dir, out, lambda: {
+        "float32": parity(torch.float32), "float64": parity(torch.float64),
+        "dcp_fp32": dcp_resume(None), "dcp_bf16": dcp_resume("bf16"), "dcp_int8": dcp_resume("int8"),
+        "int8": int8_training(), "nonfinite": nonfinite_on_one_rank(),
+        "mixed_precision": mixed_precision_and_clipping()})
 
 
 def run_reshard(rank: int, world: int, path: str, save_to: str, out: str, store_dir: str) -> None:
-    store = dist.FileStore(os.path.join(store_dir, "store"), world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-    try:
-        result = reshard(path, save_to or None)
-        if rank == 0:
-            with open(out, "w") as f:
-                json.dump(result, f)
-    finally:
-        dist.destroy_process_group()
-    leave()
+    as_rank(rank, world, store_dir, out, lambda: reshard(path, save_to or None))
 
 
 if __name__ == "__main__":
