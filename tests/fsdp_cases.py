@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from adamkit._ranks import as_gloo_rank
+
 STEPS = 20
 CLASSES = {"SGD": dict(lr=0.05, momentum=0.9), "Adagrad": dict(lr=0.05), "RMSprop": dict(lr=0.01, centered=True),
            "Adam": dict(lr=1e-2, amsgrad=True), "AdamW": dict(lr=1e-2), "Adamax": dict(lr=1e-2),
@@ -270,37 +272,13 @@ def cpu_offload() -> dict:
     return {"difference": rel(*runs), "compiled_tensors": compiled}
 
 
-def leave() -> None:
-    """End a rank whose results are written, without running C++ static destructors: torch 2.13's gloo ranks abort
-    at interpreter exit now and then ("terminate called without an active exception", no Python frame left; with
-    torch.optim alone too: 2 of 12 runs of the offload case with only torch.optim.AdamW), which would fail a case
-    whose every result was already checked and written."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def as_rank(rank: int, world: int, store_dir: str, out: str, work: Callable[[], dict]) -> None:
-    """Run ``work`` as rank ``rank`` of ``world`` gloo ranks; rank 0 writes its result to ``out`` (JSON)."""
-    store = dist.FileStore(os.path.join(store_dir, "store"), world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-    try:
-        result = work()
-        if rank == 0:
-            with open(out, "w") as f:
-                json.dump(result, f)
-    finally:
-        dist.destroy_process_group()
-    leave()
-
-
 def run_offload(rank: int, out: str, store_dir: str) -> None:
-    as_rank(rank, 2, store_dir, out, cpu_offload)
+    as_gloo_rank(rank, 2, store_dir, out, cpu_offload)
 
 
 def run(rank: int, out: str, store_dir: str) -> None:
     os.environ["FSDP_CASES_DIR"] = store_dir
-    as_rank(rank, 2, store_dir, out, lambda: {
+    as_gloo_rank(rank, 2, store_dir, out, lambda: {
         "float32": parity(torch.float32), "float64": parity(torch.float64),
         "dcp_fp32": dcp_resume(None), "dcp_bf16": dcp_resume("bf16"), "dcp_int8": dcp_resume("int8"),
         "int8": int8_training(), "nonfinite": nonfinite_on_one_rank(),
@@ -308,7 +286,7 @@ def run(rank: int, out: str, store_dir: str) -> None:
 
 
 def run_reshard(rank: int, world: int, path: str, save_to: str, out: str, store_dir: str) -> None:
-    as_rank(rank, world, store_dir, out, lambda: reshard(path, save_to or None))
+    as_gloo_rank(rank, world, store_dir, out, lambda: reshard(path, save_to or None))
 
 
 if __name__ == "__main__":

@@ -55,17 +55,13 @@ def _torch_paths(name: str, cfg: dict, shapes: list) -> dict[str, Callable[[], A
     return out
 
 
-def _rank(rank: int, total: int, steps: int, only: list[str], out: str, store_dir: str) -> None:
-    os.environ["NUMBA_NUM_THREADS"] = "1"  # before numba starts in this process: one thread per rank
-    import torch
+def _measure(total: int, steps: int, only: list[str]) -> dict:
+    """This rank's part of the run: every selected config timed on its shards; the slower rank's times."""
     import torch.distributed as dist
 
     import adamkit.torch as akt
     from . import bench
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(store_dir, "store"), WORLD), rank=rank,
-                            world_size=WORLD)
     shapes = bench.transformer_shapes(total)
     rows = []
     for label, name, cfg in [c for c in bench.CONFIGS if not only or c[0] in only or c[1] in only]:
@@ -83,12 +79,19 @@ def _rank(rank: int, total: int, steps: int, only: list[str], out: str, store_di
         best = min((k for k in ms if k.startswith("torch")), key=ms.get)
         rows.append({"config": label, "floor_ms": floor, "ms": ms, "torch_best_path": best,
                      "speedup_vs_torch_best": ms[best] / ms["adamkit"], "pct_of_floor": 100 * floor / ms["adamkit"]})
-    if rank == 0:
-        local = sum(int(np.prod(s)) for s in local_shapes)
-        with open(out, "w") as f:
-            json.dump({"world_size": WORLD, "params": sum(int(np.prod(s)) for s in shapes), "params_per_rank": local,
-                       "steps": steps, "rows": rows}, f)
-    dist.destroy_process_group()
+    local = sum(int(np.prod(s)) for s in local_shapes)
+    return {"world_size": WORLD, "params": sum(int(np.prod(s)) for s in shapes), "params_per_rank": local,
+            "steps": steps, "rows": rows}
+
+
+def _rank(rank: int, total: int, steps: int, only: list[str], out: str, store_dir: str) -> None:
+    os.environ["NUMBA_NUM_THREADS"] = "1"  # before numba starts in this process: one thread per rank
+    import torch
+
+    from ._ranks import as_gloo_rank
+
+    torch.set_num_threads(1)
+    as_gloo_rank(rank, WORLD, store_dir, out, lambda: _measure(total, steps, only))
 
 
 def run(total: int, steps: int, only: list[str] | None, log: Callable[[str], None]) -> dict:
