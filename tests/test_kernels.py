@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import adamkit.kernels as kernels
-from adamkit import storage
+from adamkit import rules, storage
 import adamkit.torch as akt
 from conftest import GRID, rel_error
 
@@ -193,37 +193,40 @@ def test_bfloat16_stochastic_rounding_keeps_tiny_updates():
     assert abs(expected - 0.98) < 1e-5
 
 
-def test_rounding_noise_is_uniform_and_streams_independent():
-    """The stochastic-rounding noise: 16 bits per element and stream (each half of one 32-bit hash rounds one of a
-    pair of streams), uniform over its range for every key, and the two halves, the streams of two tensors (or of
-    one tensor in two steps) and neighbouring elements uncorrelated."""
+def test_rounding_noise_is_uniform_and_values_independent():
+    """The stochastic-rounding noise: 16 bits per element and rounded value (all four values of an element from
+    one 32-bit hash), uniform over its range for every key, and the four values of an element, the values of two
+    tensors (or of one tensor in two steps) and neighbouring elements uncorrelated."""
     import numba
 
     @numba.njit
     def hashed(key, n):
-        out = np.empty((2, n), np.float64)
+        out = np.empty((4, n), np.float64)
         for i in range(n):
-            bits = kernels.random32(key, i)
-            out[0, i], out[1, i] = kernels.low16(bits), kernels.high16(bits)
+            bits = kernels.random32(key, 0, i)
+            out[0, i], out[1, i] = kernels.value0_bits(bits), kernels.value1_bits(bits)
+            out[2, i], out[3, i] = kernels.value2_bits(bits), kernels.value3_bits(bits)
         return out
 
-    def noise(seed, tensor, pair, n):
-        return hashed(storage.stream_keys(seed, [tensor], pair + 1)[0, pair], n)
+    def noise(seed, tensor, n):
+        return hashed(storage.stream_keys(seed, [tensor])[0], n)
 
     n = 1 << 18
-    (a, a_high), (b, _), (c, _) = noise(1, 0, 1, n), noise(1, 1, 1, n), noise(2, 0, 1, n)
-    for x in (a, a_high, b, c):
+    values, other_tensor, other_step = noise(1, 0, n), noise(1, 1, n)[0], noise(2, 0, n)[0]
+    for x in (*values, other_tensor, other_step):
         assert x.min() >= 0 and x.max() <= 0xFFFF
         counts = np.bincount((x // 256).astype(np.int64), minlength=256)  # 256 bins of 1,024 expected each
         assert np.abs(counts - n / 256).max() < 6 * np.sqrt(n / 256)
         assert abs(x.mean() / 0xFFFF - 0.5) < 0.005
-    for x, y in ((a, b), (a, c), (a, a_high), (a[:-1], a[1:]), (a_high[:-1], a_high[1:])):
+    pairs = [(values[a], values[b]) for a in range(4) for b in range(a + 1, 4)]
+    pairs += [(values[0], other_tensor), (values[0], other_step)] + [(x[:-1], x[1:]) for x in values]
+    for x, y in pairs:  # |r| < 0.01 is 5 standard errors (1/sqrt(n)) of uncorrelated samples
         assert abs(np.corrcoef(x, y)[0, 1]) < 0.01
 
 
 def test_rounding_hash_is_lowbias32():
-    """The 32-bit intrinsic computes Wellons' lowbias32 of the index's low 32 bits, halves swapped, xor the key
-    (checked against plain Python integers)."""
+    """The 32-bit intrinsic computes Wellons' lowbias32 of the index's low 32 bits xor the key, and a value's bits
+    are storage.value_bits of it (checked against plain Python integers)."""
     import numba
 
     def lowbias32(x):
@@ -231,10 +234,16 @@ def test_rounding_hash_is_lowbias32():
             x = ((x ^ (x >> shift)) * multiplier) & 0xFFFFFFFF
         return x ^ (x >> 16)
 
-    hashed = numba.njit(lambda key, i: kernels.random32(key, i))
-    for key, index in ((0, 0), (0x9E3779B9, 12345), (0xFFFFFFFF, 2 ** 31 + 7), (7, 2 ** 40 + 3)):
-        low = index & 0xFFFFFFFF
-        assert hashed(np.uint32(key), index) == lowbias32((((low << 16) | (low >> 16)) & 0xFFFFFFFF) ^ key)
+    hashed = numba.njit(lambda key, base, i: kernels.random32(key, base, i))
+    for key, base, index in ((0, 0, 0), (0x9E3779B9, 12000, 345), (0xFFFFFFFF, 2 ** 31, 7), (7, 2 ** 40, 3)):
+        expected = lowbias32(((base + index) & 0xFFFFFFFF) ^ key)
+        assert hashed(np.uint32(key), base, index) == expected
+        assert storage.random32(key, np.array([base + index]))[0] == expected
+    spread = [numba.njit(lambda b, f=f: f(b)) for f in (kernels.value0_bits, kernels.value1_bits,
+                                                        kernels.value2_bits, kernels.value3_bits)]
+    for bits in (0, 1, 0xFFFF, 0x12345678, 0xFFFFFFFF):
+        assert [int(f(np.uint32(bits))) for f in spread] == [storage.value_bits(bits, v) for v in range(4)]
+    assert all(1 + len(rule.update_states) <= 2 + len(storage.SPREAD) for rule in rules.RULES.values())
 
 
 def _adamw_call(n, seed=0):

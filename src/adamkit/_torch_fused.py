@@ -76,7 +76,7 @@ class _Batch:
         self.fresh = False
         self.kernel: Any = None
         self.ids = np.zeros(0, dtype=np.int64)  # each tensor's position among the optimizer's parameters
-        self.pairs = 0  # 32-bit hashes per element for stochastic rounding (one per two rounded values)
+        self.rounds = False  # whether some value rounds stochastically (one 32-bit hash per element serves all)
         self.grad_guard = MetadataGuard([])  # the last gradients validated in full (matches nothing yet)
 
     def unchanged(self) -> bool:
@@ -237,7 +237,7 @@ def _ready_batch(opt: Stepper, fmt: str, present: tuple, kinds: tuple, items: li
     stochastic = opt.stochastic_rounding and fmt == "bfloat16"
     b.kernel = kernels.kernel(rule, present, fmt, stochastic, kinds)
     formats = [kind if on else None for kind, on in zip(kinds, present)]
-    b.pairs = (len(_storage.rounded_values(formats, fmt == "bfloat16", stochastic)) + 1) // 2
+    b.rounds = bool(_storage.rounded_values(formats, fmt == "bfloat16", stochastic))
     b.ids = np.array([ids[id(p)] for p in b.params], dtype=np.int64)
     return b
 
@@ -325,7 +325,7 @@ def _run(opt: Stepper, plan: _Plan, work: list, grad_ptrs: list[np.ndarray]) -> 
     skipped = 0
     for (b, (coef, flags, new)), ptrs in zip(calls, grad_ptrs):
         b.addresses[:, 1] = ptrs
-        keys = _storage.stream_keys(opt.rounding_seed(), b.ids, b.pairs) if b.pairs else _NO_KEYS
+        keys = _storage.stream_keys(opt.rounding_seed(), b.ids)[:, None] if b.rounds else _NO_KEYS
         skipped += b.kernel(*b.table, b.sizes, b.addresses, coef, flags, keys)
         b.fresh = False
         for j in range(len(scalar_names)):

@@ -80,10 +80,10 @@ def rounding_noise(ops: _storage.ArrayOps, formats: list[str | None], seed: Call
     rounded = _storage.rounded_values(formats)
     if not rounded:
         return lambda j: None
-    keys = _storage.stream_keys(seed(), [tensor()], (len(rounded) + 1) // 2)[0]
+    key = _storage.stream_keys(seed(), [tensor()])[0]
 
     def of(j: int) -> Callable | None:
         if j + 1 not in rounded:
             return None
-        return lambda like: _storage.noise(ops, keys, rounded.index(j + 1), like)
+        return lambda like: _storage.noise(ops, key, rounded.index(j + 1), like)
     return of

@@ -177,40 +177,54 @@ def prefetch(typingctx, address):
     return types.void(address), codegen
 
 
+def _as_i32(builder: Any, value: Any) -> Any:
+    i32 = ir.IntType(32)
+    width = value.type.width
+    return builder.trunc(value, i32) if width > 32 else builder.zext(value, i32) if width < 32 else value
+
+
 @intrinsic
-def random32(typingctx, key, index):
+def random32(typingctx, key, base, index):
     """:func:`adamkit.storage.random32` (the one definition, which the tests hold this to bit for bit): 32 random
-    bits for element ``index`` under ``key``. The low 16 bits round one value of a pair, the high 16 bits the
-    other (:func:`low16`, :func:`high16`), so one hash serves two stochastically rounded values. Emitted as 32-bit
-    integer operations, so that a vector loop keeps 8 (AVX2) or 16 (AVX-512) lanes: numba's own arithmetic would
-    widen it to 64 bits."""
-    if not (isinstance(key, types.Integer) and isinstance(index, types.Integer)):
+    bits for element ``base + index`` under ``key``. Emitted as 32-bit integer operations, the sum included, so
+    that a vector loop over ``index`` counts it in 32-bit lanes and keeps 8 (AVX2) or 16 (AVX-512) of them:
+    numba's own arithmetic would widen it to 64 bits."""
+    if not all(isinstance(a, types.Integer) for a in (key, base, index)):
         return None
 
     def codegen(context, builder, signature, args):
         i32 = ir.IntType(32)
-        k, i = (builder.trunc(a, i32) if a.type.width > 32 else builder.zext(a, i32) if a.type.width < 32 else a
-                for a in args)
-        # the index's halves swapped (a rotation, which keeps the hash a bijection of the index) before the key:
-        # LLVM cannot move the truncation past it, so the loop counts the index in 32-bit lanes
-        rotate = builder.module.declare_intrinsic("llvm.fshl", [i32], ir.FunctionType(i32, [i32, i32, i32]))
-        v = builder.xor(builder.call(rotate, [i, i, ir.Constant(i32, 16)]), k)
+        k, b, i = (_as_i32(builder, a) for a in args)
+        v = builder.xor(builder.add(b, i), k)
         for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
             v = builder.xor(v, builder.lshr(v, ir.Constant(i32, shift)))
             v = builder.mul(v, ir.Constant(i32, multiplier))
         return builder.xor(v, builder.lshr(v, ir.Constant(i32, 16)))
 
-    return types.uint32(key, index), codegen
+    return types.uint32(key, base, index), codegen
 
 
-@numba.njit(inline="always")
-def low16(bits):
-    return np.uint32(bits & np.uint32(0xFFFF))
+def _value_bits(value: int) -> Callable:
+    """:func:`adamkit.storage.value_bits` for rounded value ``value``, in 32-bit lanes."""
+    def emit(typingctx, bits):
+        if not isinstance(bits, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            i32 = ir.IntType(32)
+            v = _as_i32(builder, args[0])
+            if value == 0:
+                return builder.and_(v, ir.Constant(i32, 0xFFFF))
+            if value >= 2:
+                v = builder.mul(v, ir.Constant(i32, _storage.SPREAD[value - 2]))
+            return builder.lshr(v, ir.Constant(i32, 16))
+
+        return types.uint32(bits), codegen
+    emit.__name__ = f"value{value}_bits"
+    return intrinsic(emit)
 
 
-@numba.njit(inline="always")
-def high16(bits):
-    return np.uint32(bits >> np.uint32(16))
+value0_bits, value1_bits, value2_bits, value3_bits = (_value_bits(v) for v in range(2 + len(_storage.SPREAD)))
 
 
 _scalar_updates: dict[str, Callable] = {}
@@ -255,8 +269,8 @@ def address_columns(rule: _rules.Rule, present: tuple[bool, ...], kinds: tuple[s
 
 class _Layout:
     """What one generated kernel reads and writes: the parameter's format, each present state's storage, the
-    coefficient and flag names, and the stochastic-rounding streams (0: the parameter, j + 1: state j), paired so
-    that one 32-bit hash rounds two of them. ``constants``, if given, are the flags' values compiled in."""
+    coefficient and flag names, and the stochastically rounded values (0: the parameter, j + 1: state j), which
+    share one 32-bit hash per element. ``constants``, if given, are the flags' values compiled in."""
 
     def __init__(self, rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic: bool,
                  kinds: tuple[str, ...], constants: tuple[bool, ...] | None) -> None:
@@ -269,7 +283,6 @@ class _Layout:
         self.floats, self.bools = coefficient_names(rule)
         self.rounded = _storage.rounded_values([self.kind_of.get(s) for s in rule.update_states],
                                                self.bf16_param, stochastic)
-        self.pairs = range((len(self.rounded) + 1) // 2)  # one 32-bit hash per pair of rounded values
 
     def streams(self) -> list[tuple[int, int]]:
         """(address column, bytes per element) of every array the element loop reads: param, grad, each state
@@ -305,9 +318,8 @@ class _Layout:
         return x if half is None else f"DT({'bf16' if half == 'bfloat16' else 'f16'}_load({x}))"
 
     def noise(self, stream: int) -> str:
-        """The 16 random bits of ``stream`` (0: the parameter, j + 1: state j): a half of its pair's hash."""
-        position = self.rounded.index(stream)
-        return f"{'low16' if position % 2 == 0 else 'high16'}(bits{position // 2})"
+        """The 16 random bits of ``stream`` (0: the parameter, j + 1: state j), from the element's hash."""
+        return f"value{self.rounded.index(stream)}_bits(bits)"
 
     def store(self, kind: str, target: str, value: str, stream: int) -> str:
         half = self.half(kind)
@@ -332,7 +344,7 @@ def _emit_header(lay: _Layout) -> list[str]:
         "from numba import njit, prange, carray",
         "from adamkit.kernels import address_as_pointer, scalar_update, bf16_load, bf16_store, nearest_even",
         "from adamkit.kernels import f16_load, f16_store",
-        "from adamkit.kernels import random32, low16, high16, prefetch",
+        "from adamkit.kernels import random32, value0_bits, value1_bits, value2_bits, value3_bits, prefetch",
         "from adamkit.kernels import scalar_state_functions, _f32_as_u32 as f32_bits, _u32_as_f32 as bits_f32",
         "dequantize_signed, dequantize_unsigned, quantize_signed, quantize_unsigned, inverse_scale = "
         "scalar_state_functions()",
@@ -357,7 +369,7 @@ def _emit_header(lay: _Layout) -> list[str]:
 
 def _emit_chunk(lay: _Layout) -> list[str]:
     """One chunk's views (indexed from 0, so LLVM sees simple loops and vectorizes them), its tensor's
-    coefficients and flags, and one stochastic-rounding key per pair of streams, hoisted out of the loop."""
+    coefficients and flags, and its stochastic-rounding key, hoisted out of the loop."""
     view = "carray(address_as_pointer(addresses[k, {}]), n, dtype={})[lo:hi]"
     L = ["k = chunk_tensor[c]", "n = sizes[k]", "lo = chunk_start[c]", "hi = chunk_stop[c]",
          f"theta_ = {view.format(0, lay.storage('plain'))}", f"g_ = {view.format(1, lay.storage('plain'))}"]
@@ -375,7 +387,7 @@ def _emit_chunk(lay: _Layout) -> list[str]:
         L += [f"{n} = flags[k, {j}] != 0" for j, n in enumerate(lay.bools)]
     else:
         L += [f"{n} = {value}" for n, value in zip(lay.bools, lay.constants)]
-    L += [f"key{q} = keys[k, {q}]" for q in lay.pairs]
+    L += ["key = keys[k, 0]"] * bool(lay.rounded)
     if lay.quantized:
         L.append(f"g_bits = {view.format(1, 'BITS')}")
     return ["        " + line for line in L]
@@ -385,11 +397,11 @@ def _emit_element(lay: _Layout, view: str, index: str) -> list[str]:
     """The element step, built once for both loops: random bits, load (dequantize), the rule, store (round, or
     keep new 8-bit states in the block's buffer with a running absmax: an integer max over the float bits, the
     same order for non-negative floats, which vectorizes). Arrays are ``{name}{view}``, indexed by ``i``;
-    ``index`` is the element's place in its tensor (the stochastic-rounding counter)."""
+    ``index`` gives the element's place in its tensor (the stochastic-rounding counter) as ``base, i``."""
     args = [lay.load("plain", "", f"theta{view}[i]"), lay.load("plain", "", f"g{view}[i]")]
     args += [lay.load(lay.kind_of[s], s, f"{s}{view}[i]") if s in lay.kind_of else "zero"
              for s in lay.rule.update_states]
-    L = [f"bits{q} = random32(key{q}, {index})" for q in lay.pairs]
+    L = [f"bits = random32(key, {index})"] * bool(lay.rounded)
     L += [f"r = update({', '.join(args + lay.names)})", lay.store("plain", f"theta{view}[i]", "r[0]", 0)]
     for j, s, kind in lay.on:
         if kind == "int8":
@@ -412,11 +424,11 @@ def _emit_prefetch(lay: _Layout) -> list[str]:
 def _emit_flat_loop(lay: _Layout) -> list[str]:
     """Element by element over the chunk (no 8-bit state), block by block for the prefetches; every array is
     re-viewed per block so that the loop indexes from 0 (and vectorizes)."""
-    L = ["for b0 in range(0, hi - lo, BLOCK):", "    b1 = min(b0 + BLOCK, hi - lo)"]
+    L = ["for b0 in range(0, hi - lo, BLOCK):", "    b1 = min(b0 + BLOCK, hi - lo)", "    base = lo + b0"]
     L += ["    " + x for x in _emit_prefetch(lay)]
     L += [f"    {s}_b = {s}_[b0:b1]" for s in ["theta", "g"] + [s for _, s, _ in lay.on]]
     L.append("    for i in range(b1 - b0):")
-    L += ["        " + x for x in _emit_element(lay, "_b", "lo + b0 + i")]
+    L += ["        " + x for x in _emit_element(lay, "_b", "base, i")]
     return ["        " + line for line in L]
 
 
@@ -427,9 +439,9 @@ def _emit_block_loop(lay: _Layout) -> list[str]:
     value is inf or nan (the running max reaches INF, rarely), the absmax is taken again over the finite values
     only (the quantizers contain the others: ±inf → ±the top code, nan → 0), so the common case pays nothing.
     Every array is re-viewed per block so that the loops index from 0 (and vectorize)."""
-    L = ["for b0 in range(0, hi - lo, BLOCK):", "    b1 = min(b0 + BLOCK, hi - lo)"]
+    L = ["for b0 in range(0, hi - lo, BLOCK):", "    b1 = min(b0 + BLOCK, hi - lo)", "    base = lo + b0"]
     L += ["    " + x for x in _emit_prefetch(lay)]
-    L += ["    block = (lo + b0) // BLOCK",
+    L += ["    block = base // BLOCK",
          "    g_bits_b = g_bits[b0:b1]", "    magnitude = BITS(0)", "    for i in range(b1 - b0):",
          "        magnitude = max(magnitude, BITS(g_bits_b[i] & MAGNITUDE))", "    if magnitude >= EXPONENT:",
          "        skipped += 1", "        continue"]
@@ -437,7 +449,7 @@ def _emit_block_loop(lay: _Layout) -> list[str]:
     for s in lay.quantized:
         L += [f"    {s}_scale = {s}_absmax[block]", f"    {s}_buf = {s}_buffer[:b1 - b0]", f"    {s}_bits = np.uint32(0)"]
     L.append("    for i in range(b1 - b0):")
-    L += ["        " + x for x in _emit_element(lay, "_b", "lo + b0 + i")]
+    L += ["        " + x for x in _emit_element(lay, "_b", "base, i")]
     for s in lay.quantized:
         L += [f"    if {s}_bits >= INF:", f"        {s}_bits = np.uint32(0)", "        for i in range(b1 - b0):",
               f"            {s}_m = f32_bits(abs(np.float32({s}_buf[i])))",
@@ -504,8 +516,8 @@ compile of a few seconds pays back only over long runs: 134 M elements are about
 
 class Kernel:
     """The compiled multi-tensor loop of one configuration, called as ``kernel(chunk_tensor, chunk_start,
-    chunk_stop, sizes, addresses, coefficients, flags, keys) -> skipped``; ``keys`` are each tensor's
-    stochastic-rounding keys (:func:`adamkit.storage.stream_keys`).
+    chunk_stop, sizes, addresses, coefficients, flags, keys) -> skipped``; ``keys[k, 0]`` is tensor ``k``'s
+    stochastic-rounding key (:func:`adamkit.storage.stream_keys`; no column if nothing rounds stochastically).
 
     A call runs the loop that reads each tensor's flags, until calls whose tensors all carry the same flags (one
     param group: every call the engines make, except a step where some tensors start and others do not) have

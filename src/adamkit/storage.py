@@ -20,9 +20,12 @@ and the compiled kernels round to the same bits:
 
 * a step draws one seed from the optimizer's rounding stream (:func:`next_seed`);
 * tensor ``t`` (its position among the optimizer's parameters) numbers the values it rounds stochastically
-  ``0, 1, …`` (the parameter first if it is rounded, then its states in the rule's order), and values ``2q`` and
-  ``2q + 1`` share one 32-bit hash per element, under the key ``stream_keys(seed, [t], q)``;
-* element ``i`` of the pair gets ``random32(key, i)``; the first value takes its low 16 bits, the second the high.
+  ``0, 1, …`` (the parameter first if it is rounded, then its states in the rule's order; at most 4), and takes
+  the key ``stream_keys(seed, [t])``;
+* element ``i`` gets one 32-bit hash ``random32(key, i)``, which serves all its values (:func:`value_bits`): the
+  first takes its low 16 bits, the second the high 16 bits, a third and a fourth the high 16 bits of the hash
+  times an odd constant. Each value's bits are uniform and unbiased on their own, and one hash per element is
+  what keeps stochastic rounding about as fast as rounding to nearest.
 """
 
 from __future__ import annotations
@@ -207,32 +210,40 @@ def next_seed(first_group: dict, draw_key: Any) -> int:
     return _splitmix64((int(stream[0]) ^ (draw * 0x9E3779B97F4A7C15)) & _M64) % 2 ** 62
 
 
-def stream_keys(seed: int, tensors: Sequence[int] | np.ndarray, pairs: int) -> np.ndarray:
-    """The 32-bit keys (uint32, shape ``(len(tensors), pairs)``) of each tensor's pairs of rounded values in the
-    step with ``seed``."""
-    t = np.asarray(tensors, dtype=np.uint64)[:, None]
-    q = np.arange(pairs, dtype=np.uint64)[None, :]
+SPREAD = (0x9E3779B1, 0x85EBCA77)
+"""Odd multipliers that give a tensor's third and fourth rounded values their bits (see :func:`value_bits`)."""
+
+
+def stream_keys(seed: int, tensors: Sequence[int] | np.ndarray) -> np.ndarray:
+    """The 32-bit key (uint32, one per tensor) of each tensor's rounding noise in the step with ``seed``."""
+    t = np.asarray(tensors, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        x = np.uint64(seed) ^ (t * np.uint64(0x9E3779B97F4A7C15)) ^ (q * np.uint64(0x94D049BB133111EB))
-        return (_splitmix64(x) & np.uint64(_M32)).astype(np.uint32)
+        return (_splitmix64(np.uint64(seed) ^ (t * np.uint64(0x9E3779B97F4A7C15))) & np.uint64(_M32)).astype(np.uint32)
 
 
 def random32(key: int, index: Any) -> Any:
     """32 random bits for each element ``index`` (int64 array) under ``key``: Wellons' lowbias32 hash (a bijection
-    with full avalanche) of the index rotated by 16 bits, xor the key. Integer ops on int64 arrays of NumPy or
-    torch, masked to 32 bits; the kernels emit the same hash in 32-bit lanes (:func:`adamkit.kernels.random32`)."""
-    i = index & _M32
-    v = (((i << 16) | (i >> 16)) & _M32) ^ int(key)
+    with full avalanche) of the index's low 32 bits xor the key. Integer ops on int64 arrays of NumPy or torch,
+    masked to 32 bits; the kernels emit the same hash in 32-bit lanes (:func:`adamkit.kernels.random32`)."""
+    v = (index & _M32) ^ int(key)
     v = ((v ^ (v >> 16)) * 0x7FEB352D) & _M32
     v = ((v ^ (v >> 15)) * 0x846CA68B) & _M32
     return v ^ (v >> 16)
 
 
-def noise(ops: ArrayOps, keys: np.ndarray, value: int, like: Any) -> Any:
-    """The 16 random bits per element of a tensor's rounded value number ``value``, given the tensor's row of
-    :func:`stream_keys`; ``like``'s elements are numbered in row-major order."""
-    bits = random32(int(keys[value // 2]), ops.index(_numel(like), like))
-    return (bits & 0xFFFF if value % 2 == 0 else bits >> 16).reshape(tuple(like.shape))
+def value_bits(bits: Any, value: int) -> Any:
+    """The 16 random bits of a tensor's rounded value number ``value`` (0…3), from its element's hash ``bits``:
+    the low half, the high half, then the high half of the hash times an odd constant of :data:`SPREAD` (a
+    bijection of the hash, so each value's bits are uniform on their own)."""
+    if value < 2:
+        return bits & 0xFFFF if value == 0 else bits >> 16
+    return ((bits * SPREAD[value - 2]) & _M32) >> 16
+
+
+def noise(ops: ArrayOps, key: int, value: int, like: Any) -> Any:
+    """The 16 random bits per element of a tensor's rounded value number ``value``, given the tensor's key
+    (:func:`stream_keys`); ``like``'s elements are numbered in row-major order."""
+    return value_bits(random32(int(key), ops.index(_numel(like), like)), value).reshape(tuple(like.shape))
 
 
 def _numel(x: Any) -> int:
