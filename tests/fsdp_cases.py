@@ -272,6 +272,87 @@ def cpu_offload() -> dict:
     return {"difference": rel(*runs), "compiled_tensors": compiled}
 
 
+def across_libraries() -> dict:
+    """A DCP checkpoint of FSDP2 shards moves between adamkit and torch.optim, both ways: the loader's next 4 steps
+    end where the saver's own next 4 steps end (float32 round-off of the two implementations)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    import adamkit.torch as ak
+    out = {}
+    for saver, loader in ((ak.AdamW, torch.optim.AdamW), (torch.optim.AdamW, ak.AdamW)):
+        path = os.environ["FSDP_CASES_DIR"] + f"/ckpt-{saver.__module__}"
+        m = sharded(torch.float32)
+        opt = saver(m.parameters(), lr=1e-2)
+        train(m, opt, 4, torch.float32)
+        model_sd, optim_sd = get_state_dict(m, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        train(m, opt, 4, torch.float32, start=4)
+        m2 = sharded(torch.float32)
+        opt2 = loader(m2.parameters(), lr=1e-2)
+        model_sd, optim_sd = get_state_dict(m2, opt2)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(m2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        train(m2, opt2, 4, torch.float32, start=4)
+        out[f"{saver.__module__} -> {loader.__module__}"] = rel(full(m2), full(m))
+    return out
+
+
+def tensor_parallel() -> dict:
+    """Tensor-parallel placements (Replicate, Shard(1)) on a mesh of the 2 ranks, every class: each rank steps its
+    local shard through the kernels. float32 states against torch.optim on the full tensors; bf16 and int8 states
+    against adamkit stepping the same local shard as a plain tensor (same blocks and rounding: bit for bit). The
+    states are DTensors with the parameter's mesh and placements, and Replicate's replicas stay equal on every
+    rank though each rank's global generator is seeded differently (the rounding stream's key is fixed)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import adamkit.torch as ak
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    shapes = [(48, 600), (96, 333)]  # Shard(1) of 333 columns: uneven shards
+    torch.manual_seed(dist.get_rank())
+    out = {}
+    for placement in (Replicate(), Shard(1)):
+        for name, kw in CLASSES.items():
+            for precision in (None, "bf16", "int8"):
+                if precision and name not in ("AdamW", "RMSprop"):
+                    continue
+                full_params = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+                dparams = [torch.nn.Parameter(distribute_tensor(p.clone(), mesh, [placement])) for p in full_params]
+                local = [torch.nn.Parameter(d._local_tensor.detach().clone()) for d in dparams]
+                plain = [torch.nn.Parameter(p.clone()) for p in full_params]
+                opt = getattr(ak, name)(dparams, state_precision=precision, **kw)
+                ref = (getattr(torch.optim, name)(plain, **kw) if precision is None
+                       else getattr(ak, name)(local, state_precision=precision, **kw))
+                for t in range(10):
+                    grads = [torch.randn(s, generator=torch.Generator().manual_seed(100 * t + i))
+                             for i, s in enumerate(shapes)]
+                    for d, g in zip(dparams, grads):
+                        d.grad = distribute_tensor(g, mesh, [placement])
+                    for p, g, d in zip(plain, grads, dparams):
+                        p.grad = g.clone()
+                    for p, d in zip(local, dparams):
+                        p.grad = d.grad._local_tensor.clone()
+                    opt.step(), ref.step()
+                states = [v for d in dparams for v in opt.state[d].values() if v.dim() > 0]  # not step, mu_product
+                replicas = [None] * dist.get_world_size()
+                dist.all_gather_object(replicas, [d._local_tensor for d in dparams])
+                key = f"{placement}/{name}/{precision}"
+                out[key] = {
+                    "difference": (rel([d.full_tensor() for d in dparams], [p.detach() for p in plain])
+                                   if precision is None else None),
+                    "bit_for_bit": (all(torch.equal(d._local_tensor, p.detach()) for d, p in zip(dparams, local))
+                                    if precision else None),
+                    "compiled_tensors": sum(len(b.params) for b in opt._kernel_plan.batches()),
+                    "states_placed": len(states) > 0 and all(
+                        v.placements == d.placements and v.device_mesh == mesh
+                        for d in dparams for v in opt.state[d].values() if v.dim() > 0),
+                    "replicas_equal": placement.is_shard() or all(
+                        torch.equal(a, b) for r in replicas for a, b in zip(r, replicas[0]))}
+    return out
+
+
 def run_offload(rank: int, out: str, store_dir: str) -> None:
     as_gloo_rank(rank, 2, store_dir, out, cpu_offload)
 
@@ -282,7 +363,8 @@ def run(rank: int, out: str, store_dir: str) -> None:
         "float32": parity(torch.float32), "float64": parity(torch.float64),
         "dcp_fp32": dcp_resume(None), "dcp_bf16": dcp_resume("bf16"), "dcp_int8": dcp_resume("int8"),
         "int8": int8_training(), "nonfinite": nonfinite_on_one_rank(),
-        "mixed_precision": mixed_precision_and_clipping()})
+        "mixed_precision": mixed_precision_and_clipping(), "across_libraries": across_libraries(),
+        "tensor_parallel": tensor_parallel()})
 
 
 def run_reshard(rank: int, world: int, path: str, save_to: str, out: str, store_dir: str) -> None:

@@ -80,8 +80,8 @@ def test_state_dict_layout_equals_torch():
         train(oa, a, targets, 0, 2)
         train(ob, b, targets, 0, 2)
         sa, sb = oa.state_dict(), ob.state_dict()
-        assert set(sa["param_groups"][0]) >= set(sb["param_groups"][0]), name
-        assert set(sa["param_groups"][0]) - set(sb["param_groups"][0]) <= {"fused", "state_precision"}
+        # the same group keys: torch.distributed.checkpoint loads only when the checkpoint has every key
+        assert set(sa["param_groups"][0]) == set(sb["param_groups"][0]), name
         for i in sb["state"]:
             assert {k: (v.dtype, v.shape) for k, v in sa["state"][i].items()} == \
                    {k: (v.dtype, v.shape) for k, v in sb["state"][i].items()}

@@ -165,11 +165,10 @@ class Optimizer(_Checkpoints):
         return state
 
     def rounding_seed(self) -> int:
-        """This step's stochastic-rounding seed (:func:`adamkit.storage.next_seed`: one draw per step, from a
-        stream in ``param_groups[0]`` whose key comes from NumPy's global generator)."""
+        """This step's stochastic-rounding seed (:func:`adamkit.storage.next_seed`: one draw per step, from the
+        stream in ``param_groups[0]``)."""
         if self._step_seed is None:
-            self._step_seed = _storage.next_seed(self.param_groups[0],
-                                                 lambda: np.random.randint(0, 2 ** 62, dtype=np.int64))
+            self._step_seed = _storage.next_seed(self.param_groups[0])
         return self._step_seed
 
     def _hyper(self, group: Mapping[str, Any]) -> dict[str, Any]:

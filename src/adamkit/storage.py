@@ -197,14 +197,20 @@ def _splitmix64(x: Any) -> Any:
     return x ^ (x >> np.uint64(31))
 
 
-def next_seed(first_group: dict, draw_key: Any) -> int:
+STREAM_KEY = 0
+"""The key a rounding stream starts with. A fixed key, not one drawn from a generator: the step is then a function
+of the parameters, gradients, states and step count alone, so replicas of a model on several processes (DDP, a
+Replicate DTensor) round alike and stay equal whatever each process's generator holds."""
+
+
+def next_seed(first_group: dict) -> int:
     """The next seed of the optimizer's rounding stream: a hash of the stream's key and how many seeds were drawn.
     Both live in the first param group (``group[ROUNDING] = [key, draws]``), and so in the state dict: a resumed
-    run rounds exactly as an uninterrupted one. The entry appears with the first rounding; ``draw_key()`` makes
-    its key (from the engine's global generator, so that seeding it fixes the stream)."""
+    run rounds exactly as an uninterrupted one. The entry appears with the first rounding, with the key
+    :data:`STREAM_KEY`; setting ``group[ROUNDING] = [key, 0]`` before that picks another stream."""
     stream = first_group.get(ROUNDING)
     if stream is None:
-        stream = first_group[ROUNDING] = [int(draw_key()), 0]
+        stream = first_group[ROUNDING] = [STREAM_KEY, 0]
     draw = int(stream[1])
     stream[1] = draw + 1
     return _splitmix64((int(stream[0]) ^ (draw * 0x9E3779B97F4A7C15)) & _M64) % 2 ** 62

@@ -56,6 +56,8 @@ __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", 
 
 # torch.optim group keys that are not part of the math: kept in every group so checkpoints move both ways.
 _ENGINE_KEYS = _checkpoints.ENGINE_KEYS
+# engine options torch.optim does not have: a state dict leaves them out (a load keeps the optimizer's own)
+_ADAMKIT_ENGINE_KEYS = ("state_precision",)
 
 
 class _Checkpoints(_optim.Optimizer):
@@ -91,10 +93,19 @@ class _Checkpoints(_optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """As torch.optim's: per-parameter states as plain dicts of plain tensors (``torch.load(weights_only=True)``
         reads them); an 8-bit state as its codes (int8 or uint8) beside its block scales (``"<state>.absmax"``),
-        or, of a DTensor parameter, as a float32 DTensor of its values."""
+        or, of a DTensor parameter, as a float32 DTensor of its values.
+
+        Groups hold torch.optim's keys for the class of that name, and the stochastic-rounding stream where one
+        was drawn: adamkit's own engine options (``state_precision``; ``fused`` where torch has no fused path)
+        are left out, as a load keeps the loading optimizer's own. So ``torch.distributed.checkpoint`` (whose
+        load wants every key of the loader's state dict in the checkpoint) moves checkpoints between adamkit and
+        torch.optim both ways."""
         out = super().state_dict()
         out["state"] = {k: _torch_states.distributable(v) if isinstance(v, dict) else v
                         for k, v in out["state"].items()}
+        for group in out["param_groups"]:
+            for key in _ADAMKIT_ENGINE_KEYS if self.rule.torch_fused else (*_ADAMKIT_ENGINE_KEYS, "fused"):
+                group.pop(key, None)
         return out
 
     def torch_state_dict(self) -> dict[str, Any]:
@@ -174,10 +185,10 @@ class Optimizer(_Checkpoints):
         return {k: group[k] for k in self.defaults if k not in _ENGINE_KEYS and k in group}
 
     def rounding_seed(self) -> int:
-        """This step's stochastic-rounding seed (:func:`adamkit.storage.next_seed`: one draw per step, from a
-        stream in ``param_groups[0]`` whose key comes from torch's global generator)."""
+        """This step's stochastic-rounding seed (:func:`adamkit.storage.next_seed`: one draw per step, from the
+        stream in ``param_groups[0]``)."""
         if self._step_seed is None:
-            self._step_seed = _storage.next_seed(self.param_groups[0], lambda: torch.randint(0, 2 ** 62, ()))
+            self._step_seed = _storage.next_seed(self.param_groups[0])
         return self._step_seed
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
