@@ -238,3 +238,23 @@ def test_states_of_ids_no_group_lists_are_refused(engine):
     with pytest.raises(ValueError, match=r"states for parameter ids \['0'\] that no group lists"):
         opt.load_state_dict(sd)
     _same(opt.state_dict(), before)
+
+
+def test_groups_have_torch_optims_keys_unless_an_adamkit_option_is_set():
+    """Left at None, ``state_precision`` (and ``fused`` where torch has no fused path) is no group key, so groups
+    and state dicts have torch.optim's keys (DCP loads a checkpoint only if it holds every key of the loader's);
+    a checkpoint that has one does not add it to an optimizer that has not."""
+    for name in ("Adam", "RMSprop", "NAdam"):
+        p = torch.nn.Parameter(torch.randn(N))
+        theirs, ours = getattr(torch.optim, name)([p]), getattr(akt, name)([p])
+        assert ours.param_groups[0].keys() == theirs.param_groups[0].keys(), name
+        assert ours.state_dict()["param_groups"][0].keys() == theirs.state_dict()["param_groups"][0].keys(), name
+    p = torch.nn.Parameter(torch.randn(N))
+    low = akt.RMSprop([p], state_precision="bf16", fused=False)
+    p.grad = torch.randn(N)
+    low.step()
+    assert low.state_dict()["param_groups"][0]["state_precision"] == "bf16"
+    plain = akt.RMSprop([torch.nn.Parameter(p.detach().clone())])
+    plain.load_state_dict(low.state_dict())
+    assert "state_precision" not in plain.param_groups[0] and "fused" not in plain.param_groups[0]
+    assert plain.state[plain.param_groups[0]["params"][0]]["square_avg"].dtype == torch.float32

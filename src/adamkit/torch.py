@@ -56,8 +56,6 @@ __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", 
 
 # torch.optim group keys that are not part of the math: kept in every group so checkpoints move both ways.
 _ENGINE_KEYS = _checkpoints.ENGINE_KEYS
-# engine options torch.optim does not have: a state dict leaves them out (a load keeps the optimizer's own)
-_ADAMKIT_ENGINE_KEYS = ("state_precision",)
 
 
 class _Checkpoints(_optim.Optimizer):
@@ -82,8 +80,10 @@ class _Checkpoints(_optim.Optimizer):
         for g, h in zip(full["param_groups"], hypers):
             g.update(h)
         super().load_state_dict(full)
-        for group, own in zip(self.param_groups, engine):
-            group.update(own)  # this optimizer's engine options win over the checkpoint's
+        for group, own in zip(self.param_groups, engine):  # this optimizer's engine options win over the checkpoint's
+            for k in _ENGINE_KEYS:
+                group.pop(k, None)
+            group.update(own)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         mine = [(p, group) for group in self.param_groups for p in group["params"]]
         for saved_id, (p, group) in zip(saved_ids, mine):  # each state in this optimizer's format
@@ -93,19 +93,10 @@ class _Checkpoints(_optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """As torch.optim's: per-parameter states as plain dicts of plain tensors (``torch.load(weights_only=True)``
         reads them); an 8-bit state as its codes (int8 or uint8) beside its block scales (``"<state>.absmax"``),
-        or, of a DTensor parameter, as a float32 DTensor of its values.
-
-        Groups hold torch.optim's keys for the class of that name, and the stochastic-rounding stream where one
-        was drawn: adamkit's own engine options (``state_precision``; ``fused`` where torch has no fused path)
-        are left out, as a load keeps the loading optimizer's own. So ``torch.distributed.checkpoint`` (whose
-        load wants every key of the loader's state dict in the checkpoint) moves checkpoints between adamkit and
-        torch.optim both ways."""
+        or, of a DTensor parameter, as a float32 DTensor of its values."""
         out = super().state_dict()
         out["state"] = {k: _torch_states.distributable(v) if isinstance(v, dict) else v
                         for k, v in out["state"].items()}
-        for group in out["param_groups"]:
-            for key in _ADAMKIT_ENGINE_KEYS if self.rule.torch_fused else (*_ADAMKIT_ENGINE_KEYS, "fused"):
-                group.pop(key, None)
         return out
 
     def torch_state_dict(self) -> dict[str, Any]:
@@ -215,14 +206,21 @@ class Optimizer(_Checkpoints):
 
 def _defaults(rule: _rules.Rule, values: dict[str, Any]) -> dict[str, Any]:
     """The constructor's defaults (hyperparameters, then engine options) after torch.optim's checks, in its order
-    and with its words (torch.optim.Adam's constructor checks more than the others)."""
+    and with its words (torch.optim.Adam's constructor checks more than the others).
+
+    An engine option torch.optim's class does not have (``state_precision``; ``fused`` where torch has no fused
+    path) is a group key only when it is set: with those left at None the groups, and so ``state_dict()``, have
+    torch.optim's keys, and ``torch.distributed.checkpoint`` (which loads only a checkpoint holding every key of
+    the loader's state dict, and rebuilds flattened groups from the live groups' keys) moves checkpoints between
+    adamkit and torch.optim both ways."""
     engine = {k: values.pop(k) for k in _ENGINE_KEYS if k in values}
     adam = rule.name in ("Adam", "AdamW")
     _check_tensor_lr(values.get("lr"), engine if adam else {})
     defaults = rule.hyperparameters(**values)
     if adam:  # after the ranges, as there
         _check_tensor_betas(values.get("betas", defaults["betas"]), engine)
-    return {**defaults, **engine}
+    unset = [k for k in ("state_precision",) + (() if rule.torch_fused else ("fused",)) if engine.get(k) is None]
+    return {**defaults, **{k: v for k, v in engine.items() if k not in unset}}
 
 
 def _check_tensor_lr(lr: Any, engine: Mapping[str, Any]) -> None:
