@@ -276,3 +276,37 @@ def test_a_kernel_compiles_shared_flags_in_after_enough_elements_and_steps_alike
         kern.loop(-1)(*generic_args)
     for a, b in zip(special, generic):  # FMA contraction may differ between the two loops: within an ulp or so
         assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])  # the flat loop and the block loop
+def test_prefetching_changes_no_value(monkeypatch, precision):
+    """Prefetches are hints: kernels generated with and without them step bit for bit alike (a tensor long
+    enough that the loop prefetches inside it and stops at its end)."""
+    n = 3 * kernels.CHUNK + 1000
+    torch.manual_seed(0)
+    start, grads = torch.randn(n), [torch.randn(n) for _ in range(3)]
+    results = []
+    for ahead in (0, 1024):
+        monkeypatch.setattr(kernels, "AHEAD", ahead)
+        monkeypatch.setattr(kernels, "_kernels", {})  # kernels generated anew with this distance
+        assert ("prefetch(" in kernels._generate(rules.RULES["AdamW"], (True, True, False), "float32", False,
+                                                ("int8", "int8", "plain"))) == bool(ahead)
+        p = torch.nn.Parameter(start.clone())
+        opt = akt.AdamW([p], lr=1e-2, state_precision=precision)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        results.append([p.detach().clone()] + [v.clone() for v in opt.state_dict()["state"][0].values()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_prefetch_distance_is_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("ADAMKIT_PREFETCH", "0")
+    assert kernels.prefetch_distance() == 0
+    monkeypatch.setenv("ADAMKIT_PREFETCH", "2048")
+    assert kernels.prefetch_distance() == 2048
+    monkeypatch.setenv("ADAMKIT_PREFETCH", "-1")
+    with pytest.raises(ValueError, match="ADAMKIT_PREFETCH must be a number of elements"):
+        kernels.prefetch_distance()
+    monkeypatch.delenv("ADAMKIT_PREFETCH")
+    assert kernels.prefetch_distance() in (0, 1024)

@@ -63,7 +63,7 @@ AVX2_ENVIRONMENT = {
 
 def compiled_isa() -> dict[str, str]:
     """The vector ISA the kernels are compiled for (numba's target: NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, else the
-    host's) and the one torch's CPU kernels run."""
+    host's), the one torch's CPU kernels run, and the kernels' prefetch distance in elements (0: none)."""
     import numba
     from llvmlite import binding
     from numba.core.codegen import get_host_cpu_features
@@ -77,7 +77,9 @@ def compiled_isa() -> dict[str, str]:
         torch_isa = torch.backends.cpu.get_cpu_capability().replace("AVX512", "AVX-512")
     except ImportError:
         torch_isa = "none"
-    return {"adamkit": isa, "numba_cpu": numba.config.CPU_NAME or binding.get_host_cpu_name(), "torch": torch_isa}
+    from .kernels import AHEAD
+    return {"adamkit": isa, "numba_cpu": numba.config.CPU_NAME or binding.get_host_cpu_name(), "torch": torch_isa,
+            "host_cpu": binding.get_host_cpu_name(), "prefetch": AHEAD}
 
 
 def _stream_kernel():
@@ -379,8 +381,8 @@ def state_table(results: dict) -> str:
     sp, isa = results["state_precision"], results["machine"]["isa"]
     rows, floors = sp["rows"], sp["floors_ms"]
     others = [k[len("speedup_vs_"):] for k in rows[0] if k.startswith("speedup_vs_") and k != "speedup_vs_torch_fused"]
-    out = [f"\nadamkit {isa['adamkit']}, torch {isa['torch']}, {results['machine']['threads']} threads, "
-           f"{sp['params'] / 1e6:.1f} M params",
+    out = [f"\nadamkit {isa['adamkit']} (prefetch {isa.get('prefetch') or 'off'}), torch {isa['torch']}, "
+           f"{results['machine']['threads']} threads, {sp['params'] / 1e6:.1f} M params",
            "| AdamW | ms/step | state B/param | × vs torch fused fp32 | % of its floor |" + "".join(
                f" × vs {o} |" for o in others), "|---|---|---|---|---|" + "---|" * len(others)]
     for r in rows:
@@ -464,8 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--state-precision only: name the precisions to compare too, e.g. --state-precision "
                      "bf16,int8,only")
     isa = compiled_isa()
-    log(f"ISA: adamkit kernels compiled for {isa['adamkit']} (numba target {isa['numba_cpu']}), torch runs "
-        f"{isa['torch']}")
+    log(f"ISA: adamkit kernels compiled for {isa['adamkit']} (numba target {isa['numba_cpu']}, host "
+        f"{isa['host_cpu']}, prefetch {isa['prefetch'] or 'off'}), torch runs {isa['torch']}")
     if "only" in names:
         results = {"machine": machine(), "suites": {}}
     else:
