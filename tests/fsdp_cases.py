@@ -306,51 +306,46 @@ def tensor_parallel() -> dict:
     states are DTensors with the parameter's mesh and placements, and Replicate's replicas stay equal on every
     rank though each rank's global generator is seeded differently (the rounding stream's key is fixed)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(dist.get_rank())
+    return {f"{placement}/{name}/{precision}": tensor_parallel_case(mesh, placement, name, precision)
+            for placement in (Replicate(), Shard(1)) for name in CLASSES
+            for precision in ((None, "bf16", "int8") if name in ("AdamW", "RMSprop") else (None,))}
+
+
+def tensor_parallel_case(mesh, placement, name: str, precision: str | None, steps: int = 10) -> dict:
+    """One class and state precision on parameters placed by ``placement`` (see :func:`tensor_parallel`)."""
+    from torch.distributed.tensor import distribute_tensor
 
     import adamkit.torch as ak
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    shapes = [(48, 600), (96, 333)]  # Shard(1) of 333 columns: uneven shards
-    torch.manual_seed(dist.get_rank())
-    out = {}
-    for placement in (Replicate(), Shard(1)):
-        for name, kw in CLASSES.items():
-            for precision in (None, "bf16", "int8"):
-                if precision and name not in ("AdamW", "RMSprop"):
-                    continue
-                full_params = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
-                dparams = [torch.nn.Parameter(distribute_tensor(p.clone(), mesh, [placement])) for p in full_params]
-                local = [torch.nn.Parameter(d._local_tensor.detach().clone()) for d in dparams]
-                plain = [torch.nn.Parameter(p.clone()) for p in full_params]
-                opt = getattr(ak, name)(dparams, state_precision=precision, **kw)
-                ref = (getattr(torch.optim, name)(plain, **kw) if precision is None
-                       else getattr(ak, name)(local, state_precision=precision, **kw))
-                for t in range(10):
-                    grads = [torch.randn(s, generator=torch.Generator().manual_seed(100 * t + i))
-                             for i, s in enumerate(shapes)]
-                    for d, g in zip(dparams, grads):
-                        d.grad = distribute_tensor(g, mesh, [placement])
-                    for p, g, d in zip(plain, grads, dparams):
-                        p.grad = g.clone()
-                    for p, d in zip(local, dparams):
-                        p.grad = d.grad._local_tensor.clone()
-                    opt.step(), ref.step()
-                states = [v for d in dparams for v in opt.state[d].values() if v.dim() > 0]  # not step, mu_product
-                replicas = [None] * dist.get_world_size()
-                dist.all_gather_object(replicas, [d._local_tensor for d in dparams])
-                key = f"{placement}/{name}/{precision}"
-                out[key] = {
-                    "difference": (rel([d.full_tensor() for d in dparams], [p.detach() for p in plain])
-                                   if precision is None else None),
-                    "bit_for_bit": (all(torch.equal(d._local_tensor, p.detach()) for d, p in zip(dparams, local))
-                                    if precision else None),
-                    "compiled_tensors": sum(len(b.params) for b in opt._kernel_plan.batches()),
-                    "states_placed": len(states) > 0 and all(
-                        v.placements == d.placements and v.device_mesh == mesh
-                        for d in dparams for v in opt.state[d].values() if v.dim() > 0),
-                    "replicas_equal": placement.is_shard() or all(
-                        torch.equal(a, b) for r in replicas for a, b in zip(r, replicas[0]))}
-    return out
+    kw, shapes = CLASSES[name], [(48, 600), (96, 333)]  # Shard(1) of 333 columns: uneven shards
+    start = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    dparams = [torch.nn.Parameter(distribute_tensor(p.clone(), mesh, [placement])) for p in start]
+    local = [torch.nn.Parameter(d._local_tensor.detach().clone()) for d in dparams]
+    plain = [torch.nn.Parameter(p.clone()) for p in start]
+    opt = getattr(ak, name)(dparams, state_precision=precision, **kw)
+    ref = (getattr(torch.optim, name)(plain, **kw) if precision is None
+           else getattr(ak, name)(local, state_precision=precision, **kw))
+    for t in range(steps):
+        grads = [torch.randn(s, generator=torch.Generator().manual_seed(100 * t + i)) for i, s in enumerate(shapes)]
+        for d, p, q, g in zip(dparams, plain, local, grads):
+            d.grad = distribute_tensor(g, mesh, [placement])
+            p.grad, q.grad = g.clone(), d.grad._local_tensor.clone()
+        opt.step(), ref.step()
+    states = [(d, v) for d in dparams for v in opt.state[d].values() if v.dim() > 0]  # not step, mu_product
+    replicas = [None] * dist.get_world_size()
+    dist.all_gather_object(replicas, [d._local_tensor for d in dparams])
+    return {"difference": rel([d.full_tensor() for d in dparams], [p.detach() for p in plain]) if precision is None
+            else None,
+            "bit_for_bit": all(map(torch.equal, (d._local_tensor for d in dparams), (p.detach() for p in local)))
+            if precision else None,
+            "compiled_tensors": sum(len(b.params) for b in opt._kernel_plan.batches()),
+            "states_placed": len(states) > 0 and all(v.placements == d.placements and v.device_mesh == mesh
+                                                     for d, v in states),
+            "replicas_equal": placement.is_shard() or all(torch.equal(a, b) for r in replicas
+                                                          for a, b in zip(r, replicas[0]))}
 
 
 def run_offload(rank: int, out: str, store_dir: str) -> None:
