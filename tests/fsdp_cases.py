@@ -348,6 +348,23 @@ def tensor_parallel_case(mesh, placement, name: str, precision: str | None, step
                                                           for a, b in zip(r, replicas[0]))}
 
 
+def ddp_replicas() -> dict:
+    """DDP with bf16 states and bf16 params with stochastic rounding, each rank's global generator seeded
+    differently: every rank's replica must stay bit for bit the same (the rounding stream's key is fixed)."""
+    import adamkit.torch as ak
+    out = {}
+    for label, dtype, kw in (("bf16 states", torch.float32, dict(state_precision="bf16")),
+                             ("bf16 params, stochastic rounding", torch.bfloat16, dict(stochastic_rounding=True))):
+        torch.manual_seed(1000 + dist.get_rank())  # DDP broadcasts rank 0's parameters
+        m = torch.nn.parallel.DistributedDataParallel(model(dtype))
+        opt = ak.AdamW(m.parameters(), lr=1e-2, **kw)
+        train(m, opt, 5, dtype)
+        replicas = [None] * dist.get_world_size()
+        dist.all_gather_object(replicas, [p.detach() for p in m.parameters()])
+        out[label] = all(torch.equal(a, b) for r in replicas for a, b in zip(r, replicas[0]))
+    return out
+
+
 def run_offload(rank: int, out: str, store_dir: str) -> None:
     as_gloo_rank(rank, 2, store_dir, out, cpu_offload)
 
@@ -359,7 +376,7 @@ def run(rank: int, out: str, store_dir: str) -> None:
         "dcp_fp32": dcp_resume(None), "dcp_bf16": dcp_resume("bf16"), "dcp_int8": dcp_resume("int8"),
         "int8": int8_training(), "nonfinite": nonfinite_on_one_rank(),
         "mixed_precision": mixed_precision_and_clipping(), "across_libraries": across_libraries(),
-        "tensor_parallel": tensor_parallel()})
+        "tensor_parallel": tensor_parallel(), "ddp_replicas": ddp_replicas()})
 
 
 def run_reshard(rank: int, world: int, path: str, save_to: str, out: str, store_dir: str) -> None:

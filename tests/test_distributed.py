@@ -114,3 +114,7 @@ def test_tensor_parallel_placements_step_every_class_on_the_kernels(results):
             assert r["difference"] <= 2e-6, (key, r)
         else:  # low-bit states against the same local shard stepped as a plain tensor
             assert r["bit_for_bit"], (key, r)
+
+
+def test_ddp_replicas_with_stochastic_rounding_stay_equal_on_every_rank(results):
+    assert results["ddp_replicas"] == {"bf16 states": True, "bf16 params, stochastic rounding": True}
