@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("torch")
-from adamkit import bench  # noqa: E402
+from adamkit import bench, kernels  # noqa: E402
 
 
 def test_bench_writes_a_consistent_table(tmp_path, capsys):
@@ -57,6 +57,21 @@ def test_compiled_isa_follows_numba_target_features(monkeypatch):
     assert bench.compiled_isa()["adamkit"] == "AVX-512"
     monkeypatch.setattr(numba.config, "CPU_FEATURES", "+sse2,-avx2")
     assert bench.compiled_isa()["adamkit"] == "SSE2"
+
+
+def test_low_precision_loops_are_widened_on_256_bit_targets_only(monkeypatch):
+    """Loops that store narrowed values are vectorized for bandwidth on AVX2 targets only (on AVX-512 it made the
+    int8 kernel slower), never for float64 math or plain float32 storage; the bench says so."""
+    import numba
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", bench.AVX2_ENVIRONMENT["NUMBA_CPU_FEATURES"])
+    assert kernels.widens_loops("float32", ("int8", "int8"))
+    assert kernels.widens_loops("float32", ("bf16", "plain")) and kernels.widens_loops("bfloat16", ("plain",))
+    assert not kernels.widens_loops("float32", ("plain", "plain"))
+    assert not kernels.widens_loops("float64", ("bf16",))
+    assert bench.compiled_isa()["low_precision_loops"] == "widened"
+    assert "low-precision loops widened" in bench._loops(bench.compiled_isa())
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx,+avx2,+avx512f,+fma")
+    assert not kernels.widens_loops("float32", ("int8",)) and bench._loops(bench.compiled_isa()) == ""
 
 
 def test_floor_step_touches_every_stream_once_per_call():

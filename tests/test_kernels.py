@@ -196,7 +196,7 @@ def test_bfloat16_stochastic_rounding_keeps_tiny_updates():
 def test_rounding_noise_is_uniform_and_values_independent():
     """The stochastic-rounding noise: 16 bits per element and rounded value (all four values of an element from
     one 32-bit hash), uniform over its range for every key, and the four values of an element, the values of two
-    tensors (or of one tensor in two steps) and neighbouring elements uncorrelated."""
+    tensors (or of one tensor in two steps) and elements 1, 2, 16 and 256 apart uncorrelated."""
     import numba
 
     @numba.njit
@@ -219,24 +219,24 @@ def test_rounding_noise_is_uniform_and_values_independent():
         assert np.abs(counts - n / 256).max() < 6 * np.sqrt(n / 256)
         assert abs(x.mean() / 0xFFFF - 0.5) < 0.005
     pairs = [(values[a], values[b]) for a in range(4) for b in range(a + 1, 4)]
-    pairs += [(values[0], other_tensor), (values[0], other_step)] + [(x[:-1], x[1:]) for x in values]
+    pairs += [(values[0], other_tensor), (values[0], other_step)]
+    pairs += [(x[:-lag], y[lag:]) for x in values for y in values[:2] for lag in (1, 2, 16, 256)]  # neighbours
     for x, y in pairs:  # |r| < 0.01 is 5 standard errors (1/sqrt(n)) of uncorrelated samples
         assert abs(np.corrcoef(x, y)[0, 1]) < 0.01
 
 
-def test_rounding_hash_is_lowbias32():
-    """The 32-bit intrinsic computes Wellons' lowbias32 of the index's low 32 bits xor the key, and a value's bits
-    are storage.value_bits of it (checked against plain Python integers)."""
+def test_rounding_hash_is_two_multiply_xorshift_rounds():
+    """The 32-bit intrinsic computes ((index ^ key) · 0x7FEB352D, xor-shifted by 15) · 0x846CA68B on the index's
+    low 32 bits, and a value's bits are storage.value_bits of it (checked against plain Python integers)."""
     import numba
 
-    def lowbias32(x):
-        for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
-            x = ((x ^ (x >> shift)) * multiplier) & 0xFFFFFFFF
-        return x ^ (x >> 16)
+    def hash32(x):
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        return ((x ^ (x >> 15)) * 0x846CA68B) & 0xFFFFFFFF
 
     hashed = numba.njit(lambda key, base, i: kernels.random32(key, base, i))
     for key, base, index in ((0, 0, 0), (0x9E3779B9, 12000, 345), (0xFFFFFFFF, 2 ** 31, 7), (7, 2 ** 40, 3)):
-        expected = lowbias32(((base + index) & 0xFFFFFFFF) ^ key)
+        expected = hash32(((base + index) & 0xFFFFFFFF) ^ key)
         assert hashed(np.uint32(key), base, index) == expected
         assert storage.random32(key, np.array([base + index]))[0] == expected
     spread = [numba.njit(lambda b, f=f: f(b)) for f in (kernels.value0_bits, kernels.value1_bits,
@@ -298,6 +298,37 @@ def test_prefetching_changes_no_value(monkeypatch, precision):
             opt.step()
         results.append([p.detach().clone()] + [v.clone() for v in opt.state_dict()["state"][0].values()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8", "bf16 params"])
+def test_widened_loops_change_no_value(monkeypatch, precision):
+    """How wide LLVM vectorizes is a schedule, not math: loops vectorized for bandwidth and for LLVM's own choice
+    step alike (a tensor whose length is no multiple of 32, so remainder loops run too), up to where FMA
+    contraction differs between the two loops: float32 values within an ulp, rare codes or bfloat16 bits one step
+    apart where that ulp crosses a rounding boundary."""
+    n = 2 * kernels.CHUNK + 1003
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if precision == "bf16 params" else torch.float32
+    start, grads = torch.randn(n, dtype=dtype), [torch.randn(n, dtype=dtype) for _ in range(3)]
+    results = []
+    for widened in (False, True):
+        monkeypatch.setattr(kernels, "widens_loops", lambda fmt, kinds: widened)
+        monkeypatch.setattr(kernels, "_kernels", {})  # kernels generated anew
+        assert f"PIPELINE = loop_pipeline(maximize_bandwidth={widened})" in kernels._generate(
+            rules.RULES["AdamW"], (True, True, False), "float32", False, ("int8", "int8", "plain"))
+        p = torch.nn.Parameter(start.clone())
+        opt = akt.AdamW([p], lr=1e-2, state_precision=None if precision == "bf16 params" else precision,
+                        stochastic_rounding=precision == "bf16 params")
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        results.append([p.detach().clone()] + [v.clone() for v in opt.state_dict()["state"][0].values()])
+    for a, b in zip(*results):
+        if a.dtype == torch.float32:  # parameters, 8-bit scales: an ulp of the largest operand (cancellation)
+            assert torch.allclose(a, b, rtol=2.0 ** -22, atol=2.0 ** -22 * float(b.abs().max()))
+        else:  # int8 / uint8 codes, bfloat16 values (as their bits)
+            a, b = (x.view(torch.int16).int() if x.dtype == torch.bfloat16 else x.int() for x in (a, b))
+            assert (a - b).abs().max() <= 1 and (a != b).sum() <= a.numel() // 1000
 
 
 def test_prefetch_distance_is_read_from_the_environment(monkeypatch):

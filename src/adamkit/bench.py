@@ -61,15 +61,19 @@ AVX2_ENVIRONMENT = {
     "ATEN_CPU_CAPABILITY": "avx2"}
 
 
+def _loops(isa: dict) -> str:
+    return ", low-precision loops widened" if isa.get("low_precision_loops") == "widened" else ""
+
+
 def compiled_isa() -> dict[str, str]:
     """The vector ISA the kernels are compiled for (numba's target: NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, else the
-    host's), the one torch's CPU kernels run, and the kernels' prefetch distance in elements (0: none)."""
+    host's), the one torch's CPU kernels run, the kernels' prefetch distance in elements (0: none), and whether the
+    low-precision kernels' loops are vectorized for bandwidth (:func:`adamkit.kernels.widens_loops`)."""
     import numba
     from llvmlite import binding
-    from numba.core.codegen import get_host_cpu_features
-    features = numba.config.CPU_FEATURES
-    features = get_host_cpu_features() if features is None else features
-    on = {f[1:] for f in features.split(",") if f.startswith("+")}
+
+    from .kernels import AHEAD, target_features, widens_loops
+    on = target_features()
     isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse2", "SSE2"))
                 if flag in on), "scalar")
     try:
@@ -77,9 +81,9 @@ def compiled_isa() -> dict[str, str]:
         torch_isa = torch.backends.cpu.get_cpu_capability().replace("AVX512", "AVX-512")
     except ImportError:
         torch_isa = "none"
-    from .kernels import AHEAD
     return {"adamkit": isa, "numba_cpu": numba.config.CPU_NAME or binding.get_host_cpu_name(), "torch": torch_isa,
-            "host_cpu": binding.get_host_cpu_name(), "prefetch": AHEAD}
+            "host_cpu": binding.get_host_cpu_name(), "prefetch": AHEAD,
+            "low_precision_loops": "widened" if widens_loops("float32", ("int8",)) else "LLVM's choice"}
 
 
 def _stream_kernel():
@@ -381,8 +385,8 @@ def state_table(results: dict) -> str:
     sp, isa = results["state_precision"], results["machine"]["isa"]
     rows, floors = sp["rows"], sp["floors_ms"]
     others = [k[len("speedup_vs_"):] for k in rows[0] if k.startswith("speedup_vs_") and k != "speedup_vs_torch_fused"]
-    out = [f"\nadamkit {isa['adamkit']} (prefetch {isa.get('prefetch') or 'off'}), torch {isa['torch']}, "
-           f"{results['machine']['threads']} threads, {sp['params'] / 1e6:.1f} M params",
+    out = [f"\nadamkit {isa['adamkit']} (prefetch {isa.get('prefetch') or 'off'}{_loops(isa)}), "
+           f"torch {isa['torch']}, {results['machine']['threads']} threads, {sp['params'] / 1e6:.1f} M params",
            "| AdamW | ms/step | state B/param | × vs torch fused fp32 | % of its floor |" + "".join(
                f" × vs {o} |" for o in others), "|---|---|---|---|---|" + "---|" * len(others)]
     for r in rows:
@@ -467,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                      "bf16,int8,only")
     isa = compiled_isa()
     log(f"ISA: adamkit kernels compiled for {isa['adamkit']} (numba target {isa['numba_cpu']}, host "
-        f"{isa['host_cpu']}, prefetch {isa['prefetch'] or 'off'}), torch runs {isa['torch']}")
+        f"{isa['host_cpu']}, prefetch {isa['prefetch'] or 'off'}{_loops(isa)}), torch runs {isa['torch']}")
     if "only" in names:
         results = {"machine": machine(), "suites": {}}
     else:

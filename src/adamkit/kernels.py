@@ -15,6 +15,10 @@ block-by-block loop. Once calls whose tensors share their option flags (every ca
 stepped enough elements, they run a loop compiled with the flags as constants (:class:`Kernel`), so that the
 branches they select are gone from it.
 
+Kernels whose loops store narrowed values (8-bit codes, bfloat16 or float16) are vectorized for the bandwidth of
+their narrowest type on targets with 256-bit vectors (:func:`widens_loops`): 16 float32 lanes, where LLVM's own
+choice is 8.
+
 Tensors are reached through their addresses (``data_ptr``), so torch tensors and NumPy arrays need no copies.
 Per-tensor coefficients (bias corrections for that tensor's step) come as rows of a float64 matrix and are
 rounded to the parameter's dtype once per chunk, as torch.optim does.
@@ -39,6 +43,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
+from numba.core.compiler import Compiler
 from numba.extending import intrinsic
 
 from . import rules as _rules
@@ -78,6 +83,51 @@ HALF_FORMATS = ("bfloat16", "float16")
 _lock = threading.Lock()
 _kernels: dict[tuple, "Kernel"] = {}
 _finite_kernels: dict[str, Callable] = {}
+
+
+def target_features() -> set[str]:
+    """The CPU features the kernels are compiled for: numba's target (``NUMBA_CPU_FEATURES``, else the host's)."""
+    from numba.core.codegen import get_host_cpu_features
+    features = numba.config.CPU_FEATURES
+    features = get_host_cpu_features() if features is None else features
+    return {f[1:] for f in features.split(",") if f.startswith("+")}
+
+
+def widens_loops(fmt: str, kinds: Sequence[str]) -> bool:
+    """Whether a kernel's loops are vectorized for the bandwidth of their narrowest type: kernels whose float32 math
+    stores narrowed values (8-bit codes, bfloat16, float16), on targets with 256-bit vectors (AVX2 without AVX-512).
+
+    LLVM sizes a loop's vectors by its widest type there, 8 float32 lanes, so each store narrows 8 values by
+    extracting and shuffling register halves. Told to maximize bandwidth (LLVM's ``-vectorizer-maximize-bandwidth``),
+    its cost model also weighs 16 and 32 lanes and picks 16 here, which packs register pairs (``vpackusdw``,
+    ``vpackuswb``): the AVX2 AdamW kernels with int8 and bf16 states take 11–13 % less time (Zen 4, one thread, in
+    L2; docs/benchmarks.md)."""
+    narrows = fmt in HALF_FORMATS or any(kind in ("bf16", "int8") for kind in kinds)
+    features = target_features()
+    return narrows and fmt != "float64" and "avx2" in features and "avx512f" not in features
+
+
+class _LoopPipeline(Compiler):
+    """numba's compiler, with LLVM's loop vectorizer maximizing bandwidth while it compiles (an LLVM option, set
+    under numba's global compiler lock, which every numba compile holds, and reset after)."""
+
+    maximize_bandwidth = False
+
+    def compile_extra(self, func):
+        if not self.maximize_bandwidth:
+            return super().compile_extra(func)
+        from llvmlite import binding
+        binding.set_option("adamkit", "-vectorizer-maximize-bandwidth=true")
+        try:
+            return super().compile_extra(func)
+        finally:
+            binding.set_option("adamkit", "-vectorizer-maximize-bandwidth=false")
+
+
+@functools.cache
+def loop_pipeline(maximize_bandwidth: bool) -> type:
+    """A numba ``pipeline_class`` whose loop vectorizer maximizes bandwidth, or not (:func:`widens_loops`)."""
+    return type(f"LoopPipeline{int(maximize_bandwidth)}", (_LoopPipeline,), {"maximize_bandwidth": maximize_bandwidth})
 
 
 def cache_dir() -> Path:
@@ -213,11 +263,9 @@ def random32(typingctx, key, base, index):
     def codegen(context, builder, signature, args):
         i32 = ir.IntType(32)
         k, b, i = (_as_i32(builder, a) for a in args)
-        v = builder.xor(builder.add(b, i), k)
-        for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
-            v = builder.xor(v, builder.lshr(v, ir.Constant(i32, shift)))
-            v = builder.mul(v, ir.Constant(i32, multiplier))
-        return builder.xor(v, builder.lshr(v, ir.Constant(i32, 16)))
+        first, second = (ir.Constant(i32, m) for m in _storage.HASH_MULTIPLIERS)
+        v = builder.mul(builder.xor(builder.add(b, i), k), first)
+        return builder.mul(builder.xor(v, builder.lshr(v, ir.Constant(i32, 15))), second)
 
     return types.uint32(key, base, index), codegen
 
@@ -363,6 +411,7 @@ def _emit_header(lay: _Layout) -> list[str]:
         "from adamkit.kernels import address_as_pointer, scalar_update, bf16_load, bf16_store, nearest_even",
         "from adamkit.kernels import f16_load, f16_store",
         "from adamkit.kernels import random32, value0_bits, value1_bits, value2_bits, value3_bits, prefetch",
+        "from adamkit.kernels import loop_pipeline",
         "from adamkit.kernels import scalar_state_functions, _f32_as_u32 as f32_bits, _u32_as_f32 as bits_f32",
         "dequantize_signed, dequantize_unsigned, quantize_signed, quantize_unsigned, inverse_scale = "
         "scalar_state_functions()",
@@ -377,7 +426,10 @@ def _emit_header(lay: _Layout) -> list[str]:
         "",
         # FMA contraction and reciprocals of a tensor's constants (a division by bc2_sqrt becomes a multiplication):
         # within an ulp per operation, no assumption about inf or nan
-        "@njit(parallel=True, cache=True, nogil=True, error_model='numpy', fastmath={'arcp', 'contract'})",
+        f"PIPELINE = loop_pipeline(maximize_bandwidth={widens_loops(lay.fmt, [kind for _, _, kind in lay.on])})",
+        "",
+        "@njit(parallel=True, cache=True, nogil=True, error_model='numpy', fastmath={'arcp', 'contract'},",
+        "      pipeline_class=PIPELINE)",
         "def kernel(chunk_tensor, chunk_start, chunk_stop, sizes, addresses, coefficients, flags, keys):",
         "    zero = DT(0.0)",
         "    skipped = 0  # 8-bit blocks left unchanged because their gradient was not finite",
