@@ -127,7 +127,8 @@ class _LoopPipeline(Compiler):
 @functools.cache
 def loop_pipeline(maximize_bandwidth: bool) -> type:
     """A numba ``pipeline_class`` whose loop vectorizer maximizes bandwidth, or not (:func:`widens_loops`)."""
-    return type(f"LoopPipeline{int(maximize_bandwidth)}", (_LoopPipeline,), {"maximize_bandwidth": maximize_bandwidth})
+    name = f"LoopPipeline{int(maximize_bandwidth)}"
+    return type(name, (_LoopPipeline,), {"maximize_bandwidth": maximize_bandwidth})
 
 
 def cache_dir() -> Path:
@@ -423,11 +424,10 @@ def _emit_header(lay: _Layout) -> list[str]:
         f"EXPONENT = BITS({exponent:#x})",
         f"MAGNITUDE = BITS({(1 << (8 * np.dtype(bits).itemsize - 1)) - 1:#x})",
         "INF = np.uint32(0x7F800000)  # float32 bits of inf: a magnitude's bits from here up are inf or nan",
+        f"PIPELINE = loop_pipeline(maximize_bandwidth={widens_loops(lay.fmt, [kind for _, _, kind in lay.on])})",
         "",
         # FMA contraction and reciprocals of a tensor's constants (a division by bc2_sqrt becomes a multiplication):
         # within an ulp per operation, no assumption about inf or nan
-        f"PIPELINE = loop_pipeline(maximize_bandwidth={widens_loops(lay.fmt, [kind for _, _, kind in lay.on])})",
-        "",
         "@njit(parallel=True, cache=True, nogil=True, error_model='numpy', fastmath={'arcp', 'contract'},",
         "      pipeline_class=PIPELINE)",
         "def kernel(chunk_tensor, chunk_start, chunk_stop, sizes, addresses, coefficients, flags, keys):",
