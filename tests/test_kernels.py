@@ -331,6 +331,20 @@ def test_widened_loops_change_no_value(monkeypatch, precision):
             assert (a - b).abs().max() <= 1 and (a != b).sum() <= a.numel() // 1000
 
 
+@pytest.mark.parametrize("module", ["rules", "states", "storage", "kernels"])
+def test_the_kernel_cache_key_covers_every_module_compiled_into_the_kernels(monkeypatch, tmp_path, module):
+    """Machine code is cached under a hash of the sources it is built from: an edit to any of them (the rules, the
+    8-bit formats, the rounding hash's constants in storage, the generator) must change it."""
+    import inspect
+    from adamkit import states, storage
+    target = {"rules": rules, "states": states, "storage": storage, "kernels": kernels}[module]
+    edited = tmp_path / "edited.py"
+    edited.write_bytes(open(inspect.getfile(target), "rb").read() + b"\n# edited\n")
+    getfile = inspect.getfile
+    monkeypatch.setattr(inspect, "getfile", lambda m: str(edited) if m is target else getfile(m))
+    assert kernels._source_hash() != kernels._SOURCE_HASH
+
+
 def test_prefetch_distance_is_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("ADAMKIT_PREFETCH", "0")
     assert kernels.prefetch_distance() == 0

@@ -138,11 +138,12 @@ def cache_dir() -> Path:
 
 
 def _source_hash() -> str:
-    """Changes whenever the rules, the state formats or this module change, so stale machine code is never
-    loaded. Taken once, at import (see the end of this module): it names the code this process runs, even if
-    the files are edited later."""
+    """Changes whenever the rules, the state formats, the storage module (the rounding hash's constants are
+    compiled into the kernels) or this module change, so stale machine code is never loaded. Taken once, at
+    import (see the end of this module): it names the code this process runs, even if the files are edited
+    later."""
     h = hashlib.sha256()
-    for mod in (_rules, _states, sys.modules[__name__]):
+    for mod in (_rules, _states, _storage, sys.modules[__name__]):
         h.update(Path(inspect.getfile(mod)).read_bytes())
     h.update(numba.__version__.encode())
     return h.hexdigest()[:16]
