@@ -226,8 +226,8 @@ def test_rounding_noise_is_uniform_and_values_independent():
 
 
 def test_rounding_hash_is_two_multiply_xorshift_rounds():
-    """The 32-bit intrinsic computes ((index ^ key) · 0x7FEB352D, xor-shifted by 15) · 0x846CA68B on the index's
-    low 32 bits, and a value's bits are storage.value_bits of it (checked against plain Python integers)."""
+    """The 32-bit intrinsic computes ((index + key) · 0x7FEB352D, xor-shifted by 15) · 0x846CA68B, mod 2^32, and
+    a value's bits are storage.value_bits of it (checked against plain Python integers)."""
     import numba
 
     def hash32(x):
@@ -236,7 +236,7 @@ def test_rounding_hash_is_two_multiply_xorshift_rounds():
 
     hashed = numba.njit(lambda key, base, i: kernels.random32(key, base, i))
     for key, base, index in ((0, 0, 0), (0x9E3779B9, 12000, 345), (0xFFFFFFFF, 2 ** 31, 7), (7, 2 ** 40, 3)):
-        expected = hash32(((base + index) & 0xFFFFFFFF) ^ key)
+        expected = hash32((base + index + key) & 0xFFFFFFFF)
         assert hashed(np.uint32(key), base, index) == expected
         assert storage.random32(key, np.array([base + index]))[0] == expected
     spread = [numba.njit(lambda b, f=f: f(b)) for f in (kernels.value0_bits, kernels.value1_bits,
