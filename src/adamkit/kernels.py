@@ -267,7 +267,7 @@ def random32(typingctx, key, base, index):
         k, b, i = (_as_i32(builder, a) for a in args)
         first, second = (ir.Constant(i32, m) for m in _storage.HASH_MULTIPLIERS)
         v = builder.mul(builder.add(builder.add(b, i), k), first)
-        return builder.mul(builder.xor(v, builder.lshr(v, ir.Constant(i32, 15))), second)
+        return builder.mul(builder.xor(v, builder.lshr(v, ir.Constant(i32, _storage.HASH_SHIFT))), second)
 
     return types.uint32(key, base, index), codegen
 

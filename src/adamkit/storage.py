@@ -228,7 +228,8 @@ def stream_keys(seed: int, tensors: Sequence[int] | np.ndarray) -> np.ndarray:
 
 
 HASH_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
-"""The two odd multipliers of :func:`random32`."""
+HASH_SHIFT = 15
+"""The two odd multipliers of :func:`random32` and the xor-shift between them."""
 
 
 def random32(key: int, index: Any) -> Any:
@@ -240,7 +241,7 @@ def random32(key: int, index: Any) -> Any:
     AVX2 bf16-state kernel more, for nothing those tests see. Integer ops on int64 arrays of NumPy or torch,
     masked to 32 bits; the kernels emit the same hash in 32-bit lanes (:func:`adamkit.kernels.random32`)."""
     v = (((index + int(key)) & _M32) * HASH_MULTIPLIERS[0]) & _M32
-    return ((v ^ (v >> 15)) * HASH_MULTIPLIERS[1]) & _M32
+    return ((v ^ (v >> HASH_SHIFT)) * HASH_MULTIPLIERS[1]) & _M32
 
 
 def value_bits(bits: Any, value: int) -> Any:
