@@ -335,13 +335,14 @@ def test_widened_loops_change_no_value(monkeypatch, precision):
             assert (a - b).abs().max() <= 1 and (a != b).sum() <= a.numel() // 1000
 
 
-@pytest.mark.parametrize("module", ["rules", "states", "storage", "kernels"])
+@pytest.mark.parametrize("module", ["rules", "states", "storage", "vectors", "kernels"])
 def test_the_kernel_cache_key_covers_every_module_compiled_into_the_kernels(monkeypatch, tmp_path, module):
     """Machine code is cached under a hash of the sources it is built from: an edit to any of them (the rules, the
-    8-bit formats, the rounding hash's constants in storage, the generator) must change it."""
+    8-bit formats, the rounding hash's constants in storage, the explicit-vector passes, the generator) must change
+    it."""
     import inspect
-    from adamkit import states, storage
-    target = {"rules": rules, "states": states, "storage": storage, "kernels": kernels}[module]
+    from adamkit import states, storage, vectors
+    target = {"rules": rules, "states": states, "storage": storage, "vectors": vectors, "kernels": kernels}[module]
     edited = tmp_path / "edited.py"
     edited.write_bytes(open(inspect.getfile(target), "rb").read() + b"\n# edited\n")
     getfile = inspect.getfile

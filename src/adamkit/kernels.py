@@ -17,7 +17,8 @@ branches they select are gone from it.
 
 Kernels whose loops store narrowed values (8-bit codes, bfloat16 or float16) are vectorized for the bandwidth of
 their narrowest type on targets with 256-bit vectors (:func:`widens_loops`): 16 float32 lanes, where LLVM's own
-choice is 8.
+choice is 8. There, full blocks of 8-bit states run as explicit vectors instead (:mod:`adamkit.vectors`, the same
+rule and code maps traced into vector instructions), in the loops compiled with the flags as constants.
 
 Tensors are reached through their addresses (``data_ptr``), so torch tensors and NumPy arrays need no copies.
 Per-tensor coefficients (bias corrections for that tensor's step) come as rows of a float64 matrix and are
@@ -49,6 +50,7 @@ from numba.extending import intrinsic
 from . import rules as _rules
 from . import states as _states
 from . import storage as _storage
+from . import vectors as _vectors
 
 CHUNK = 1 << 15  # elements per work item: large enough to stream, small enough to balance two or more threads
 
@@ -107,6 +109,15 @@ def widens_loops(fmt: str, kinds: Sequence[str]) -> bool:
     return narrows and fmt != "float64" and "avx2" in features and "avx512f" not in features
 
 
+def explicit_vectors(fmt: str, kinds: Sequence[str]) -> bool:
+    """Whether a kernel's full 8-bit blocks run as explicit vectors (:mod:`adamkit.vectors`): float32 parameters
+    whose array states are all 8-bit, on targets with 256-bit vectors and no AVX-512 (:func:`widens_loops`), in
+    loops compiled with their flags as constants. There LLVM's vectorized loops spill the rule's constants and
+    narrow codes with shuffles; the explicit passes take 17–20 % less time (Zen 4, AVX2 code, one thread, in L2;
+    docs/benchmarks.md). On AVX-512 targets LLVM's own 16-lane loops are faster than 8 explicit lanes."""
+    return fmt == "float32" and bool(kinds) and all(kind == "int8" for kind in kinds) and widens_loops(fmt, kinds)
+
+
 class _LoopPipeline(Compiler):
     """numba's compiler, with LLVM's loop vectorizer maximizing bandwidth while it compiles (an LLVM option, set
     under numba's global compiler lock, which every numba compile holds, and reset after)."""
@@ -139,11 +150,11 @@ def cache_dir() -> Path:
 
 def _source_hash() -> str:
     """Changes whenever the rules, the state formats, the storage module (the rounding hash's constants are
-    compiled into the kernels) or this module change, so stale machine code is never loaded. Taken once, at
+    compiled into the kernels), the explicit-vector passes or this module change, so stale machine code is never loaded. Taken once, at
     import (see the end of this module): it names the code this process runs, even if the files are edited
     later."""
     h = hashlib.sha256()
-    for mod in (_rules, _states, _storage, sys.modules[__name__]):
+    for mod in (_rules, _states, _storage, _vectors, sys.modules[__name__]):
         h.update(Path(inspect.getfile(mod)).read_bytes())
     h.update(numba.__version__.encode())
     return h.hexdigest()[:16]
@@ -351,6 +362,13 @@ class _Layout:
         self.floats, self.bools = coefficient_names(rule)
         self.rounded = _storage.rounded_values([self.kind_of.get(s) for s in rule.update_states],
                                                self.bf16_param, stochastic)
+        self.vector = constants is not None and explicit_vectors(fmt, [kind for _, _, kind in self.on])
+
+    def columns(self) -> list[tuple[int, str]]:
+        """(address column, state) of each present state's values."""
+        present = tuple(s in self.kind_of for s in self.rule.update_states)
+        kinds = tuple(self.kind_of.get(s, "plain") for s in self.rule.update_states)
+        return [(c, name) for c, name in enumerate(address_columns(self.rule, present, kinds)) if c >= 2]
 
     def streams(self) -> list[tuple[int, int]]:
         """(address column, bytes per element) of every array the element loop reads: param, grad, each state
@@ -426,6 +444,7 @@ def _emit_header(lay: _Layout) -> list[str]:
         f"MAGNITUDE = BITS({(1 << (8 * np.dtype(bits).itemsize - 1)) - 1:#x})",
         "INF = np.uint32(0x7F800000)  # float32 bits of inf: a magnitude's bits from here up are inf or nan",
         f"PIPELINE = loop_pipeline(maximize_bandwidth={widens_loops(lay.fmt, [kind for _, _, kind in lay.on])})",
+        *_emit_vector_header(lay),
         "",
         # FMA contraction and reciprocals of a tensor's constants (a division by bc2_sqrt becomes a multiplication):
         # within an ulp per operation, no assumption about inf or nan
@@ -436,6 +455,20 @@ def _emit_header(lay: _Layout) -> list[str]:
         "    skipped = 0  # 8-bit blocks left unchanged because their gradient was not finite",
         "    for c in prange(chunk_tensor.shape[0]):",
     ]
+
+
+def _emit_vector_header(lay: _Layout) -> list[str]:
+    """The explicit-vector passes of full 8-bit blocks (:mod:`adamkit.vectors`), if the kernel uses them."""
+    if not lay.vector:
+        return []
+    states = tuple(lay.quantized)
+    return ["from adamkit.vectors import block_update, block_quantize",
+            f"BLOCK_UPDATE = block_update({lay.rule.name!r}, {states!r}, {tuple(lay.constants)!r})",
+            f"QUANTIZE = block_quantize({states!r})"]
+
+
+def _tuple(names: list[str]) -> str:
+    return f"({', '.join(names)}{',' * (len(names) == 1)})"
 
 
 def _emit_chunk(lay: _Layout) -> list[str]:
@@ -451,6 +484,7 @@ def _emit_chunk(lay: _Layout) -> list[str]:
             s = name[:-len(".absmax")]
             L += [f"{s}_absmax = carray(address_as_pointer(addresses[k, {col}]), (n + BLOCK - 1) // BLOCK, "
                   "dtype=np.float32)", f"{s}_buffer = np.empty(BLOCK, DT)"]
+            L += [f"{s}_address = np.int64({s}_buffer.ctypes.data)"] * lay.vector
         else:
             L.append(f"{name}_ = {view.format(col, lay.storage(lay.kind_of[name], name))}")
     L += [f"{n} = DT(coefficients[k, {j}])" for j, n in enumerate(lay.floats)]
@@ -508,33 +542,65 @@ def _emit_flat_loop(lay: _Layout) -> list[str]:
 def _emit_block_loop(lay: _Layout) -> list[str]:
     """Block by block (8-bit states): skip a block whose gradient holds inf or nan (one nan would poison the
     block's absmax; the largest magnitude's bits, an integer max that vectorizes, reach the exponent mask only
-    then), one loop of element steps, the block's absmax, then one loop quantizing every 8-bit state. If a new
-    value is inf or nan (the running max reaches INF, rarely), the absmax is taken again over the finite values
-    only (the quantizers contain the others: ±inf → ±the top code, nan → 0), so the common case pays nothing.
-    Every array is re-viewed per block so that the loops index from 0 (and vectorize)."""
+    then), then the block's step (:func:`_emit_block`, or :func:`_emit_vector_block` for full blocks of kernels
+    with explicit-vector passes)."""
     L = ["for b0 in range(0, hi - lo, BLOCK):", "    b1 = min(b0 + BLOCK, hi - lo)", "    base = lo + b0"]
     L += ["    " + x for x in _emit_prefetch(lay)]
     L += ["    block = base // BLOCK",
          "    g_bits_b = g_bits[b0:b1]", "    magnitude = BITS(0)", "    for i in range(b1 - b0):",
          "        magnitude = max(magnitude, BITS(g_bits_b[i] & MAGNITUDE))", "    if magnitude >= EXPONENT:",
          "        skipped += 1", "        continue"]
-    L += [f"    {s}_b = {s}_[b0:b1]" for s in ["theta", "g"] + [s for _, s, _ in lay.on]]
+    if lay.vector:
+        L += ["    if b1 - b0 == BLOCK:"] + ["        " + x for x in _emit_vector_block(lay)] + ["    else:"]
+        L += ["        " + x for x in _emit_block(lay)]
+    else:
+        L += ["    " + x for x in _emit_block(lay)]
+    return ["        " + line for line in L]
+
+
+def _emit_scale(s: str, offset: str) -> list[str]:
+    """State ``s``'s absmax from its running max ``{s}_bits``: taken again over the finite values of its buffer
+    (from ``offset``) if a new value is inf or nan (the running max reaches INF, rarely; the quantizers contain
+    the others: ±inf → ±the top code, nan → 0), so the common case pays nothing; stored, and inverted."""
+    return [f"if {s}_bits >= INF:", f"    {s}_bits = np.uint32(0)", "    for i in range(b1 - b0):",
+            f"        {s}_m = f32_bits(abs(np.float32({s}_buffer[{offset}i])))",
+            f"        {s}_bits = max({s}_bits, {s}_m if {s}_m < INF else np.uint32(0))",
+            f"{s}_amax = bits_f32({s}_bits)", f"{s}_inv = DT(inverse_scale({s}_amax))",
+            f"{s}_absmax[block] = np.float32({s}_amax)"]
+
+
+def _emit_block(lay: _Layout) -> list[str]:
+    """One block in compiled loops: one loop of element steps (new 8-bit values into the block's buffers), each
+    absmax, then one loop quantizing every 8-bit state. Every array is re-viewed per block so that the loops
+    index from 0 (and vectorize)."""
+    L = [f"{s}_b = {s}_[b0:b1]" for s in ["theta", "g"] + [s for _, s, _ in lay.on]]
     for s in lay.quantized:
-        L += [f"    {s}_scale = {s}_absmax[block]", f"    {s}_buf = {s}_buffer[:b1 - b0]", f"    {s}_bits = np.uint32(0)"]
-    L.append("    for i in range(b1 - b0):")
-    L += ["        " + x for x in _emit_element(lay, "_b", "base, i")]
+        L += [f"{s}_scale = {s}_absmax[block]", f"{s}_buf = {s}_buffer[:b1 - b0]", f"{s}_bits = np.uint32(0)"]
+    L += ["for i in range(b1 - b0):"] + ["    " + x for x in _emit_element(lay, "_b", "base, i")]
     for s in lay.quantized:
-        L += [f"    if {s}_bits >= INF:", f"        {s}_bits = np.uint32(0)", "        for i in range(b1 - b0):",
-              f"            {s}_m = f32_bits(abs(np.float32({s}_buf[i])))",
-              f"            {s}_bits = max({s}_bits, {s}_m if {s}_m < INF else np.uint32(0))",
-              f"    {s}_amax = bits_f32({s}_bits)", f"    {s}_inv = DT(inverse_scale({s}_amax))",
-              f"    {s}_absmax[block] = np.float32({s}_amax)"]
-    L.append("    for i in range(b1 - b0):")
+        L += _emit_scale(s, "")
+    L.append("for i in range(b1 - b0):")
     for s in lay.quantized:
         signed = s in _states.SIGNED_STATES
         q, dt = ("quantize_signed", "np.int8") if signed else ("quantize_unsigned", "np.uint8")
-        L.append(f"        {s}_b[i] = {dt}({q}({s}_buf[i], {s}_inv))")
-    return ["        " + line for line in L]
+        L.append(f"    {s}_b[i] = {dt}({q}({s}_buf[i], {s}_inv))")
+    return L
+
+
+def _emit_vector_block(lay: _Layout) -> list[str]:
+    """One full block in explicit vectors (:mod:`adamkit.vectors`): the element pass, each absmax, the quantize
+    pass. Addresses, not views: nothing is reference-counted per block."""
+    q = lay.quantized
+    codes = {s: f"addresses[k, {c}] + base" for c, s in lay.columns() if s in q}
+    L = [f"{s}_codes = {codes[s]}" for s in q]
+    L.append(f"{_tuple([s + '_bits' for s in q])} = BLOCK_UPDATE(addresses[k, 0] + base * 4, "
+             f"addresses[k, 1] + base * 4, {_tuple([s + '_codes' for s in q])}, "
+             f"{_tuple([s + '_absmax[block]' for s in q])}, {_tuple([s + '_address' for s in q])}, "
+             f"{_tuple(lay.floats)})")
+    for s in q:
+        L += _emit_scale(s, "")
+    return L + [f"QUANTIZE({_tuple([s + '_address' for s in q])}, {_tuple([s + '_inv' for s in q])}, "
+                f"{_tuple([s + '_codes' for s in q])})"]
 
 
 def _generate(rule: _rules.Rule, present: tuple[bool, ...], fmt: str, stochastic: bool = False,

@@ -90,22 +90,36 @@ def _code_of(t, rounding):
     return i32(i32(f32_bits(t) + rounding) >> _SHIFT)
 
 
-HELPERS = {"_code_of": _code_of}
-"""Functions the element functions call; engines bind them along."""
+def unless_zero(x, c):
+    """``x`` where ``c ≠ 0``, else 0, for integers ``c ≥ 0`` (a code's magnitude); one ``vpsignd`` in the
+    explicit-vector engine (:mod:`adamkit.vectors`)."""
+    return where(c == _I0, _I0, x)
+
+
+def with_sign_of(c, x):
+    """``−c`` where the float ``x < 0``, else ``c``, for codes ``c`` that are 0 where ``x`` is ±0 or nan (so the
+    sign bit alone may decide); one ``vpsignd`` by ``x``'s bits in the explicit-vector engine."""
+    return where(x < _ZERO, i32(-c), c)
+
+
+HELPERS = {"_code_of": _code_of, "unless_zero": unless_zero, "with_sign_of": with_sign_of}
+"""Functions the element functions call; engines bind them along (an engine may bind its own primitive instead of
+``unless_zero`` or ``with_sign_of``: same values, fewer instructions)."""
 
 
 def dequantize_signed(code, scale):
     """Value of a signed code: ``scale · ±2^(e−15)(1 + f/8)`` with ``|c| = 8e + f``; 0 for code 0. The bits are
     ``(|c| << 20) + 2^20·offset``, with the code's own sign bit."""
     wide = i32(code)
-    bits = i32(i32(i32(abs(wide)) << _SHIFT) + SIGNED_BIAS) | i32(wide & _SIGN)
-    return where(wide == _I0, _ZERO, bits_f32(bits)) * scale
+    magnitude = i32(abs(wide))
+    bits = i32(i32(magnitude << _SHIFT) + SIGNED_BIAS) | i32(wide & _SIGN)
+    return bits_f32(unless_zero(bits, magnitude)) * scale
 
 
 def dequantize_unsigned(code, scale):
     """Value of a non-negative code: ``scale · 2^(e−31)(1 + f/8)`` with ``c = 8e + f``; 0 for code 0."""
     wide = i32(code)
-    return where(wide == _I0, _ZERO, bits_f32(i32(i32(wide << _SHIFT) + UNSIGNED_BIAS))) * scale
+    return bits_f32(unless_zero(i32(i32(wide << _SHIFT) + UNSIGNED_BIAS), wide)) * scale
 
 
 def quantize_signed(x, inv_scale):
@@ -114,7 +128,7 @@ def quantize_signed(x, inv_scale):
     for nan)."""
     t = abs(x) * inv_scale
     c = where(t >= SIGNED_MIDPOINT, maximum(_code_of(minimum(t, _ONE), SIGNED_ROUNDING), _I1), _I0)
-    return where(x < _ZERO, i32(-c), c)  # below code 1: code 1 from the midpoint up, else 0
+    return with_sign_of(c, x)  # below code 1: code 1 from the midpoint up, else 0
 
 
 def quantize_unsigned(x, inv_scale):
