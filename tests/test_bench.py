@@ -69,9 +69,10 @@ def test_low_precision_loops_are_widened_on_256_bit_targets_only(monkeypatch):
     assert not kernels.widens_loops("float32", ("plain", "plain"))
     assert not kernels.widens_loops("float64", ("bf16",))
     assert bench.compiled_isa()["low_precision_loops"] == "widened"
-    assert "low-precision loops widened" in bench._loops(bench.compiled_isa())
+    assert bench._loops(bench.compiled_isa()) == ", low-precision loops widened, 8-bit blocks as explicit vectors"
     monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx,+avx2,+avx512f,+fma")
     assert not kernels.widens_loops("float32", ("int8",)) and bench._loops(bench.compiled_isa()) == ""
+    assert bench.compiled_isa()["int8_blocks"] == "compiled loops"
 
 
 def test_floor_step_touches_every_stream_once_per_call():

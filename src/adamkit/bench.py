@@ -62,17 +62,19 @@ AVX2_ENVIRONMENT = {
 
 
 def _loops(isa: dict) -> str:
-    return ", low-precision loops widened" if isa.get("low_precision_loops") == "widened" else ""
+    widened = ", low-precision loops widened" if isa.get("low_precision_loops") == "widened" else ""
+    return widened + (", 8-bit blocks as explicit vectors" if isa.get("int8_blocks") == "explicit vectors" else "")
 
 
 def compiled_isa() -> dict[str, str]:
     """The vector ISA the kernels are compiled for (numba's target: NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, else the
-    host's), the one torch's CPU kernels run, the kernels' prefetch distance in elements (0: none), and whether the
-    low-precision kernels' loops are vectorized for bandwidth (:func:`adamkit.kernels.widens_loops`)."""
+    host's), the one torch's CPU kernels run, the kernels' prefetch distance in elements (0: none), whether the
+    low-precision kernels' loops are vectorized for bandwidth (:func:`adamkit.kernels.widens_loops`) and whether
+    8-bit blocks run as explicit vectors (:func:`adamkit.kernels.explicit_vectors`)."""
     import numba
     from llvmlite import binding
 
-    from .kernels import AHEAD, target_features, widens_loops
+    from .kernels import AHEAD, explicit_vectors, target_features, widens_loops
     on = target_features()
     isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse2", "SSE2"))
                 if flag in on), "scalar")
@@ -83,7 +85,8 @@ def compiled_isa() -> dict[str, str]:
         torch_isa = "none"
     return {"adamkit": isa, "numba_cpu": numba.config.CPU_NAME or binding.get_host_cpu_name(), "torch": torch_isa,
             "host_cpu": binding.get_host_cpu_name(), "prefetch": AHEAD,
-            "low_precision_loops": "widened" if widens_loops("float32", ("int8",)) else "LLVM's choice"}
+            "low_precision_loops": "widened" if widens_loops("float32", ("int8",)) else "LLVM's choice",
+            "int8_blocks": "explicit vectors" if explicit_vectors("float32", ("int8",)) else "compiled loops"}
 
 
 def _stream_kernel():
