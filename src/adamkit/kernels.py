@@ -113,8 +113,8 @@ def explicit_vectors(fmt: str, kinds: Sequence[str]) -> bool:
     """Whether a kernel's full 8-bit blocks run as explicit vectors (:mod:`adamkit.vectors`): float32 parameters
     whose array states are all 8-bit, on targets with 256-bit vectors and no AVX-512 (:func:`widens_loops`), in
     loops compiled with their flags as constants. There LLVM's vectorized loops spill the rule's constants and
-    narrow codes with shuffles; the explicit passes take 17–20 % less time (Zen 4, AVX2 code, one thread, in L2;
-    docs/benchmarks.md). On AVX-512 targets LLVM's own 16-lane loops are faster than 8 explicit lanes."""
+    narrow codes with shuffles; the explicit passes take 7–23 % less time, AdamW's 18 % (Zen 4, AVX2 code, one
+    thread, in L2; docs/benchmarks.md). On AVX-512 targets LLVM's own 16-lane loops are faster than 8 explicit lanes."""
     return fmt == "float32" and bool(kinds) and all(kind == "int8" for kind in kinds) and widens_loops(fmt, kinds)
 
 
@@ -150,9 +150,9 @@ def cache_dir() -> Path:
 
 def _source_hash() -> str:
     """Changes whenever the rules, the state formats, the storage module (the rounding hash's constants are
-    compiled into the kernels), the explicit-vector passes or this module change, so stale machine code is never loaded. Taken once, at
-    import (see the end of this module): it names the code this process runs, even if the files are edited
-    later."""
+    compiled into the kernels), the explicit-vector passes or this module change, so stale machine code is never
+    loaded. Taken once, at import (see the end of this module): it names the code this process runs, even if the
+    files are edited later."""
     h = hashlib.sha256()
     for mod in (_rules, _states, _storage, _vectors, sys.modules[__name__]):
         h.update(Path(inspect.getfile(mod)).read_bytes())
@@ -558,12 +558,12 @@ def _emit_block_loop(lay: _Layout) -> list[str]:
     return ["        " + line for line in L]
 
 
-def _emit_scale(s: str, offset: str) -> list[str]:
-    """State ``s``'s absmax from its running max ``{s}_bits``: taken again over the finite values of its buffer
-    (from ``offset``) if a new value is inf or nan (the running max reaches INF, rarely; the quantizers contain
-    the others: ±inf → ±the top code, nan → 0), so the common case pays nothing; stored, and inverted."""
+def _emit_scale(s: str) -> list[str]:
+    """State ``s``'s absmax from its running max ``{s}_bits``: taken again over the finite values of its buffer if
+    a new value is inf or nan (the running max reaches INF, rarely; the quantizers contain the others: ±inf → ±the
+    top code, nan → 0), so the common case pays nothing; stored, and inverted."""
     return [f"if {s}_bits >= INF:", f"    {s}_bits = np.uint32(0)", "    for i in range(b1 - b0):",
-            f"        {s}_m = f32_bits(abs(np.float32({s}_buffer[{offset}i])))",
+            f"        {s}_m = f32_bits(abs(np.float32({s}_buffer[i])))",
             f"        {s}_bits = max({s}_bits, {s}_m if {s}_m < INF else np.uint32(0))",
             f"{s}_amax = bits_f32({s}_bits)", f"{s}_inv = DT(inverse_scale({s}_amax))",
             f"{s}_absmax[block] = np.float32({s}_amax)"]
@@ -578,7 +578,7 @@ def _emit_block(lay: _Layout) -> list[str]:
         L += [f"{s}_scale = {s}_absmax[block]", f"{s}_buf = {s}_buffer[:b1 - b0]", f"{s}_bits = np.uint32(0)"]
     L += ["for i in range(b1 - b0):"] + ["    " + x for x in _emit_element(lay, "_b", "base, i")]
     for s in lay.quantized:
-        L += _emit_scale(s, "")
+        L += _emit_scale(s)
     L.append("for i in range(b1 - b0):")
     for s in lay.quantized:
         signed = s in _states.SIGNED_STATES
@@ -598,7 +598,7 @@ def _emit_vector_block(lay: _Layout) -> list[str]:
              f"{_tuple([s + '_absmax[block]' for s in q])}, {_tuple([s + '_address' for s in q])}, "
              f"{_tuple(lay.floats)})")
     for s in q:
-        L += _emit_scale(s, "")
+        L += _emit_scale(s)
     return L + [f"QUANTIZE({_tuple([s + '_address' for s in q])}, {_tuple([s + '_inv' for s in q])}, "
                 f"{_tuple([s + '_codes' for s in q])})"]
 
