@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
+
+import numpy as np
 
 import pytest
 import torch
@@ -106,7 +109,7 @@ def test_the_rules_and_code_maps_trace_without_value_branches():
         floats, bools = kernels.coefficient_names(rule)
         for flags in ([False] * len(bools), [True] * len(bools)):
             values = {**{f: lanes for f in floats}, **dict(zip(bools, flags))}
-            names = list(__import__("inspect").signature(rule.update).parameters)[2 + len(rule.update_states):]
+            names = list(inspect.signature(rule.update).parameters)[2 + len(rule.update_states):]
             result = vectors.traced("rule", name)(lanes, lanes, *[lanes] * len(rule.update_states),
                                                   *[values[n] for n in names])
             assert len(result) == 1 + len(rule.update_states)
@@ -116,4 +119,23 @@ def test_the_rules_and_code_maps_trace_without_value_branches():
     for fn in ("quantize_signed", "quantize_unsigned"):
         assert vectors.traced("state", fn)(vectors.Lanes(builder, x), vectors.Lanes(builder, x)).kind == "int"
     assert "llvm.x86.avx2.psign.d" in str(builder.module)  # unless_zero / with_sign_of: one instruction each
-    assert states.HELPERS["unless_zero"] is states.unless_zero
+
+
+def _psign(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """What ``vpsignd`` computes: ``x`` where ``c > 0``, ``−x`` where ``c < 0``, 0 where ``c = 0``."""
+    return np.where(c > 0, x, np.where(c < 0, -x, 0)).astype(np.int32)
+
+
+def test_the_sign_primitives_are_vpsignd_wherever_the_code_maps_use_them():
+    """``unless_zero`` and ``with_sign_of`` as the other engines compute them (with ``where``) equal ``vpsignd``
+    under the conditions the code maps call them in: a non-negative code magnitude, a code that is 0 for ±0 and
+    nan."""
+    from adamkit import states
+    bits = np.arange(-5, 300, dtype=np.int32) << 20
+    magnitude = np.abs(np.arange(-5, 300, dtype=np.int32)) % 128
+    assert np.array_equal(states.unless_zero(bits, magnitude), _psign(bits, magnitude))
+    x = np.array([-1.5, 1.5, -0.0, 0.0, np.nan, -np.nan, -np.inf, np.inf, -1e-30], dtype=np.float32)
+    codes = states.quantize_signed(x, np.float32(1.0)).astype(np.int32)
+    magnitudes = np.abs(codes)
+    assert np.array_equal(states.with_sign_of(magnitudes, x), _psign(magnitudes, x.view(np.int32)))
+    assert list(codes) == [-120, 120, 0, 0, 0, 0, -120, 120, 0]
