@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 
@@ -95,7 +96,8 @@ def state_bytes_per_parameter(model: torch.nn.Module, optimizer: torch.optim.Opt
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--checkpoint", default=None, help="DCP checkpoint folder (default: a temporary one)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="DCP checkpoint folder, kept (default: a temporary one, removed at the end)")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, half = dist.get_rank(), args.steps // 2
@@ -125,6 +127,9 @@ def main() -> None:
         print(f"final loss {final:.4f}, resumed run {resumed:.4f}, parameters identical: {same}")
         print(f"optimizer state on rank 0: {per_param:.2f} bytes per parameter "
               f"(8-bit codes + one float32 scale per 256; tensors under 4096 elements per rank stay float32)")
+    dist.barrier()  # every rank is done with the checkpoint
+    if rank == 0 and args.checkpoint is None:
+        shutil.rmtree(folder[0])
     dist.destroy_process_group()
     if not same:
         raise SystemExit("the resumed run differs from the uninterrupted one")

@@ -384,11 +384,12 @@ def run_reshard(rank: int, world: int, path: str, save_to: str, out: str, store_
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--offload":  # --offload OUT.json
-        mp.spawn(run_offload, args=(sys.argv[2], tempfile.mkdtemp()), nprocs=2, join=True)
-    elif sys.argv[1] == "--reshard":  # --reshard WORLD CHECKPOINT SAVE_TO OUT.json
-        world, path, save_to, out = int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-        mp.spawn(run_reshard, args=(world, path, save_to, out, tempfile.mkdtemp()), nprocs=world, join=True)
-    else:  # OUT.json [CHECKPOINT_DIR]
-        directory = sys.argv[2] if len(sys.argv) > 2 else tempfile.mkdtemp()
-        mp.spawn(run, args=(sys.argv[1], directory), nprocs=2, join=True)
+    with tempfile.TemporaryDirectory() as scratch:  # the ranks' rendezvous store (and a default checkpoint)
+        if sys.argv[1] == "--offload":  # --offload OUT.json
+            mp.spawn(run_offload, args=(sys.argv[2], scratch), nprocs=2, join=True)
+        elif sys.argv[1] == "--reshard":  # --reshard WORLD CHECKPOINT SAVE_TO OUT.json
+            world, path, save_to, out = int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+            mp.spawn(run_reshard, args=(world, path, save_to, out, scratch), nprocs=world, join=True)
+        else:  # OUT.json [CHECKPOINT_DIR]
+            directory = sys.argv[2] if len(sys.argv) > 2 else scratch
+            mp.spawn(run, args=(sys.argv[1], directory), nprocs=2, join=True)

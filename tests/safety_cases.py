@@ -484,7 +484,8 @@ def zero_redundancy_reload():
     import torch.distributed as dist
     from torch.distributed.optim import ZeroRedundancyOptimizer
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
+    scratch = tempfile.TemporaryDirectory()
+    store = dist.FileStore(os.path.join(scratch.name, "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         results = []
@@ -507,6 +508,7 @@ def zero_redundancy_reload():
         return {"outcome": "stepped", "torch": "stepped", "difference": diff}
     finally:
         dist.destroy_process_group()
+        scratch.cleanup()
 
 
 def main(names: list[str]) -> None:

@@ -98,12 +98,12 @@ def run(total: int, steps: int, only: list[str] | None, log: Callable[[str], Non
     """Spawn the 2 ranks, wait for them, return rank 0's results."""
     import torch.multiprocessing as mp
 
-    directory = tempfile.mkdtemp(prefix="adamkit-bench-")
-    out = os.path.join(directory, "results.json")
     log(f"[FSDP2] {WORLD} processes, gloo, {total / 1e6:.1f} M params in Shard(0) halves, median of {steps} steps")
-    mp.spawn(_rank, args=(total, steps, only or [], out, directory), nprocs=WORLD, join=True)
-    with open(out) as f:
-        results = json.load(f)
+    with tempfile.TemporaryDirectory(prefix="adamkit-bench-") as directory:  # the ranks' store and results
+        out = os.path.join(directory, "results.json")
+        mp.spawn(_rank, args=(total, steps, only or [], out, directory), nprocs=WORLD, join=True)
+        with open(out) as f:
+            results = json.load(f)
     for r in results["rows"]:
         log(f"  {r['config']:17s} floor {r['floor_ms']:7.2f} ms | "
             + " | ".join(f"{k} {v:.2f}" for k, v in r["ms"].items()))
