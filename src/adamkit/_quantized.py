@@ -166,45 +166,51 @@ class QuantizedState(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if any(isinstance(v, QuantizedState) for v in tree_leaves(kwargs.get("out"))):
-            raise RuntimeError(f"{func}: a quantized state cannot be an out= argument; assign to it instead "
-                               f"(state.copy_(result))")
-        first = args[0] if args else None
-        if isinstance(first, QuantizedState):
-            if _write_target(func):
-                return first._write(func, args[1:], kwargs)
-            if func in _SAME_CODES and first.root is None:
-                shape = args[1] if len(args) > 1 else first.shape
-                return QuantizedState(first.codes_.view(shape), first.absmax_)
-            if func is _aten.clone.default and first.root is None:
-                return QuantizedState(first.codes_.clone(), first.absmax_.clone())
-            views = _views(func)
-            if views == "one":
-                return first._view(lambda t: func(t, *args[1:], **kwargs))
-            if views == "list":
-                n = len(func(torch.empty(first.shape, device="meta"), *args[1:], **kwargs))
-                return [first._view(lambda t, i=i: func(t, *args[1:], **kwargs)[i]) for i in range(n)]
-        return func(*_plain(args), **_plain(kwargs))
+        return _dispatch(func, args, kwargs or {})
 
-    def _view(self, view: Callable) -> "QuantizedState":
-        """The view ``view`` (a function of this tensor's values) of this state, which writes back through its
-        root."""
-        root = self if self.root is None else self.root
-        inner = self.view_of_root
-        return QuantizedState(None, None, root=root, view=lambda t: view(inner(t) if inner else t))
 
-    def _write(self, func: Any, rest: tuple, kwargs: dict) -> "QuantizedState":
-        """An in-place op: computed on the root's values (through this view, if one), then requantized into the
-        root's codes and scales in place."""
-        root = self if self.root is None else self.root
-        values = root.dequantize()
-        target = self.view_of_root(values) if self.root is not None else values
-        func(target, *_plain(rest), **_plain(kwargs))
-        codes, absmax = _states.quantize(values, root.signed)
-        root.codes_.copy_(codes)
-        root.absmax_.copy_(absmax)
-        return self
+def _dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
+    """A torch op on quantized states: writes requantize into the root's codes, views write back through the
+    root, a reshape or clone of a whole state stays quantized, and every other op computes on the values."""
+    if any(isinstance(v, QuantizedState) for v in tree_leaves(kwargs.get("out"))):
+        raise RuntimeError(f"{func}: a quantized state cannot be an out= argument; assign to it instead "
+                           f"(state.copy_(result))")
+    first = args[0] if args else None
+    if isinstance(first, QuantizedState):
+        if _write_target(func):
+            return _write(first, func, args[1:], kwargs)
+        if func in _SAME_CODES and first.root is None:
+            shape = args[1] if len(args) > 1 else first.shape
+            return QuantizedState(first.codes_.view(shape), first.absmax_)
+        if func is _aten.clone.default and first.root is None:
+            return QuantizedState(first.codes_.clone(), first.absmax_.clone())
+        views = _views(func)
+        if views == "one":
+            return _view(first, lambda t: func(t, *args[1:], **kwargs))
+        if views == "list":
+            n = len(func(torch.empty(first.shape, device="meta"), *args[1:], **kwargs))
+            return [_view(first, lambda t, i=i: func(t, *args[1:], **kwargs)[i]) for i in range(n)]
+    return func(*_plain(args), **_plain(kwargs))
+
+
+def _view(state: QuantizedState, view: Callable) -> QuantizedState:
+    """The view ``view`` (a function of ``state``'s values) of ``state``, which writes back through its root."""
+    root = state if state.root is None else state.root
+    inner = state.view_of_root
+    return QuantizedState(None, None, root=root, view=lambda t: view(inner(t) if inner else t))
+
+
+def _write(state: QuantizedState, func: Any, rest: tuple, kwargs: dict) -> QuantizedState:
+    """An in-place op on ``state``: computed on the root's values (through ``state``'s view, if one), then
+    requantized into the root's codes and scales in place."""
+    root = state if state.root is None else state.root
+    values = root.dequantize()
+    target = state.view_of_root(values) if state.root is not None else values
+    func(target, *_plain(rest), **_plain(kwargs))
+    codes, absmax = _states.quantize(values, root.signed)
+    root.codes_.copy_(codes)
+    root.absmax_.copy_(absmax)
+    return state
 
 
 def _plain(tree: Any) -> Any:

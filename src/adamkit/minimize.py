@@ -91,22 +91,31 @@ def minimize(fun: Callable[..., Any], x0: Sequence[float] | np.ndarray, args: tu
         nit += 1
         f_prev = f
         f, g = evaluate(x)
-        if callback is not None:
-            try:
-                if wants_result:
-                    callback(intermediate_result=OptimizeResult(x=x.reshape(shape).copy(), fun=f))
-                else:
-                    callback(x.reshape(shape).copy())
-            except StopIteration:
-                status = 3
-                break
-    messages = {0: "Optimization terminated: gradient below gtol.",
-                1: "Maximum number of iterations reached.",
-                2: "Optimization terminated: relative change of f below ftol.",
-                3: "Stopped by the callback.",
-                4: "Stopped: the objective or its gradient is not finite."}
+        if callback is not None and not _call_back(callback, wants_result, x.reshape(shape).copy(), f):
+            status = 3
+            break
     return OptimizeResult(x=x.reshape(shape), fun=f, jac=g.reshape(shape), nit=nit, nfev=counts["nfev"],
-                          njev=counts["njev"], success=status in (0, 2), status=status, message=messages[status])
+                          njev=counts["njev"], success=status in (0, 2), status=status, message=_MESSAGES[status])
+
+
+_MESSAGES = {0: "Optimization terminated: gradient below gtol.",
+             1: "Maximum number of iterations reached.",
+             2: "Optimization terminated: relative change of f below ftol.",
+             3: "Stopped by the callback.",
+             4: "Stopped: the objective or its gradient is not finite."}
+"""``OptimizeResult.message`` by ``status``."""
+
+
+def _call_back(callback: Callable[..., Any], wants_result: bool, x: np.ndarray, f: float) -> bool:
+    """Call ``callback`` with the iterate (or an ``intermediate_result``); False if it raised ``StopIteration``."""
+    try:
+        if wants_result:
+            callback(intermediate_result=OptimizeResult(x=x, fun=f))
+        else:
+            callback(x)
+    except StopIteration:
+        return False
+    return True
 
 
 def scipy_method(name: str) -> Callable[..., OptimizeResult]:
