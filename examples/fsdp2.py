@@ -101,8 +101,8 @@ def main() -> None:
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, half = dist.get_rank(), args.steps // 2
-    folder = [args.checkpoint or tempfile.mkdtemp(prefix="adamkit-fsdp2-")]
-    dist.broadcast_object_list(folder)  # one folder for every rank
+    folder = [args.checkpoint or (tempfile.mkdtemp(prefix="adamkit-fsdp2-") if rank == 0 else None)]
+    dist.broadcast_object_list(folder)  # rank 0's folder for every rank
     model, optimizer = build()
     train(model, optimizer, range(half))
     model_sd, optim_sd = get_state_dict(model, optimizer)
