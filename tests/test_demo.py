@@ -202,6 +202,10 @@ def test_cli_rejects_unknown_section(capsys):
         main(["--only", "averages,nonsense"])
     assert e.value.code == 2
     assert "nonsense" in capsys.readouterr().err
+    for seed in ("-1", "abc", "1.5"):
+        with pytest.raises(SystemExit) as e:
+            main(["--seed", seed])
+        assert e.value.code == 2 and "--seed" in capsys.readouterr().err
 
 
 def test_lineage_mechanisms(sections):

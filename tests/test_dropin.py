@@ -217,6 +217,59 @@ def test_constructor_errors_are_torchs_words_in_torchs_order(name):
         assert str(ours.value).startswith(str(theirs.value)), (kw, str(ours.value))
 
 
+_BAD_VALUES = {  # one bad hyperparameter at a time; torch.optim raises for each
+    "SGD": [dict(lr=-1), dict(momentum=-0.5), dict(weight_decay=-1), dict(nesterov=True),
+            dict(nesterov=True, momentum=0.9, dampening=0.1), dict(lr="0.1"), dict(lr=None), dict(momentum="0.9")],
+    "Adagrad": [dict(lr=-1), dict(lr_decay=-1), dict(weight_decay=-1), dict(initial_accumulator_value=-1),
+                dict(eps=-1), dict(eps="x")],
+    "RMSprop": [dict(lr=-1), dict(eps=-1), dict(momentum=-1), dict(weight_decay=-1), dict(alpha=-1),
+                dict(alpha=None)],
+    "Adam": [dict(lr=-1), dict(eps=-1), dict(betas=(1.0, 0.999)), dict(betas=(0.9, -0.1)), dict(weight_decay=-1),
+             dict(betas=(0.9,)), dict(betas=0.9), dict(lr="0.1")],
+    "AdamW": [dict(lr=-1e-3), dict(eps=-1), dict(betas=(-0.1, 0.999)), dict(weight_decay=-1), dict(betas=(0.9,))],
+    "Adamax": [dict(lr=-1), dict(eps=-1), dict(betas=(0.9, 1.5)), dict(weight_decay=-1)],
+    "NAdam": [dict(lr=-1), dict(eps=-1), dict(betas=(2, 0.9)), dict(weight_decay=-1), dict(momentum_decay=-1)],
+    "RAdam": [dict(lr=-1), dict(eps=-1), dict(betas=(0.9, 1.0)), dict(weight_decay=-1)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BAD_VALUES))
+def test_bad_hyperparameters_raise_torchs_type_and_words_first(name):
+    """torch's exception type for each bad value; for torch's own ValueErrors, its message starts ours (adamkit
+    says more after it). TypeError and IndexError come from Python inside torch, so only the type is torch's."""
+    for kw in _BAD_VALUES[name]:
+        p = [torch.nn.Parameter(torch.zeros(3))]
+        with pytest.raises(Exception) as theirs:
+            getattr(torch.optim, name)(p, **kw)
+        with pytest.raises(Exception) as ours:
+            getattr(akt, name)(p, **kw)
+        assert type(ours.value) is type(theirs.value), (kw, theirs.value, ours.value)
+        if type(theirs.value) is ValueError:
+            assert str(ours.value).startswith(str(theirs.value)), (kw, str(theirs.value), str(ours.value))
+
+
+def test_flags_take_0_and_1_like_torch_and_refuse_other_values():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    assert akt.Adam(p, amsgrad=1).param_groups[0]["amsgrad"] == 1
+    with pytest.raises(ValueError, match="Invalid amsgrad: 2 "):
+        akt.Adam(p, amsgrad=2)
+
+
+def test_adagrad_starts_every_group_from_the_constructors_accumulator_value_like_torch():
+    def run(module):
+        ps = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))]
+        opt = module.Adagrad([{"params": ps[:1]}, {"params": ps[1:2], "initial_accumulator_value": 0.3}],
+                             lr=0.1, initial_accumulator_value=0.1)
+        opt.add_param_group({"params": ps[2:], "initial_accumulator_value": 0.7})
+        for t in range(3):
+            for p in ps:
+                p.grad = torch.full((4,), 0.5 + t)
+            opt.step()
+        return [p.detach().clone() for p in ps] + [opt.state[p]["sum"].clone() for p in ps]
+    for theirs, ours in zip(run(torch.optim), run(akt)):
+        assert torch.allclose(theirs, ours, rtol=1e-6, atol=0), (theirs, ours)
+
+
 def _differentiable_run(module, name, lr):
     """Three differentiable steps from w; returns (final parameter, the objective's gradient w.r.t. w)."""
     w = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64, requires_grad=True)

@@ -189,3 +189,89 @@ def test_import_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok [-0.1 -0.1]")
+
+
+def test_sgd_momentum_buffer_is_a_copy_of_the_first_gradient_like_torch():
+    w, wt = np.array([1.0, 2.0]), torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    opt, ref = akn.SGD([w], lr=0.1, momentum=0.9, nesterov=True), torch.optim.SGD([wt], lr=0.1, momentum=0.9,
+                                                                                   nesterov=True)
+    g = np.empty(2)
+    for _ in range(3):
+        g[:] = 2 * w  # the caller refills one gradient buffer in place
+        opt.step([g])
+        wt.grad = 2 * wt.detach().clone()
+        ref.step()
+    assert not np.shares_memory(opt.state[0]["momentum_buffer"], g)
+    assert np.allclose(w, wt.detach().numpy(), rtol=1e-15, atol=0)
+    same = np.array([1.0, 2.0])
+    opt = akn.SGD([same], lr=0.1, momentum=0.9)
+    opt.step([same])  # the parameter itself as its gradient
+    assert not np.shares_memory(opt.state[0]["momentum_buffer"], same)
+
+
+def test_adagrad_groups_start_from_the_constructors_accumulator_value_like_torch():
+    ours, theirs = [np.ones(4), np.ones(4)], [torch.ones(4, dtype=torch.float64, requires_grad=True) for _ in "ab"]
+    opt = akn.Adagrad([{"params": ours[:1]}, {"params": ours[1:], "initial_accumulator_value": 0.3}],
+                      initial_accumulator_value=0.1)
+    ref = torch.optim.Adagrad([{"params": theirs[:1]}, {"params": theirs[1:], "initial_accumulator_value": 0.3}],
+                              initial_accumulator_value=0.1)
+    opt.step([np.full(4, 0.5)] * 2)
+    for t in theirs:
+        t.grad = torch.full((4,), 0.5, dtype=torch.float64)
+    ref.step()
+    for a, b in zip(ours, theirs):
+        assert np.allclose(a, b.detach().numpy(), rtol=1e-15, atol=0)
+
+
+def test_minimize_gives_fun_and_jac_copies_and_counts_every_evaluation():
+    seen, calls = [], [0]
+
+    def fun(x):
+        seen.append(x)
+        calls[0] += 1
+        return float(np.sum((x - 1) ** 2))
+    adamkit.minimize(fun, np.zeros(2), jac=lambda x: 2 * (x - 1), options={"maxiter": 5, "lr": 0.1})
+    assert len({tuple(s) for s in seen}) == len(seen) == 6  # x0 and five iterates, each kept as it was passed
+    calls[0] = 0
+    res = adamkit.minimize(fun, np.zeros(3), options={"maxiter": 4, "lr": 0.1})  # forward differences
+    assert res.nfev == calls[0] == 5 * 4  # per point: f, then one call per variable
+    momentum = adamkit.minimize(lambda x: 0.5 * x @ x, np.array([1.0, 2.0]), method="sgd", jac=lambda x: x,
+                                options={"lr": 0.1, "momentum": 0.9, "maxiter": 3})
+    copied = adamkit.minimize(lambda x: 0.5 * x @ x, np.array([1.0, 2.0]), method="sgd", jac=lambda x: x.copy(),
+                              options={"lr": 0.1, "momentum": 0.9, "maxiter": 3})
+    assert np.array_equal(momentum.x, copied.x)
+
+
+def test_minimize_respects_bounds_in_differences_and_converges_on_a_bound():
+    points = []
+
+    def f(x):
+        points.append(x.copy())
+        return float(np.sum(np.sqrt(1 - x)))  # nan beyond x = 1
+    res = adamkit.minimize(f, np.array([1.0, 0.0]), bounds=[(None, 1), (None, 1)], options={"maxiter": 50, "lr": 0.1})
+    assert max(p.max() for p in points) <= 1.0 and res.status != 4
+    res = adamkit.minimize(lambda x: float(x[0] + (x[1] - 2) ** 2), np.array([1.0, 0.0]),
+                           jac=lambda x: np.array([1.0, 2 * (x[1] - 2)]), bounds=[(0, 5), (None, None)],
+                           options={"lr": 0.05, "maxiter": 3000})
+    assert res.success and res.status == 0 and res.nit < 3000 and res.x[0] == 0.0 and res.jac[0] == 1.0
+
+
+def test_minimize_takes_scipys_conventions_for_tol_callbacks_args_and_bounds():
+    quad = lambda x, a=0.0: float(np.sum((x - a) ** 2))  # noqa: E731
+    res = scipy.optimize.minimize(quad, np.ones(2), jac=lambda x: 2 * x, tol=1e-3,
+                                  method=adamkit.scipy_method("adam"), options={"lr": 0.1})
+    assert res.success and np.max(np.abs(res.jac)) <= 1e-3
+    seen = []
+
+    def positional(xk, intermediate_result=None):  # SciPy calls this one with xk
+        seen.append(xk)
+    adamkit.minimize(quad, np.ones(2), jac=lambda x: 2 * x, callback=positional, options={"maxiter": 3})
+    assert len(seen) == 3 and all(isinstance(x, np.ndarray) for x in seen)
+    res = adamkit.minimize(quad, np.zeros(2), args=3.0, jac=lambda x, a: 2 * (x - a), options={"lr": 0.1})
+    assert res.success and np.allclose(res.x, 3.0, atol=1e-5)
+    box = scipy.optimize.Bounds(np.zeros((2, 3)), np.full((2, 3), 0.5))
+    res = adamkit.minimize(quad, np.zeros((2, 3)), args=(1.0,), jac=lambda x, a: 2 * (x - a), bounds=box,
+                           options={"lr": 0.1})
+    assert res.x.shape == (2, 3) and np.allclose(res.x, 0.5) and res.success
+    with pytest.raises(ValueError, match=r"the gradient has shape \(3, 2\); x has shape \(2, 3\)"):
+        adamkit.minimize(quad, np.zeros((2, 3)), jac=lambda x: (2 * x).T)

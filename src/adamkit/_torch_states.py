@@ -160,14 +160,15 @@ def canonical_scalars(rule: _rules.Rule, state: dict, create: bool = False) -> N
 
 
 def init_state(rule: _rules.Rule, states: dict, p: torch.Tensor, h: Mapping[str, Any],
-               precision: str | None) -> bool:
-    """Create the states ``h`` needs that ``p`` lacks, in their format, bring scalar states to torch's form and
-    8-bit states to the kept form (a full-precision tensor assigned to a state kept in 8 bits is quantized); return
-    whether array states were new. Call :func:`validate_state` first."""
+               precision: str | None, defaults: Mapping[str, Any]) -> bool:
+    """Create the states ``h`` needs that ``p`` lacks, in their format (initial values:
+    :meth:`adamkit.rules.Rule.initial_states` under the optimizer's ``defaults``), bring scalar states to torch's
+    form and 8-bit states to the kept form (a full-precision tensor assigned to a state kept in 8 bits is
+    quantized); return whether array states were new. Call :func:`validate_state` first."""
     fmt = state_format(p, precision)
     if p in states:
         _keep_format(rule, states[p], p, fmt)
-    missing = {k: v for k, v in rule.states(h).items() if k not in states.get(p, ())}
+    missing = {k: v for k, v in rule.initial_states(h, defaults).items() if k not in states.get(p, ())}
     if not missing and not rule.scalar_states:
         return False  # nothing to keep (SGD without momentum): no empty entry, as torch.optim
     state = states[p]

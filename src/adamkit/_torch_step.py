@@ -168,7 +168,8 @@ def validate_state(opt: Stepper, gi: int, p: torch.Tensor) -> None:
 
 
 def init_state(opt: Stepper, p: torch.Tensor, group: Mapping[str, Any]) -> bool:
-    return _ts.init_state(opt.rule, opt.state, p, opt.hyperparameters(group), group.get("state_precision"))
+    return _ts.init_state(opt.rule, opt.state, p, opt.hyperparameters(group), group.get("state_precision"),
+                          opt.defaults)
 
 
 def check_reference(opt: Stepper, pairs: list[tuple[dict, torch.Tensor]], work: Work) -> None:

@@ -25,7 +25,7 @@ import inspect
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-from scipy.optimize import Bounds, OptimizeResult, approx_fprime
+from scipy.optimize import Bounds, OptimizeResult
 
 from .numpy import OPTIMIZERS as _CLASSES
 
@@ -40,20 +40,25 @@ _STOP = ("maxiter", "gtol", "ftol", "disp")
 
 def minimize(fun: Callable[..., Any], x0: Sequence[float] | np.ndarray, args: tuple = (), method: str = "adam",
              jac: Callable[..., np.ndarray] | bool | None = None, bounds: Bounds | Sequence[tuple] | None = None,
-             callback: Callable[..., Any] | None = None, options: Mapping[str, Any] | None = None) -> OptimizeResult:
+             callback: Callable[..., Any] | None = None, options: Mapping[str, Any] | None = None,
+             tol: float | None = None) -> OptimizeResult:
     """Minimize ``fun(x, *args)`` from ``x0`` with an adamkit optimizer, returning a SciPy ``OptimizeResult``.
 
     Args:
-        fun: the objective; with ``jac=True`` it returns ``(f, gradient)``.
+        fun: the objective; with ``jac=True`` it returns ``(f, gradient)``. It gets a copy of the iterate.
+        args: extra arguments of ``fun`` and ``jac`` (one that is not a tuple is one argument, as in SciPy).
         x0: the starting point (converted to a float64 array; not modified).
         method: one of :data:`METHODS` (``"adam"``, ``"adamw"``, ``"nadam"``, ``"sgd"``, ...).
-        jac: the gradient function, ``True`` (``fun`` returns it), or ``None`` for 2-point finite differences.
+        jac: the gradient function (returning x's shape), ``True`` (``fun`` returns it), or ``None`` for forward
+            differences (SciPy ``approx_fprime``'s step; backward where the forward point would leave the bounds).
         bounds: ``scipy.optimize.Bounds`` or ``(low, high)`` pairs; each iterate is projected onto them.
-        callback: ``callback(xk)``, or ``callback(intermediate_result)`` when its parameter has that name;
-            raising ``StopIteration`` ends the run.
-        options: stopping rules ``maxiter`` (1000), ``gtol`` (1e-6, sup-norm of the gradient), ``ftol`` (0:
-            off; stop when ``|f_k − f_{k−1}| ≤ ftol·max(|f_k|, |f_{k−1}|, 1)``) and the optimizer's
-            hyperparameters (``lr``, ``betas``, ``eps``, ``weight_decay``, ...).
+        callback: ``callback(xk)``, or ``callback(intermediate_result)`` when that is its only parameter (SciPy's
+            rule); raising ``StopIteration`` ends the run.
+        options: stopping rules ``maxiter`` (1000), ``gtol`` (1e-6, sup-norm of the projected gradient: a
+            component pushing against an active bound counts as 0), ``ftol`` (0: off; stop when
+            ``|f_k − f_{k−1}| ≤ ftol·max(|f_k|, |f_{k−1}|, 1)``) and the optimizer's hyperparameters (``lr``,
+            ``betas``, ``eps``, ``weight_decay``, ...).
+        tol: ``gtol`` when ``options`` gives none (SciPy's ``tol``).
 
     Returns:
         ``OptimizeResult`` with ``x, fun, jac, nit, nfev, njev, success, status, message``.
@@ -61,6 +66,9 @@ def minimize(fun: Callable[..., Any], x0: Sequence[float] | np.ndarray, args: tu
     """
     name = _method_name(method)
     options = dict(options or {})
+    if tol is not None:
+        options.setdefault("gtol", tol)
+    args = args if isinstance(args, tuple) else (args,)
     unknown_stop = {k for k in options if k not in _STOP and k not in _hyper_names(name)}
     if unknown_stop:
         raise ValueError(f"unknown option(s) for {method}: {', '.join(sorted(unknown_stop))}")
@@ -77,13 +85,13 @@ def minimize(fun: Callable[..., Any], x0: Sequence[float] | np.ndarray, args: tu
     low, high = _bounds(bounds, x.size)
     np.clip(x, low, high, out=x)
     counts = {"nfev": 0, "njev": 0}
-    evaluate = _objective(fun, jac, args, shape, counts)
+    evaluate = _objective(fun, jac, args, shape, (low, high), counts)
     optimizer = _BY_METHOD[name]([x], **options)
-    wants_result = callback is not None and "intermediate_result" in inspect.signature(callback).parameters
+    wants_result = callback is not None and set(inspect.signature(callback).parameters) == {"intermediate_result"}
     f, g = evaluate(x)
     nit, status, f_prev = 0, 1, None
     while True:
-        status = _stop(f, g, f_prev, nit, maxiter, gtol, ftol)
+        status = _stop(f, g, _projected(g, x, low, high), f_prev, nit, maxiter, gtol, ftol)
         if status is not None:
             break
         optimizer.step([g])
@@ -132,43 +140,76 @@ def scipy_method(name: str) -> Callable[..., OptimizeResult]:
             value = options.pop(ignored, None)
             if value and ignored == "constraints":
                 raise ValueError("adamkit methods do not support constraints (bounds are supported)")
+        tol = options.pop("tol", None)  # SciPy passes its tol= to custom methods as an option
         return minimize(fun, x0, args=args, method=name, jac=jac, bounds=bounds, callback=callback,
-                        options=options)
+                        options=options, tol=tol)
 
     method.__name__ = f"adamkit_{name.lower()}"
     return method
 
 
-def _objective(fun: Callable, jac: Any, args: tuple, shape: tuple, counts: dict) -> Callable:
-    """``evaluate(z)`` → (f, flat gradient) at the flat point ``z``, counting evaluations in ``counts``."""
+def _objective(fun: Callable, jac: Any, args: tuple, shape: tuple, bounds: tuple[np.ndarray, np.ndarray],
+               counts: dict) -> Callable:
+    """``evaluate(z)`` → (f, flat gradient) at the flat point ``z``, counting evaluations in ``counts``; ``fun``
+    and ``jac`` get a copy of the point in x0's shape."""
 
     def evaluate(z: np.ndarray) -> tuple[float, np.ndarray]:
-        zz = z.reshape(shape)
+        point = lambda y: y.reshape(shape).copy()  # noqa: E731
         if jac is True:
-            f, g = fun(zz, *args)
+            f, g = fun(point(z), *args)
             counts["njev"] += 1
         elif callable(jac):
-            f, g = fun(zz, *args), jac(zz, *args)
+            f, g = fun(point(z), *args), jac(point(z), *args)
             counts["njev"] += 1
         else:
-            f = fun(zz, *args)
-            g = approx_fprime(z, lambda y: _scalar(fun(y.reshape(shape), *args)))
+            f = _scalar(fun(point(z), *args))
+            g = _differences(lambda y: _scalar(fun(point(y), *args)), z, f, *bounds)
             counts["nfev"] += z.size
         counts["nfev"] += 1
-        g = np.asarray(g, dtype=np.float64).reshape(-1)
-        if g.size != z.size:
-            raise ValueError(f"gradient has {g.size} elements, x has {z.size}")
-        return _scalar(f), g
+        return _scalar(f), _flat_gradient(g, shape)
 
     return evaluate
 
 
-def _stop(f: float, g: np.ndarray, f_prev: float | None, nit: int, maxiter: int, gtol: float,
-          ftol: float) -> int | None:
+_STEP = float(np.sqrt(np.finfo(np.float64).eps))
+"""The finite-difference step: ``scipy.optimize.approx_fprime``'s default."""
+
+
+def _differences(f: Callable[[np.ndarray], float], z: np.ndarray, f0: float, low: np.ndarray,
+                 high: np.ndarray) -> np.ndarray:
+    """Forward differences of ``f`` at ``z`` (``f0 = f(z)``), as ``approx_fprime`` computes them, but backward
+    where the forward point would leave the box, and 0 for a variable whose box is narrower than the step (SciPy's
+    public ``approx_fprime`` takes neither bounds nor ``f0``)."""
+    g = np.zeros_like(z)
+    for i in range(z.size):
+        h = _STEP if z[i] + _STEP <= high[i] else -_STEP if z[i] - _STEP >= low[i] else 0.0
+        if h:
+            y = z.copy()
+            y[i] += h
+            g[i] = (f(y) - f0) / (y[i] - z[i])
+    return g
+
+
+def _flat_gradient(g: Any, shape: tuple) -> np.ndarray:
+    """The gradient as a flat float64 array, if it has x's shape (or, for a vector x, its size)."""
+    g = np.asarray(g, dtype=np.float64)
+    if g.shape != shape and not (g.ndim <= 1 and len(shape) <= 1 and g.size == int(np.prod(shape))):
+        raise ValueError(f"the gradient has shape {g.shape}; x has shape {shape}")
+    return g.reshape(-1)
+
+
+def _projected(g: np.ndarray, x: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """``g`` with each component that pushes against an active bound set to 0: the first-order optimality measure
+    of a bound-constrained problem (L-BFGS-B's)."""
+    return np.where(((x <= low) & (g > 0)) | ((x >= high) & (g < 0)), 0.0, g)
+
+
+def _stop(f: float, g: np.ndarray, projected: np.ndarray, f_prev: float | None, nit: int, maxiter: int,
+          gtol: float, ftol: float) -> int | None:
     """The status that ends the run here, or None to go on."""
     if not (np.isfinite(f) and np.all(np.isfinite(g))):
         return 4
-    if np.max(np.abs(g), initial=0.0) <= gtol:
+    if np.max(np.abs(projected), initial=0.0) <= gtol:
         return 0
     if f_prev is not None and ftol > 0 and abs(f - f_prev) <= ftol * max(abs(f), abs(f_prev), 1.0):
         return 2
@@ -217,8 +258,9 @@ def _hyper_names(name: str) -> set[str]:
 def _bounds(bounds: Bounds | Sequence[tuple] | None, n: int) -> tuple[np.ndarray, np.ndarray]:
     if bounds is None:
         return np.full(n, -np.inf), np.full(n, np.inf)
-    if isinstance(bounds, Bounds):
-        low, high = np.broadcast_to(bounds.lb, n).astype(float), np.broadcast_to(bounds.ub, n).astype(float)
+    if isinstance(bounds, Bounds):  # each side: a scalar, or one value per variable in any shape
+        low, high = (np.asarray(b, dtype=float) for b in (bounds.lb, bounds.ub))
+        low, high = (b.reshape(-1) if b.size == n else np.broadcast_to(b, n).astype(float) for b in (low, high))
     else:
         pairs = list(bounds)
         if len(pairs) != n:

@@ -160,7 +160,7 @@ class Optimizer(_Checkpoints):
         state: dict[str, Any] = dict(self.rule.scalar_states)
         # Adagrad creates its sum at construction, as torch.optim does; other states appear at the first step
         if self.rule.states_at_construction:
-            for k, v in self.rule.states(h).items():
+            for k, v in self.rule.initial_states(h, self.defaults).items():
                 _storage.create(_storage.NUMPY, state, k, p, v, self._format(p))
         return state
 
@@ -196,12 +196,12 @@ class Optimizer(_Checkpoints):
         """Step one checked parameter (:func:`adamkit.core.step_parameter`); return how many 8-bit blocks were
         left unchanged (non-finite gradient)."""
         state, fmt = self.state[index], self._format(p)
-        missing = {k: v for k, v in self.rule.states(h).items() if k not in state}
+        missing = {k: v for k, v in self.rule.initial_states(h, self.defaults).items() if k not in state}
         for k, v in missing.items():  # made first, so that the block guard sees a new 8-bit state too
             _storage.create(_storage.NUMPY, state, k, p, v, fmt)
         formats = [fmt if k in state else None for k in self.rule.update_states]
         noise = _core.rounding_noise(_storage.NUMPY, formats, self.rounding_seed, lambda: index)
-        return _core.step_parameter(self.rule, self._update, h, _NumpyArrays(p), p, g, state, formats,
+        return _core.step_parameter(self.rule, self._update, h, _NumpyArrays(p, g), p, g, state, formats,
                                     bool(missing), self.check_finite, noise)
 
     def zero_grad(self) -> None:
@@ -261,12 +261,13 @@ def _checked_gradients(params: list[np.ndarray], grads: Sequence[Any], check_fin
 
 
 class _NumpyArrays:
-    """:class:`adamkit.core.Arrays` for a NumPy parameter: a complex one through its real view; states replaced."""
+    """:class:`adamkit.core.Arrays` for a NumPy parameter: a complex one through its real view; states replaced,
+    never by the caller's gradient itself (SGD's first momentum buffer is the gradient: a copy, as torch clones)."""
 
     ops = _storage.NUMPY
 
-    def __init__(self, p: np.ndarray) -> None:
-        self.p, self.complex = p, np.iscomplexobj(p)
+    def __init__(self, p: np.ndarray, g: np.ndarray) -> None:
+        self.p, self.g, self.complex = p, g, np.iscomplexobj(p)
 
     def view(self, x: np.ndarray) -> np.ndarray:
         return _real_view(x) if self.complex else x
@@ -284,6 +285,8 @@ class _NumpyArrays:
         p = self.p
         full = np.array(values, dtype=self.view(p).dtype).view(p.dtype) if self.complex else np.asarray(values, p.dtype)
         full = full.reshape(p.shape)
+        if np.may_share_memory(full, self.g) or np.may_share_memory(full, p):
+            full = full.copy()
         _storage.store(self.ops, state, key, full, fmt, noise(full) if noise else None)
 
     def scalar(self, state: dict, key: str) -> float:

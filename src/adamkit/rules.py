@@ -324,10 +324,19 @@ def bind(fn: Callable, ops: Mapping[str, Any], wrap: Callable[[Callable], Callab
 # Hyperparameters and per-step coefficients (float64 scalars, once per step and tensor)
 # --------------------------------------------------------------------------------------------------------------
 
-def _nonneg(name: str) -> Callable[[Any], None]:
+def _number(x: Any, label: str, name: str) -> float:
+    """``x`` as a float; torch's ``TypeError`` (with our words) for anything that is not a number."""
+    if not _is_number(x):
+        raise TypeError(f"Invalid {label}: {x!r} ({name} must be a number, not {type(x).__name__})")
+    return float(x)
+
+
+def _nonneg(label: str, name: str) -> Callable[[Any], None]:
+    """``x ≥ 0`` and finite; the message starts with torch.optim's (``Invalid learning rate: -1``)."""
     def check(x: Any) -> None:
-        if not _is_number(x) or not 0.0 <= float(x) or math.isnan(float(x)) or math.isinf(float(x)):
-            raise ValueError(f"Invalid {name}: {x!r} (must be a finite number >= 0)")
+        value = _number(x, label, name)
+        if not 0.0 <= value or math.isinf(value):  # nan fails the first test
+            raise ValueError(f"Invalid {label}: {x} ({name} must be a finite number >= 0)")
     return check
 
 
@@ -342,33 +351,34 @@ def _is_number(x: Any) -> bool:
 
 
 def _flag(name: str) -> Callable[[Any], None]:
+    """True or False (0 and 1 too: torch.optim takes any truthy value, adamkit the lossless ones)."""
     def check(x: Any) -> None:
-        if not isinstance(x, (bool, np.bool_)):
+        if not (isinstance(x, (bool, np.bool_)) or (isinstance(x, (int, np.integer)) and x in (0, 1))):
             raise ValueError(f"Invalid {name}: {x!r} (must be True or False)")
     return check
 
 
 def _betas(x: Any) -> None:
+    """Two numbers in [0, 1): torch's ``IndexError`` for fewer, ``TypeError`` for no sequence."""
     try:
         b1, b2 = x
-    except (TypeError, ValueError):
-        raise ValueError(f"Invalid betas: {x!r} (must be a pair (beta1, beta2))") from None
+    except TypeError:
+        raise TypeError(f"Invalid betas: {x!r} (must be a pair (beta1, beta2))") from None
+    except ValueError:
+        error = IndexError if len(x) < 2 else ValueError
+        raise error(f"Invalid betas: {x!r} (must be a pair (beta1, beta2))") from None
     for i, b in enumerate((b1, b2)):
-        if not _is_number(b) or not 0.0 <= float(b) < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {b!r} (betas must lie in [0, 1))")
+        label = f"beta parameter at index {i}"
+        if not 0.0 <= _number(b, label, "betas") < 1.0:
+            raise ValueError(f"Invalid {label}: {b} (betas must lie in [0, 1))")
 
 
-def _unit(name: str) -> Callable[[Any], None]:
+def _unit(label: str, name: str) -> Callable[[Any], None]:
+    """``0 ≤ x ≤ 1`` (torch.optim checks only ``x ≥ 0``, where it checks at all: outside [0, 1] a moving average
+    has a negative weight)."""
     def check(x: Any) -> None:
-        if not _is_number(x) or not 0.0 <= float(x) <= 1.0:
-            raise ValueError(f"Invalid {name}: {x!r} (must lie in [0, 1])")
-    return check
-
-
-def _any_number(name: str) -> Callable[[Any], None]:
-    def check(x: Any) -> None:
-        if not _is_number(x) or not math.isfinite(float(x)):
-            raise ValueError(f"Invalid {name}: {x!r} (must be a finite number)")
+        if not 0.0 <= _number(x, label, name) <= 1.0:
+            raise ValueError(f"Invalid {label}: {x} ({name} must lie in [0, 1])")
     return check
 
 
@@ -409,6 +419,8 @@ class Rule:
         stored_variance: ``(v, a)``: with ``centered`` and ``v`` stored in bf16 or 8 bits, the state ``v`` holds
             the variance ``v − a²`` instead (RMSprop's ``square_avg``; ``a`` is ``grad_avg``), which rounding cannot
             make negative; torch's format holds ``v``.
+        initial_from_defaults: hyperparameters whose constructor value, not the group's, sets the initial states
+            (torch.optim.Adagrad starts every group's ``sum`` at the constructor's ``initial_accumulator_value``).
     """
 
     name: str
@@ -426,6 +438,7 @@ class Rule:
     states_on_first_step_only: bool = False
     torch_fused: bool = False
     stored_variance: tuple[str, str] | None = None
+    initial_from_defaults: tuple[str, ...] = ()
 
     def hyperparameters(self, **given: Any) -> dict[str, Any]:
         """Defaults overlaid with ``given``, validated. Raises ``ValueError`` naming a bad value or name."""
@@ -438,6 +451,10 @@ class Rule:
         h.update(given)
         self.validate(h)
         return h
+
+    def initial_states(self, h: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, float]:
+        """:attr:`states` of a group with hyperparameters ``h`` in an optimizer constructed with ``defaults``."""
+        return self.states({**h, **{k: defaults[k] for k in self.initial_from_defaults if k in defaults}})
 
     def validate(self, h: Mapping[str, Any], precision: str | None = None) -> None:
         """Raise ``ValueError`` (or torch's error type) for a bad value in ``h``, or a combination that states
@@ -468,13 +485,13 @@ def _moments(h: Mapping[str, Any]) -> dict[str, float]:
 
 def learning_rate(default: float) -> Hyper:
     """The learning rate γ, with a class's torch.optim default."""
-    return Hyper("lr", default, _nonneg("learning rate (lr)"), doc="learning rate γ")
+    return Hyper("lr", default, _nonneg("learning rate", "lr"), doc="learning rate γ")
 
 
 LR = learning_rate(1e-3)
-EPS = Hyper("eps", 1e-8, _nonneg("epsilon value (eps)"), doc="ε added to the denominator")
+EPS = Hyper("eps", 1e-8, _nonneg("epsilon value", "eps"), doc="ε added to the denominator")
 BETAS = Hyper("betas", (0.9, 0.999), _betas, doc="(β1, β2), decay rates of the first and second moments")
-WD = Hyper("weight_decay", 0, _nonneg("weight_decay value"), doc="weight decay λ")
+WD = Hyper("weight_decay", 0, _nonneg("weight_decay value", "weight_decay"), doc="weight decay λ")
 MAXIMIZE = Hyper("maximize", False, _flag("maximize"), keyword_only=True, doc="maximize the objective")
 
 
@@ -493,14 +510,16 @@ def _sgd_coefficients(h, step, scalar_state):
 
 def _sgd_check(h, precision):
     if h["nesterov"] and (float(h["momentum"]) <= 0 or float(h["dampening"]) != 0):
-        raise ValueError("Invalid nesterov: Nesterov momentum requires a momentum > 0 and zero dampening")
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening (nesterov=True needs "
+                         "momentum > 0 and dampening = 0)")
 
 
 SGD = Rule(
     name="SGD",
     update=sgd,
-    hypers=(learning_rate(1e-3), Hyper("momentum", 0, _nonneg("momentum value")),
-            Hyper("dampening", 0, _unit("dampening")), WD, Hyper("nesterov", False, _flag("nesterov")), MAXIMIZE),
+    hypers=(learning_rate(1e-3), Hyper("momentum", 0, _nonneg("momentum value", "momentum")),
+            Hyper("dampening", 0, _unit("dampening value", "dampening")), WD,
+            Hyper("nesterov", False, _flag("nesterov")), MAXIMIZE),
     update_states=("momentum_buffer",),
     states=_sgd_states,
     coefficients=_sgd_coefficients,
@@ -521,15 +540,17 @@ def _adagrad_coefficients(h, step, scalar_state):
 ADAGRAD = Rule(
     name="Adagrad",
     update=adagrad,
-    hypers=(learning_rate(1e-2), Hyper("lr_decay", 0, _nonneg("lr_decay value")), WD,
-            Hyper("initial_accumulator_value", 0, _nonneg("initial_accumulator_value")),
-            Hyper("eps", 1e-10, _nonneg("epsilon value (eps)")), MAXIMIZE),
+    hypers=(learning_rate(1e-2), Hyper("lr_decay", 0, _nonneg("lr_decay value", "lr_decay")), WD,
+            Hyper("initial_accumulator_value", 0,
+                  _nonneg("initial_accumulator_value value", "initial_accumulator_value")),
+            Hyper("eps", 1e-10, _nonneg("epsilon value", "eps")), MAXIMIZE),
     update_states=("sum",),
     states=lambda h: {"sum": float(h["initial_accumulator_value"])},
     coefficients=_adagrad_coefficients,
     sparse_gradients=True,
     sparse_weight_decay=False,
     states_at_construction=True,
+    initial_from_defaults=("initial_accumulator_value",),
     torch_fused=True,
 )
 
@@ -564,8 +585,8 @@ def _rmsprop_coefficients(h, step, scalar_state):
 RMSPROP = Rule(
     name="RMSprop",
     update=rmsprop,
-    hypers=(learning_rate(1e-2), Hyper("alpha", 0.99, _unit("alpha value")), EPS, WD,
-            Hyper("momentum", 0, _nonneg("momentum value")), Hyper("centered", False, _flag("centered")),
+    hypers=(learning_rate(1e-2), Hyper("alpha", 0.99, _unit("alpha value", "alpha")), EPS, WD,
+            Hyper("momentum", 0, _nonneg("momentum value", "momentum")), Hyper("centered", False, _flag("centered")),
             replace(MAXIMIZE, keyword_only=False)),  # positional in torch.optim.RMSprop
     update_states=("square_avg", "grad_avg", "momentum_buffer"),
     states=_rmsprop_states,
@@ -606,7 +627,7 @@ ADAM = Rule(
 ADAMW = Rule(
     name="AdamW",
     update=adam,
-    hypers=(LR, BETAS, EPS, Hyper("weight_decay", 1e-2, _nonneg("weight_decay value")),
+    hypers=(LR, BETAS, EPS, Hyper("weight_decay", 1e-2, _nonneg("weight_decay value", "weight_decay")),
             Hyper("amsgrad", False, _flag("amsgrad")), MAXIMIZE),
     update_states=ADAM.update_states,
     states=_adam_states,
@@ -654,7 +675,7 @@ NADAM = Rule(
     name="NAdam",
     update=nadam,
     hypers=(learning_rate(2e-3), BETAS, EPS, WD,
-            Hyper("momentum_decay", 4e-3, _nonneg("momentum_decay value")),
+            Hyper("momentum_decay", 4e-3, _nonneg("momentum_decay value", "momentum_decay")),
             Hyper("decoupled_weight_decay", False, _flag("decoupled_weight_decay")), MAXIMIZE),
     update_states=("exp_avg", "exp_avg_sq"),
     states=lambda h: {"exp_avg": 0.0, "exp_avg_sq": 0.0},

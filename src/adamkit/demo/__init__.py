@@ -93,6 +93,13 @@ def run(out: str | Path = "adamkit-report", only: list[str] | None = None, quick
     return index, sections, results
 
 
+def _seed(text: str) -> int:
+    """A NumPy seed: a whole number >= 0, else a usage error."""
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="adamkit demo",
@@ -104,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                              "wall time is longer on a busy machine)")
     parser.add_argument("--only", metavar="SECTION[,SECTION...]",
                         help=f"run only these sections: {', '.join(SECTIONS)}")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of every random draw, an integer >= 0 "
+                                                           "(default: 0)")
     args = parser.parse_args(argv)
 
     only = None
