@@ -322,16 +322,21 @@ def test_differentiable_gradient_reaches_a_tensor_lr(name):
 def test_differentiable_and_fused_is_torchs_error():
     with pytest.raises(RuntimeError, match="^`fused` does not support `differentiable`"):
         akt.Adam([torch.nn.Parameter(torch.ones(2))], fused=True, differentiable=True)
+    for name in ("SGD", "Adagrad", "Adam", "AdamW"):
+        for module in (torch.optim, akt):
+            with pytest.raises(RuntimeError, match="^`fused` and `foreach` cannot be `True` together.$"):
+                getattr(module, name)([torch.nn.Parameter(torch.ones(2))], fused=True, foreach=True)
 
 
 def test_capturable_on_cpu_is_accepted_then_refused_at_the_step_with_torchs_words():
-    for module in (torch.optim, akt):
-        p = torch.nn.Parameter(torch.ones(3))
-        opt = module.Adam([p], capturable=True)
-        p.grad = torch.ones(3)
-        with pytest.raises(AssertionError, match="^If capturable=True, params and state_steps must be on supported"):
-            opt.step()
-        assert torch.equal(p, torch.ones(3))
+    for name, tensors in (("Adam", "params and state_steps"), ("NAdam", "params, mu_products and state_steps")):
+        for module in (torch.optim, akt):
+            p = torch.nn.Parameter(torch.ones(3))
+            opt = getattr(module, name)([p], capturable=True)
+            p.grad = torch.ones(3)
+            with pytest.raises(AssertionError, match=f"^If capturable=True, {tensors} must be on supported"):
+                opt.step()
+            assert torch.equal(p, torch.ones(3))
 
 
 def test_tensor_lr_with_foreach_is_refused_only_where_torch_refuses_it():
@@ -358,3 +363,110 @@ def test_float16_params_with_int8_states_step_in_float32_on_the_reference_path()
         finals.append(p.detach().float())
     # the same float32 math on both paths; float16 rounding of the parameter after each step: within 2 ulps
     torch.testing.assert_close(finals[0], finals[1], rtol=2 * 2 ** -10, atol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_a_state_re_pointed_in_place_is_the_one_stepped_like_torch(fused):
+    """``.data =`` and ``set_()`` keep a state's tensor object but move its memory: the step must use the new
+    memory (the compiled path compares the state tensors' addresses at each step)."""
+    def run(module, how, key):
+        p = torch.nn.Parameter(torch.ones(300))
+        kw = {} if module is torch.optim else {"fused": fused}
+        opt = module.SGD([p], lr=0.1, momentum=0.9, **kw) if key == "momentum_buffer" else module.Adam([p], lr=0.1,
+                                                                                                        **kw)
+        for _ in range(3):
+            p.grad = torch.ones(300)
+            opt.step()
+        new = torch.zeros(()) if key == "step" else torch.zeros(300)
+        if how == "set":
+            opt.state[p][key].set_(new)
+        else:
+            opt.state[p][key].data = new
+        p.grad = torch.ones(300)
+        opt.step()
+        return p.detach().clone(), opt.state[p][key].clone()
+    for how in ("set", "data"):
+        for key in ("momentum_buffer", "exp_avg", "step"):
+            theirs, ours = run(torch.optim, how, key), run(akt, how, key)
+            assert all(torch.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(theirs, ours)), (how, key)
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_a_parameter_reshaped_under_its_state_is_refused_before_anything_changes(fused):
+    a, b = torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(4, 3))
+    opt = akt.Adam([a, b], lr=0.1, fused=fused)
+    a.grad, b.grad = torch.ones(5), torch.ones(4, 3)
+    opt.step()
+    b.data = torch.zeros(12)  # same size, another shape: torch.optim's step fails on the broadcast
+    a.grad, b.grad = torch.ones(5), torch.ones(12)
+    before = copy.deepcopy(opt.state_dict()), a.detach().clone()
+    with pytest.raises(RuntimeError, match=r"state 'exp_avg' has shape \(4, 3\).*the parameter \(12,\)"):
+        opt.step()
+    assert torch.equal(a, before[1]) and float(opt.state[a]["step"]) == 1.0
+    assert torch.equal(opt.state[a]["exp_avg"], before[0]["state"][0]["exp_avg"])
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_a_deleted_state_is_torchs_key_error_and_nothing_changes(fused):
+    for module in (torch.optim, akt):
+        ps = [torch.nn.Parameter(torch.zeros(8)), torch.nn.Parameter(torch.zeros(8))]
+        opt = module.Adam(ps, lr=0.1, **({} if module is torch.optim else {"fused": fused}))
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.ones(8)
+            opt.step()
+        del opt.state[ps[1]]["exp_avg_sq"]
+        before = ps[0].detach().clone()
+        with pytest.raises(KeyError, match="exp_avg_sq"):
+            opt.step()
+        assert torch.equal(ps[0], before) and float(opt.state[ps[0]]["step"]) == 2.0
+    ours, theirs = (module.SGD([torch.nn.Parameter(torch.ones(8))], lr=0.1, momentum=0.9) for module in (akt, torch.optim))
+    for opt in (ours, theirs):  # SGD's buffer restarts from the gradient in torch.optim: the same here
+        p = opt.param_groups[0]["params"][0]
+        for t in range(3):
+            p.grad = torch.full((8,), 1.0 + t)
+            opt.step()
+            if t == 0:
+                del opt.state[p]["momentum_buffer"]
+    assert torch.allclose(ours.param_groups[0]["params"][0], theirs.param_groups[0]["params"][0], rtol=1e-6)
+
+
+def test_torch_checkpoint_of_bfloat16_centered_rmsprop_resumes_on_float32_parameters_like_torch():
+    """torch.optim saves a bfloat16 parameter's states in bfloat16, in its own form (v); loaded into float32
+    parameters they are v, not adamkit's stored variance."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, generator=g).bfloat16())
+    source = torch.optim.RMSprop([w], lr=0.01, centered=True)
+    for _ in range(3):
+        w.grad = torch.randn(8, generator=g).bfloat16()
+        source.step()
+    saved = source.state_dict()
+    loaded = []
+    for module, kw in ((torch.optim, {}), (akt, {}), (akt, {"state_precision": "bf16"})):
+        p = torch.nn.Parameter(w.detach().float().clone())
+        opt = module.RMSprop([p], lr=0.01, centered=True, **kw)
+        opt.load_state_dict(saved)
+        loaded.append(opt.state[p]["square_avg"].float() if not kw else
+                      torch.as_tensor(opt.torch_state_dict()["state"][0]["square_avg"]).float())
+    assert torch.equal(loaded[0], loaded[1])
+    assert torch.allclose(loaded[0], loaded[2], rtol=2 ** -7, atol=0)  # bf16 storage: v − ḡ² and back
+
+
+def test_torch_sgd_checkpoint_with_a_sparse_momentum_buffer_loads_and_steps_like_torch():
+    p = torch.nn.Parameter(torch.randn(20, generator=torch.Generator().manual_seed(0)))
+    source = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    for t in range(2):
+        p.grad = torch.sparse_coo_tensor(torch.tensor([[t, 5]]), torch.ones(2), (20,))
+        source.step()
+    saved = source.state_dict()
+    assert saved["state"][0]["momentum_buffer"].is_sparse
+    runs = []
+    for module in (torch.optim, akt):
+        q = torch.nn.Parameter(p.detach().clone())
+        opt = module.SGD([q], lr=0.1, momentum=0.9)
+        opt.load_state_dict(copy.deepcopy(saved))  # torch.optim steps a loaded sparse buffer in place
+        for _ in range(2):
+            q.grad = torch.sparse_coo_tensor(torch.tensor([[3, 5]]), torch.ones(2), (20,))
+            opt.step()
+        runs.append(q.detach())
+    assert torch.equal(runs[0], runs[1])

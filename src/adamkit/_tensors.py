@@ -199,11 +199,12 @@ def check_state_tensor(name: str, where: str, value: Any, p_local: torch.Tensor,
                            f"(the parameter is {p_local.dtype}; was it converted, e.g. by model.double(), after "
                            f"the optimizer made its state?)")
     # a contiguous parameter goes to the kernels, which read its states as contiguous memory too
-    if (local.numel() != p_local.numel() or local.device != p_local.device
+    if (local.shape != p_local.shape or local.device != p_local.device
             or (p_local.is_contiguous() and not local.is_contiguous())):
-        raise RuntimeError(f"{where}: state '{name}' has {local.numel()} elements on {local.device} "
-                           f"(contiguous: {local.is_contiguous()}), the parameter {p_local.numel()} on "
-                           f"{p_local.device}; they must match")
+        raise RuntimeError(f"{where}: state '{name}' has shape {tuple(local.shape)} on {local.device} "
+                           f"(contiguous: {local.is_contiguous()}), the parameter {tuple(p_local.shape)} on "
+                           f"{p_local.device}; they must match (was the parameter's .data replaced after the "
+                           f"optimizer made its state?)")
     if not has_memory(local):
         raise RuntimeError(f"{where}: state '{name}' has no memory for its elements (its storage was freed or "
                            f"resized)")

@@ -72,6 +72,8 @@ class _Batch:
         self.addresses: np.ndarray | None = None
         self.scalar_tensors: list[list[torch.Tensor]] = []
         self.scalar_ptrs: list[np.ndarray] = []
+        self.state_tensors: list[torch.Tensor] = []  # every state and scalar-state tensor, and its validated address
+        self.state_ptrs: list[int] = []
         self.scalar_formats: list[str] = []
         self.fresh = False
         self.kernel: Any = None
@@ -89,11 +91,13 @@ class _Batch:
         if self.fmt in kernels.HALF_FORMATS and list(map(_dtype, locals_)).count(self.dtype) != len(locals_):
             return False  # float16 memory viewed as bfloat16 in place (or back): same address and size
         # No size needs a check of its own: the plan holds every storage it validated (``keep``), so an unchanged
-        # address is the same live allocation, as large as when validated (each gradient's size is checked). Other
-        # state tensors are not re-read: replacing one is a counted mutation of opt.state, and memory the kernels
-        # write is held by the plan, so even a state tensor re-pointed in place (``.data =``) cannot make a kernel
-        # touch freed memory; that change is seen at the next re-plan.
-        return list(map(_data_ptr, locals_)) == self.param_ptrs and all(q.unchanged() for q in self.quantized)
+        # address is the same live allocation, as large as when validated (each gradient's size is checked).
+        # Replacing a state tensor is a counted mutation of opt.state; one re-pointed in place (``.data =``,
+        # ``set_()``) keeps its object but not its address: the kernels must then step the new memory, so the
+        # addresses of the state tensors are compared too (the old memory, held by the plan, is never freed
+        # under a kernel either way).
+        return (list(map(_data_ptr, locals_)) == self.param_ptrs and all(q.unchanged() for q in self.quantized)
+                and list(map(_data_ptr, self.state_tensors)) == self.state_ptrs)
 
 
 class _Quantized:
@@ -231,6 +235,8 @@ def _ready_batch(opt: Stepper, fmt: str, present: tuple, kinds: tuple, items: li
     for j, col in enumerate(b.states):
         b.addresses[:, 2 + j] = list(map(_data_ptr, col))
     b.scalar_ptrs = [np.array(list(map(_data_ptr, col)), dtype=np.int64) for col in b.scalar_tensors]
+    b.state_tensors = [t for col in b.states + b.scalar_tensors for t in col]
+    b.state_ptrs = list(map(_data_ptr, b.state_tensors))
     b.scalar_formats = [SCALAR_FORMAT_OF[col[0].dtype] for col in b.scalar_tensors]
     if any(t.dtype != col[0].dtype for col in b.scalar_tensors for t in col):
         raise RuntimeError(f"{rule.name}: scalar states of one group mix float32 and float64 tensors")

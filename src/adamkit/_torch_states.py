@@ -159,6 +159,14 @@ def canonical_scalars(rule: _rules.Rule, state: dict, create: bool = False) -> N
             state[k] = torch.tensor(value, dtype=scalar_dtype())
 
 
+def missing_states(rule: _rules.Rule, states: dict, p: torch.Tensor, h: Mapping[str, Any],
+                   defaults: Mapping[str, Any]) -> dict[str, float]:
+    """The array states ``p`` lacks and a step makes (:meth:`adamkit.rules.Rule.states_to_make`: torch's
+    ``KeyError`` for one that was made and is gone)."""
+    have = states.get(p, {})
+    return rule.states_to_make(h, defaults, have, "step" in have and float(have["step"]) != 0)
+
+
 def init_state(rule: _rules.Rule, states: dict, p: torch.Tensor, h: Mapping[str, Any],
                precision: str | None, defaults: Mapping[str, Any]) -> bool:
     """Create the states ``h`` needs that ``p`` lacks, in their format (initial values:
@@ -168,7 +176,7 @@ def init_state(rule: _rules.Rule, states: dict, p: torch.Tensor, h: Mapping[str,
     fmt = state_format(p, precision)
     if p in states:
         _keep_format(rule, states[p], p, fmt)
-    missing = {k: v for k, v in rule.initial_states(h, defaults).items() if k not in states.get(p, ())}
+    missing = missing_states(rule, states, p, h, defaults)
     if not missing and not rule.scalar_states:
         return False  # nothing to keep (SGD without momentum): no empty entry, as torch.optim
     state = states[p]
@@ -263,23 +271,28 @@ def load_state(p: torch.Tensor, state: Mapping[str, Any], key: str) -> torch.Ten
     return _tensors.on_local(lambda local: _storage.load(OPS, {**state, key: local}, key, dtype), state[key])
 
 
-def low_precision_states(rule: _rules.Rule, entry: Mapping[str, Any], p: torch.Tensor) -> set[str]:
-    """The states of ``entry`` (``p``'s, or saved for it) stored in bf16 or 8 bits."""
+def low_precision_states(rule: _rules.Rule, entry: Mapping[str, Any], p: torch.Tensor,
+                         saved_group: Mapping[str, Any] | None = None) -> set[str]:
+    """The states of ``entry`` (``p``'s, or saved for it by an optimizer with ``saved_group``) stored in bf16 or 8
+    bits: a bfloat16 state of a float32 parameter is in adamkit's form only if saved with ``state_precision``
+    "bf16" or "int8" (torch.optim saves the bfloat16 states of bfloat16 parameters, later made float32, in its)."""
+    adamkit_low = saved_group is None or saved_group.get("state_precision") in ("bf16", "int8")
     return {k for k in rule.update_states if k in entry and torch.is_tensor(entry[k])
-            and stored_format(entry, k, p) != "plain"}
+            and stored_format(entry, k, p) != "plain" and (adamkit_low or f"{k}.absmax" in entry)}
 
 
 def restore_storage(rule: _rules.Rule, state: dict | None, p: torch.Tensor, entry: Mapping[str, Any],
-                    group: Mapping[str, Any]) -> None:
-    """Store ``p``'s loaded states as this optimizer keeps them (8-bit codes already in its format are kept bit
-    for bit; others are rounded to nearest; a centered RMSprop's variance converted if it was stored in another
-    form)."""
+                    group: Mapping[str, Any], saved_group: Mapping[str, Any]) -> None:
+    """Store ``p``'s loaded states (``entry``, saved in ``saved_group``) as this optimizer keeps them (8-bit codes
+    already in its format are kept bit for bit; others are rounded to nearest; a centered RMSprop's variance
+    converted if it was stored in another form)."""
     if not state:
         return
     canonical_scalars(rule, state)
     fmt = state_format(p, group.get("state_precision"))
     low = {k for k in rule.update_states if k in state} if fmt != "plain" else set()
-    state.update(_checkpoints.variance_form(rule, group, state, low_precision_states(rule, entry, p), low))
+    stored = low_precision_states(rule, entry, p, saved_group)
+    state.update(_checkpoints.variance_form(rule, group, state, stored, low))
     for k in rule.update_states:
         if k not in state:
             continue
@@ -287,8 +300,10 @@ def restore_storage(rule: _rules.Rule, state: dict | None, p: torch.Tensor, entr
         if f"{k}.absmax" in entry and fmt == "int8":
             stored = {k: entry[k].detach().clone().contiguous(),
                       f"{k}.absmax": entry[f"{k}.absmax"].detach().clone().to(torch.float32)}
-        else:  # stored as this optimizer keeps it, laid out like its parameter
-            store_state(p, stored, k, state[k].contiguous() if p.is_contiguous() else state[k], fmt)
+        else:  # stored as this optimizer keeps it, dense (torch's SGD keeps a sparse gradient's buffer sparse) and
+            # laid out like its parameter
+            value = state[k].to_dense() if state[k].layout != torch.strided else state[k]
+            store_state(p, stored, k, value.contiguous() if p.is_contiguous() else value, fmt)
         state[k] = _kept(stored, k)
 
 

@@ -129,7 +129,9 @@ def check_grad(opt: Stepper, gi: int, p: torch.Tensor) -> None:
     group = opt.param_groups[gi] if 0 <= gi < len(opt.param_groups) else {}
     capturable = "capturable" in opt.defaults and group.get("capturable")  # an option of this class only
     if capturable and p.device.type not in _get_capturable_supported_devices():
-        raise AssertionError(f"If capturable=True, params and state_steps must be on supported devices: "
+        tensors = "params, mu_products and state_steps" if "mu_product" in opt.rule.scalar_states \
+            else "params and state_steps"  # torch.optim.NAdam's words name its μ products too
+        raise AssertionError(f"If capturable=True, {tensors} must be on supported devices: "
                              f"{_get_capturable_supported_devices()}. ({at})")
     if group.get("fused") is True:
         try:
@@ -180,6 +182,7 @@ def check_reference(opt: Stepper, pairs: list[tuple[dict, torch.Tensor]], work: 
     for group, p in pairs:
         check_grad(opt, index[id(group)], p)
         validate_state(opt, index[id(group)], p)
+        _ts.missing_states(opt.rule, opt.state, p, opt.hyperparameters(group), opt.defaults)
 
 
 def reference_only(opt: Stepper, work: Work) -> list[tuple[dict, torch.Tensor]]:

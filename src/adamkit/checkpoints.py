@@ -117,14 +117,14 @@ def check_state_dict(state_dict: Any, rule: _rules.Rule, groups: Sequence[Sequen
             check_options(saved)
             check_rounding_stream(saved)
             h = group_hyperparameters(rule, saved, precisions[gi])
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, IndexError) as e:
             raise ValueError(f"group {gi} of the state dict: {e}") from None
         for saved_id, p in zip(saved["params"], params):
             if saved_id in seen:
                 raise ValueError(f"parameter id {saved_id!r} appears twice in the state dict's groups")
             seen.add(saved_id)
             where = f"parameter {index} (group {gi})"
-            _check_entry(where, states.get(saved_id, {}), rule, h, p, precisions[gi], is_array)
+            _check_entry(where, states.get(saved_id, {}), rule, h, p, precisions[gi], is_array, saved)
             index += 1
         out.append(h)
     stray = [i for i in states if i not in seen]
@@ -154,8 +154,9 @@ def _structure(state_dict: Any) -> tuple[list[Mapping[str, Any]], Mapping[Any, A
 
 
 def _check_entry(where: str, entry: Any, rule: _rules.Rule, h: Mapping[str, Any], p: Any,
-                 precision: str | None, is_array: Callable[[Any], bool]) -> None:
-    """Check one parameter's saved state against the parameter ``p`` it will belong to."""
+                 precision: str | None, is_array: Callable[[Any], bool], saved: Mapping[str, Any]) -> None:
+    """Check one parameter's saved state (of the saved group ``saved``) against the parameter ``p`` it will
+    belong to."""
     if not isinstance(entry, Mapping):
         raise ValueError(f"state of {where} must be a mapping of state names to values, not {type(entry).__name__}")
     if not entry:
@@ -180,18 +181,18 @@ def _check_entry(where: str, entry: Any, rule: _rules.Rule, h: Mapping[str, Any]
                 raise ValueError(f"state of {where} has '{k}' without the state '{base}' it belongs to")
             if k.endswith(".bf16") and v is not True:
                 raise ValueError(f"state '{k}' of {where} must be True (it marks bfloat16 bits), not {v!r}")
-    _check_variance(where, entry, rule, h, p, precision)
+    _check_variance(where, entry, rule, h, p, precision, saved)
 
 
 def _check_variance(where: str, entry: Mapping[str, Any], rule: _rules.Rule, h: Mapping[str, Any], p: Any,
-                    precision: str | None) -> None:
+                    precision: str | None, saved: Mapping[str, Any]) -> None:
     """A centered RMSprop state in torch's form (v) that will be stored in bf16 or 8 bits is kept as its variance
     v − ḡ² (:func:`variance_form`), which is ≥ 0 for any real state: v below ḡ² by more than bfloat16 rounding
     (2^-7 of v + ḡ²) is not one, and would be lost by the conversion, so it is refused."""
     if rule.stored_variance is None or not h.get("centered"):
         return
     v, a = rule.stored_variance
-    if v not in entry or a not in entry or v in low_precision_states(entry) \
+    if v not in entry or a not in entry or v in low_precision_states(entry, saved) \
             or _storage.format_for(precision, int(np.prod(p.shape)), _dtype_name(p)) == "plain":
         return
     square, mean = _numpy(entry[v]).astype(np.float64), _numpy(entry[a]).astype(np.float64)
@@ -213,6 +214,7 @@ def _numpy(v: Any) -> np.ndarray:
     v = getattr(v, "_local_tensor", v)
     if hasattr(v, "detach"):
         v = v.detach().cpu()
+        v = v.to_dense() if v.layout != _torch_strided() else v  # torch's SGD keeps sparse gradients' buffers sparse
         return (v.float() if _dtype_name(v) == "bfloat16" else v).numpy()
     return np.asarray(v)
 
@@ -302,13 +304,15 @@ def full_precision(state_dict: Mapping[str, Any], rule: _rules.Rule, drop_engine
     return out
 
 
-def low_precision_states(entry: Mapping[str, Any]) -> set[str]:
-    """The states of a saved entry stored in bf16 or 8 bits: with ``.absmax`` or ``.bf16`` keys, bfloat16 tensors
-    or uint16 bfloat16 bits (for a bfloat16 parameter, whose states are bfloat16 in torch.optim too, the engine
-    says)."""
+def low_precision_states(entry: Mapping[str, Any], group: Mapping[str, Any] | None = None) -> set[str]:
+    """The states of a saved entry stored in bf16 or 8 bits: with ``.absmax`` or ``.bf16`` keys, uint16 bfloat16
+    bits (the NumPy engine's), or bfloat16 tensors saved by an optimizer with ``state_precision`` "bf16" or "int8"
+    (its ``group``, if given). torch.optim saves bfloat16 states for bfloat16 parameters, in its own form (for a
+    bfloat16 parameter, whose states are bfloat16 in torch.optim too, the engine says)."""
+    adamkit_low = group is None or group.get("state_precision") in ("bf16", "int8")
     return {k for k, v in entry.items() if isinstance(k, str) and not k.endswith(_STORAGE_SUFFIXES)
-            and (f"{k}.absmax" in entry or entry.get(f"{k}.bf16") is True
-                 or _dtype_name(v) in ("bfloat16", "uint16"))}
+            and (f"{k}.absmax" in entry or entry.get(f"{k}.bf16") is True or _dtype_name(v) == "uint16"
+                 or (adamkit_low and _dtype_name(v) == "bfloat16"))}
 
 
 def variance_form(rule: _rules.Rule, h: Mapping[str, Any], entry: Mapping[str, Any], stored: set[str],
@@ -346,3 +350,8 @@ def _full_value(entry: Mapping[str, Any], k: str, rule: _rules.Rule) -> Any:
 def _torch_float32() -> Any:
     import torch
     return torch.float32
+
+
+def _torch_strided() -> Any:
+    import torch
+    return torch.strided

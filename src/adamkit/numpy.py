@@ -68,6 +68,7 @@ class _Checkpoints:
                                                _is_array)
         full = _checkpoints.full_precision(state_dict, self.rule)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved_groups = {i: g for g in state_dict["param_groups"] for i in g["params"]}
         params = self._params()
         new_state = {}
         for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
@@ -75,7 +76,8 @@ class _Checkpoints:
             low = set(self.rule.update_states) if self._format(p) != "plain" else set()
             saved = state_dict["state"].get(saved_id, {})
             entry = _checkpoints.variance_form(self.rule, h, full["state"].get(saved_id, {}),
-                                               _checkpoints.low_precision_states(saved), low)
+                                               _checkpoints.low_precision_states(saved, saved_groups[saved_id]),
+                                               low)
             new_state[index] = self._stored(entry, p, h)
         self.param_groups = [{"params": ps, **{k: _to_python(v) for k, v in h.items()}}
                              for ps, h in zip(groups, hypers)]
@@ -185,6 +187,9 @@ class Optimizer(_Checkpoints):
         grads = _checked_gradients(params, grads, self.check_finite)
         for group in self.param_groups:
             self.rule.validate(self._hyper(group), self.state_precision)
+        for index, g in enumerate(grads):  # a state that was made and is gone: torch's KeyError, before any step
+            if g is not None:
+                self._missing_states(index)
         skipped, self._step_seed = 0, None
         for index, (p, g) in enumerate(zip(params, grads)):
             if g is not None:
@@ -196,13 +201,19 @@ class Optimizer(_Checkpoints):
         """Step one checked parameter (:func:`adamkit.core.step_parameter`); return how many 8-bit blocks were
         left unchanged (non-finite gradient)."""
         state, fmt = self.state[index], self._format(p)
-        missing = {k: v for k, v in self.rule.initial_states(h, self.defaults).items() if k not in state}
+        missing = self._missing_states(index)
         for k, v in missing.items():  # made first, so that the block guard sees a new 8-bit state too
             _storage.create(_storage.NUMPY, state, k, p, v, fmt)
         formats = [fmt if k in state else None for k in self.rule.update_states]
         noise = _core.rounding_noise(_storage.NUMPY, formats, self.rounding_seed, lambda: index)
         return _core.step_parameter(self.rule, self._update, h, _NumpyArrays(p, g), p, g, state, formats,
                                     bool(missing), self.check_finite, noise)
+
+    def _missing_states(self, index: int) -> dict[str, float]:
+        """The array states parameter ``index`` lacks and its step makes (:meth:`adamkit.rules.Rule.states_to_make`)."""
+        state = self.state[index]
+        h = self._hyper(self.param_groups[self._group_of(index)])
+        return self.rule.states_to_make(h, self.defaults, state, bool(state.get("step", 0)))
 
     def zero_grad(self) -> None:
         """Nothing to clear: gradients are passed to :meth:`step`. Present for symmetry with torch."""

@@ -456,6 +456,20 @@ class Rule:
         """:attr:`states` of a group with hyperparameters ``h`` in an optimizer constructed with ``defaults``."""
         return self.states({**h, **{k: defaults[k] for k in self.initial_from_defaults if k in defaults}})
 
+    def states_to_make(self, h: Mapping[str, Any], defaults: Mapping[str, Any], have: Any,
+                       stepped: bool) -> dict[str, float]:
+        """The array states (and initial values) to make for a tensor whose state holds the keys ``have`` and has
+        ``stepped`` (a step count above 0). As in torch.optim, states are made once, for a tensor with no state
+        yet: a state missing later (deleted, or needed after a flag such as ``amsgrad`` was switched on) raises
+        torch's ``KeyError``, except for rules whose states appear at the first step only (SGD's momentum buffer
+        restarts from the gradient)."""
+        missing = {k: v for k, v in self.initial_states(h, defaults).items() if k not in have}
+        made = stepped or any(k in have for k in self.update_states)
+        if missing and made and not self.states_on_first_step_only:
+            raise KeyError(next(iter(missing)), f"{self.name}: this tensor's state lacks it; a state is made at "
+                                                f"the first step only, as in torch.optim")
+        return missing
+
     def validate(self, h: Mapping[str, Any], precision: str | None = None) -> None:
         """Raise ``ValueError`` (or torch's error type) for a bad value in ``h``, or a combination that states
         stored in ``precision`` cannot run."""

@@ -84,11 +84,11 @@ class _Checkpoints(_optim.Optimizer):
             for k in _ENGINE_KEYS:
                 group.pop(k, None)
             group.update(own)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved = [(i, g) for g in state_dict["param_groups"] for i in g["params"]]
         mine = [(p, group) for group in self.param_groups for p in group["params"]]
-        for saved_id, (p, group) in zip(saved_ids, mine):  # each state in this optimizer's format
+        for (saved_id, saved_group), (p, group) in zip(saved, mine):  # each state in this optimizer's format
             _torch_states.restore_storage(self.rule, self.state.get(p), p, state_dict["state"].get(saved_id, {}),
-                                          group)
+                                          group, saved_group)
 
     def state_dict(self) -> dict[str, Any]:
         """As torch.optim's: per-parameter states as plain dicts of plain tensors (``torch.load(weights_only=True)``
@@ -219,6 +219,11 @@ def _defaults(rule: _rules.Rule, values: dict[str, Any]) -> dict[str, Any]:
     defaults = rule.hyperparameters(**values)
     if adam:  # after the ranges, as there
         _check_tensor_betas(values.get("betas", defaults["betas"]), engine)
+    if engine.get("fused"):  # torch.optim's checks and words, after the value checks as there
+        if engine.get("differentiable"):
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if engine.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     unset = [k for k in ("state_precision",) + (() if rule.torch_fused else ("fused",)) if engine.get(k) is None]
     return {**defaults, **{k: v for k, v in engine.items() if k not in unset}}
 
