@@ -50,11 +50,18 @@ def test_sparse_gradients_elsewhere_raise_torchs_error_first(name):
     assert torch.equal(p, p)  # nothing was stepped: the error comes before any update
 
 
-def test_adagrad_sparse_gradient_with_weight_decay_is_torchs_error():
-    p = torch.nn.Parameter(torch.randn(10))
-    p.grad = torch.eye(10)[0].to_sparse()
-    with pytest.raises(RuntimeError, match="^weight_decay option is not compatible with sparse gradients"):
-        akt.Adagrad([p], weight_decay=0.1).step()
+@pytest.mark.parametrize("name", ["Adagrad", "SGD"])
+def test_sparse_gradient_with_weight_decay_is_torchs_error(name):
+    errors = []
+    for module in (torch.optim, akt):
+        p = torch.nn.Parameter(torch.randn(10))
+        p.grad = torch.eye(10)[0].to_sparse()
+        before = p.detach().clone()
+        with pytest.raises(RuntimeError) as e:
+            getattr(module, name)([p], lr=0.1, weight_decay=0.1).step()
+        errors.append(str(e.value))
+        assert torch.equal(p, before)
+    assert errors[1].startswith(errors[0])
 
 
 def _float16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

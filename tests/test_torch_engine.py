@@ -156,7 +156,7 @@ def test_a_gradient_of_another_dtype_raises_before_anything_changes(fused, preci
     snapshot = copy.deepcopy((a.detach(), b.detach(), opt.state_dict()))
     b.grad_dtype = None
     a.grad, b.grad = torch.randn(8192), torch.randn(100, dtype=torch.float64)
-    with pytest.raises(TypeError, match=r"shape \(100,\) has dtype torch.float64, the parameter torch.float32"):
+    with pytest.raises(RuntimeError, match=r"shape \(100,\) has dtype torch.float64, the parameter torch.float32"):
         opt.step()
     assert torch.equal(a, snapshot[0]) and torch.equal(b, snapshot[1])
     now = opt.state_dict()

@@ -33,6 +33,8 @@ Work = list[tuple[dict, list[torch.Tensor], list[torch.Tensor], dict[str, Any]]]
 SPARSE_ERRORS = {"Adam": "Adam does not support sparse gradients, please consider SparseAdam instead",
                  "AdamW": "Adam does not support sparse gradients, please consider SparseAdam instead"}
 """torch.optim's words where they are not '<Class> does not support sparse gradients'."""
+SPARSE_DECAY_ERRORS = {"SGD": "add(sparse, dense) is not supported. Use add(dense, sparse) instead."}
+"""torch.optim's words for weight decay with a sparse gradient where they are not Adagrad's."""
 
 
 class Stepper(Protocol):
@@ -145,8 +147,8 @@ def check_grad(opt: Stepper, gi: int, p: torch.Tensor) -> None:
                            f"e.g. with to_empty(), before stepping)")
     if not (p.is_floating_point() or p.is_complex()):
         raise TypeError(f"{at} has dtype {p.dtype}; optimizers need floating or complex parameters")
-    if g.dtype != p.dtype:
-        raise TypeError(f"{opt.rule.name}: the gradient of a parameter of shape {tuple(p.shape)} has dtype "
+    if g.dtype != p.dtype:  # torch.optim's Adam family fails with a RuntimeError here
+        raise RuntimeError(f"{opt.rule.name}: the gradient of a parameter of shape {tuple(p.shape)} has dtype "
                         f"{g.dtype}, the parameter {p.dtype}; they must match (as in torch.optim); no parameter or "
                         f"state was changed")
     if g.shape != p.shape or g.device != p.device:
@@ -162,7 +164,8 @@ def _check_sparse(rule: _rules.Rule, group: Mapping[str, Any], at: str) -> None:
     if group.get("fused") is True:
         raise RuntimeError(f"`fused` does not support sparse gradients ({at})")
     if not rule.sparse_weight_decay and float(group.get("weight_decay", 0)) != 0:
-        raise RuntimeError(f"weight_decay option is not compatible with sparse gradients ({at})")
+        words = SPARSE_DECAY_ERRORS.get(rule.name, "weight_decay option is not compatible with sparse gradients")
+        raise RuntimeError(f"{words} ({at})")
 
 
 def validate_state(opt: Stepper, gi: int, p: torch.Tensor) -> None:

@@ -540,6 +540,7 @@ SGD = Rule(
     scalar_states={},  # torch's SGD keeps no step count; the engine counts steps to know the first one
     check_group=_sgd_check,
     sparse_gradients=True,
+    sparse_weight_decay=False,  # torch.optim.SGD fails on a sparse gradient plus its weight term
     states_on_first_step_only=True,
     torch_fused=True,
 )
