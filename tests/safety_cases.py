@@ -138,6 +138,36 @@ def state_tensor_set_empty():
 
 
 @case
+def state_tensor_data_repointed_same_layout():
+    """New memory of the right layout under the same state tensor (``.data =``, ``set_``): the step must update it,
+    as torch.optim does, not the memory planned before."""
+    def change(ps, o):
+        o.state[ps[0]]["exp_avg"].data = torch.zeros_like(ps[0])
+        o.state[ps[1]]["exp_avg_sq"].set_(torch.zeros_like(ps[1]))
+    return both_paths(change)
+
+
+@case
+def state_tensor_resized_in_place():
+    """``resize_`` to fewer elements keeps the tensor's address: the shape must still be seen."""
+    return both_paths(lambda ps, o: o.state[ps[1]]["exp_avg"].resize_(3))
+
+
+@case
+def state_entry_deleted():
+    """A state deleted from a tensor that has stepped: torch.optim's KeyError, not a state made again from 0."""
+    return both_paths(lambda ps, o: o.state[ps[1]].__delitem__("exp_avg_sq"))
+
+
+@case
+def step_counter_edited_in_place():
+    out = {}
+    for label, value in (("nan", float("nan")), ("inf", float("inf")), ("negative", -1.0)):
+        out[label] = both_paths(lambda ps, o, value=value: o.state[ps[1]]["step"].fill_(value))
+    return out
+
+
+@case
 def state_cleared():
     return both_paths(lambda ps, o: o.state.clear())
 
@@ -225,6 +255,34 @@ def param_data_smaller():
 @case
 def param_data_transposed():
     return both_paths(lambda ps, o: setattr(ps[0], "data", ps[0].data.t().contiguous().t()))
+
+
+@case
+def param_data_reshaped_same_size():
+    return both_paths(lambda ps, o: setattr(ps[0], "data", ps[0].data.reshape(-1).clone()))
+
+
+@case
+def param_storage_freed():
+    """A parameter whose memory was freed. torch.optim itself crashes the process here (it writes through the freed
+    memory), so only adamkit steps."""
+    out = {}
+    for fused in (None, False):
+        ours, opt, _, _ = twins(fused=fused)
+        for t in range(2):
+            grads(ours, t)
+            opt.step()
+        ours[1].data.untyped_storage().resize_(0)
+        grads(ours[:1], 99)
+        ours[1].grad = torch.randn(5000)
+        before = snapshot(ours[:1], opt)
+        try:
+            opt.step()
+            out[str(fused)] = {"outcome": "stepped", "difference": float("inf")}
+        except Exception as e:  # noqa: BLE001 - the error adamkit gives is the result
+            out[str(fused)] = {"outcome": "refused", "error": f"{type(e).__name__}: {e}"[:300],
+                               "unchanged": same_bits(before, snapshot(ours[:1], opt))}
+    return out
 
 
 @case
@@ -366,6 +424,21 @@ def int8_state_replaced_by_full_precision():
 @case
 def int8_state_edited_in_place():
     return int8_paths(lambda st: (st["exp_avg"].zero_(), st["exp_avg_sq"].mul_(0.5)))
+
+
+@case
+def int8_scale_edited_in_place():
+    out = {}
+    for label, value in (("nan", float("nan")), ("inf", float("inf")), ("negative", -1.0)):
+        out[label] = int8_paths(lambda st, value=value: st["exp_avg"].absmax.__setitem__(0, value))
+    return out
+
+
+@case
+def int8_state_assigned_values_it_cannot_hold():
+    out = {"nan": int8_paths(lambda st: st.__setitem__("exp_avg", torch.full((5000,), float("nan")))),
+           "negative": int8_paths(lambda st: st.__setitem__("exp_avg_sq", torch.full((5000,), -1.0)))}
+    return out
 
 
 @case

@@ -242,3 +242,16 @@ def test_under_torch_compile_an_operator_mutating_the_inner_codes_is_one_graph()
         torch.compile(step, fullgraph=True)(torch.ones(3), inner)
         assert torch.equal(q.codes.int() - before.int(), torch.ones_like(before, dtype=torch.int32)) is bumped
     torch._dynamo.reset()
+
+
+def test_an_in_place_write_of_values_a_state_cannot_hold_is_refused_and_changes_nothing():
+    signed = QuantizedState.from_values(torch.linspace(-1, 1, 5000), signed=True)
+    unsigned = QuantizedState.from_values(torch.linspace(0, 1, 5000), signed=False)
+    for state, write in ((signed, lambda q: q.fill_(float("nan"))), (signed, lambda q: q.mul_(float("inf"))),
+                         (unsigned, lambda q: q.sub_(2.0)), (unsigned, lambda q: q[:10].fill_(-1.0))):
+        codes, absmax = state.codes.clone(), state.absmax.clone()
+        with pytest.raises(RuntimeError, match="an 8-bit state cannot hold"):
+            write(state)
+        assert torch.equal(state.codes, codes) and torch.equal(state.absmax, absmax)
+    signed.mul_(0.5)  # values it can hold still write through
+    assert torch.allclose(signed.dequantize()[-1], torch.tensor(0.5))

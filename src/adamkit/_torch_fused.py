@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import checkpoints as _checkpoints
 from . import kernels
 from . import rules as _rules
 from . import storage as _storage
@@ -45,6 +46,7 @@ SCALAR_FORMAT_OF = {torch.float32: "float32", torch.float64: "float64"}
 # unbound methods, mapped over lists of tensors (C-level iteration: the per-step passes over 1,000s of tensors)
 _data_ptr, _numel, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.is_contiguous
 _dtype = operator.attrgetter("dtype")
+_shape = operator.attrgetter("shape")
 _local = operator.attrgetter("_local_tensor")
 _codes, _scales = operator.attrgetter("codes_"), operator.attrgetter("absmax_")
 _NO_KEYS = np.zeros((1, 0), dtype=np.uint32)  # a batch that rounds nothing stochastically
@@ -74,6 +76,9 @@ class _Batch:
         self.scalar_ptrs: list[np.ndarray] = []
         self.state_tensors: list[torch.Tensor] = []  # every state and scalar-state tensor, and its validated address
         self.state_ptrs: list[int] = []
+        self.shapes: list[torch.Size] = []  # of the parameters, then of the state tensors, as validated
+        self.scale_columns: list[int] = []  # the address columns of 8-bit block scales, and their state names
+        self.scale_names: list[str] = []
         self.scalar_formats: list[str] = []
         self.fresh = False
         self.kernel: Any = None
@@ -97,7 +102,8 @@ class _Batch:
         # addresses of the state tensors are compared too (the old memory, held by the plan, is never freed
         # under a kernel either way).
         return (list(map(_data_ptr, locals_)) == self.param_ptrs and all(q.unchanged() for q in self.quantized)
-                and list(map(_data_ptr, self.state_tensors)) == self.state_ptrs)
+                and list(map(_data_ptr, self.state_tensors)) == self.state_ptrs
+                and list(map(_shape, locals_ + self.state_tensors)) == self.shapes)  # resize_ keeps the address
 
 
 class _Quantized:
@@ -223,6 +229,8 @@ def _ready_batch(opt: Stepper, fmt: str, present: tuple, kinds: tuple, items: li
     b = _Batch(fmt, [p for _, p, _, _ in items], [t for _, _, t, _ in items], [i for i, _, _, _ in items], size)
     b.present, b.kinds, b.fresh = present, kinds, any(new for *_, new in items)
     columns = kernels.address_columns(rule, present, kinds)[2:]
+    b.scale_columns = [2 + j for j, c in enumerate(columns) if c.endswith(".absmax")]
+    b.scale_names = [c for c in columns if c.endswith(".absmax")]
     entries = [storage_form(opt.state.get(p, {})) for p in b.params]  # 8-bit states: their codes and scales
     b.states = [[local_view(e[c]) for e in entries] for c in columns]
     b.scalar_tensors = [[opt.state[p][k] for p in b.params] for k in rule.scalar_states]
@@ -237,6 +245,7 @@ def _ready_batch(opt: Stepper, fmt: str, present: tuple, kinds: tuple, items: li
     b.scalar_ptrs = [np.array(list(map(_data_ptr, col)), dtype=np.int64) for col in b.scalar_tensors]
     b.state_tensors = [t for col in b.states + b.scalar_tensors for t in col]
     b.state_ptrs = list(map(_data_ptr, b.state_tensors))
+    b.shapes = list(map(_shape, b.locals + b.state_tensors))
     b.scalar_formats = [SCALAR_FORMAT_OF[col[0].dtype] for col in b.scalar_tensors]
     if any(t.dtype != col[0].dtype for col in b.scalar_tensors for t in col):
         raise RuntimeError(f"{rule.name}: scalar states of one group mix float32 and float64 tensors")
@@ -328,6 +337,8 @@ def _run(opt: Stepper, plan: _Plan, work: list, grad_ptrs: list[np.ndarray]) -> 
         for _, group, _ in plan.groups:
             _torch_step.usable_math(opt, group)  # raises the clear error naming the group
         raise
+    for b in plan.batches():
+        _check_scales(opt, b)
     skipped = 0
     for (b, (coef, flags, new)), ptrs in zip(calls, grad_ptrs):
         b.addresses[:, 1] = ptrs
@@ -337,6 +348,18 @@ def _run(opt: Stepper, plan: _Plan, work: list, grad_ptrs: list[np.ndarray]) -> 
         for j in range(len(scalar_names)):
             kernels.write_scalars(b.scalar_ptrs[j], new[:, j], b.scalar_formats[j])
     return skipped
+
+
+def _check_scales(opt: Stepper, b: _Batch) -> None:
+    """Refuse the step if a block scale of an 8-bit state was edited in place into one no step can use (inf, nan
+    or negative), as a loaded one would be."""
+    if not b.scale_columns:
+        return
+    k, c = kernels.first_bad_scale(b.sizes, b.addresses[:, b.scale_columns])
+    if k >= 0:
+        raise ValueError(f"{opt.rule.name}: '{b.scale_names[c]}' of a parameter of shape "
+                         f"{tuple(b.params[k].shape)} holds a block scale that is not a finite number >= 0 (edited "
+                         f"in place?); no parameter or state was changed")
 
 
 def _check_finite(opt: Stepper, plan: _Plan, grad_ptrs: list[np.ndarray]) -> None:
@@ -351,6 +374,17 @@ def _check_finite(opt: Stepper, plan: _Plan, grad_ptrs: list[np.ndarray]) -> Non
     refuse_nonfinite(opt.rule.name, bad, shards[0] if shards else None)
 
 
+def _check_scalars(b: _Batch, scalars: np.ndarray, names: list[str]) -> None:
+    """The scalar states read from memory (``state['step'].fill_(...)`` edits them in place) checked as a loaded
+    one is (:func:`adamkit.checkpoints.check_scalar`): one vectorized test, the message for the first bad one."""
+    bad = ~np.isfinite(scalars) | (scalars < 0)
+    if "mu_product" in names:
+        bad[:, names.index("mu_product")] |= scalars[:, names.index("mu_product")] > 1
+    if bad.any():
+        i, j = (int(x) for x in np.argwhere(bad)[0])
+        _checkpoints.check_scalar(f"a parameter of shape {tuple(b.params[i].shape)}", names[j], float(scalars[i, j]))
+
+
 def _coefficients(rule: _rules.Rule, h: dict, b: _Batch, floats: list, bools: list, scalar_names: list):
     """Per-tensor coefficient rows from the scalar states read from their tensors now (an in-place edit of
     ``state['step']`` counts); tensors at the same step share one computation."""
@@ -359,6 +393,7 @@ def _coefficients(rule: _rules.Rule, h: dict, b: _Batch, floats: list, bools: li
     scalars = np.empty((n, len(scalar_names)), dtype=np.float64)
     for j in range(len(scalar_names)):
         scalars[:, j] = kernels.read_scalars(b.scalar_ptrs[j], b.scalar_formats[j])
+    _check_scalars(b, scalars, scalar_names)
     coef = np.empty((n, len(floats)), dtype=np.float64)
     flags = np.empty((n, len(bools)), dtype=np.uint8)
     new = np.empty((n, len(scalar_names)), dtype=np.float64)

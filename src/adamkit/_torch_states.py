@@ -194,11 +194,24 @@ def _keep_format(rule: _rules.Rule, state: dict, p: torch.Tensor, fmt: str) -> N
     kept_form(state)
     if fmt != "int8":
         return
+    check_assigned(rule, state, p, fmt)
     for k in rule.update_states:
         if k in state and stored_format(state, k, p) != "int8":
             stored: dict = {}
             store_state(p, stored, k, state[k].detach(), "int8")
             state[k] = _kept(stored, k)
+
+
+def check_assigned(rule: _rules.Rule, state: Mapping[str, Any] | None, p: torch.Tensor, fmt: str) -> None:
+    """Values assigned to a state kept in 8 bits (``fmt``), checked as loaded ones are before they are quantized:
+    finite, and not negative for a non-negative state (quantized, they would silently become 0)."""
+    if fmt != "int8" or not state:
+        return
+    for k in rule.update_states:
+        if k in state and torch.is_tensor(state[k]) and stored_format(state, k, p) != "int8":
+            values = state[k].detach()
+            _checkpoints.check_values(f"a parameter of shape {tuple(p.shape)}", k, _checkpoints.as_numpy(values),
+                                      "int8", values.numel())
 
 
 def validate_state(rule: _rules.Rule, state: Mapping[str, Any] | None, where: str, p: torch.Tensor) -> None:
@@ -239,6 +252,9 @@ def _check_scales(where: str, s: str, codes: torch.Tensor, scales: Any, local: t
             and scales.is_contiguous() and scales.device == local.device and _tensors.has_memory(scales)):
         raise RuntimeError(f"{where}: state '{s}.absmax' must be a contiguous float32 tensor of shape ({blocks},) "
                            f"on {local.device}, with its memory")
+    if not bool(((scales >= 0) & (scales < float("inf"))).all()):  # nan fails both
+        raise ValueError(f"{where}: state '{s}.absmax' holds a block scale that is not a finite number >= 0 "
+                         f"(edited in place?); no parameter or state was changed")
 
 
 def store_state(p: torch.Tensor, state: dict, key: str, values: torch.Tensor, fmt: str,

@@ -145,6 +145,10 @@ def check_grad(opt: Stepper, gi: int, p: torch.Tensor) -> None:
     if p.is_meta:
         raise RuntimeError(f"{at} is on the meta device: it holds no values to update (materialize the model, "
                            f"e.g. with to_empty(), before stepping)")
+    local = _tensors.local_view(p)
+    if local is not None and not _tensors.has_memory(local):
+        raise RuntimeError(f"{at} has no memory for its elements (its storage was freed or resized); no parameter "
+                           f"or state was changed")
     if not (p.is_floating_point() or p.is_complex()):
         raise TypeError(f"{at} has dtype {p.dtype}; optimizers need floating or complex parameters")
     if g.dtype != p.dtype:  # torch.optim's Adam family fails with a RuntimeError here
@@ -186,6 +190,7 @@ def check_reference(opt: Stepper, pairs: list[tuple[dict, torch.Tensor]], work: 
         check_grad(opt, index[id(group)], p)
         validate_state(opt, index[id(group)], p)
         _ts.missing_states(opt.rule, opt.state, p, opt.hyperparameters(group), opt.defaults)
+        _ts.check_assigned(opt.rule, opt.state.get(p), p, _ts.state_format(p, group.get("state_precision")))
 
 
 def reference_only(opt: Stepper, work: Work) -> list[tuple[dict, torch.Tensor]]:

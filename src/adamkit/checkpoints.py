@@ -208,6 +208,11 @@ def _dtype_name(v: Any) -> str:
     return str(getattr(v, "dtype", type(v).__name__)).replace("torch.", "")
 
 
+def as_numpy(v: Any) -> np.ndarray:
+    """A NumPy copy of an array or tensor, as the checks read it (see :func:`_numpy`)."""
+    return _numpy(v)
+
+
 def _numpy(v: Any) -> np.ndarray:
     """A NumPy copy of an array or tensor (bfloat16 widened to float32, exactly); of a DTensor, this rank's shard
     (each rank checks its own)."""
@@ -248,10 +253,12 @@ def _check_array(where: str, k: str, entry: Mapping[str, Any], p: Any, precision
             raise ValueError(f"state '{k}' of {where} has dtype {_dtype_name(v)}, the parameter {_dtype_name(p)}: "
                              f"a complex parameter needs complex states and a real one real states")
         values = _numpy(v)
-    _check_values(where, k, values, precision, int(np.prod(p.shape)))
+    check_values(where, k, values, precision, int(np.prod(p.shape)))
 
 
-def _check_values(where: str, k: str, values: np.ndarray, precision: str | None, numel: int) -> None:
+def check_values(where: str, k: str, values: np.ndarray, precision: str | None, numel: int) -> None:
+    """Values state ``k`` can hold: not negative for a non-negative state; finite where it is stored in 8 bits
+    (``precision``, for a tensor of ``numel`` elements). Used on loaded states and on values assigned to a state."""
     if k not in _states.SIGNED_STATES and values.dtype.kind == "f" and (values < 0).any():
         raise ValueError(f"state '{k}' of {where} holds negative values: it is a running maximum or sum of "
                          f"squares or magnitudes, never below 0")

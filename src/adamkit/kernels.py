@@ -760,6 +760,28 @@ def count_nonfinite(fmt: str, table: tuple, sizes: np.ndarray, addresses: np.nda
     return int(_count_nonfinite(*table, sizes, addresses, np.array([mask], dtype=storage)))
 
 
+@numba.njit(nogil=True, cache=True)
+def _first_bad_scale(sizes, addresses):
+    """(tensor, column) of the first block scale that is not a finite number >= 0, or (-1, -1)."""
+    for k in range(addresses.shape[0]):
+        blocks = (sizes[k] + _states.BLOCK - 1) // _states.BLOCK
+        for c in range(addresses.shape[1]):
+            scales = numba.carray(address_as_pointer(addresses[k, c]), blocks, dtype=np.float32)
+            for i in range(blocks):
+                if not (scales[i] >= 0 and scales[i] < np.inf):  # nan fails both
+                    return k, c
+    return -1, -1
+
+
+def first_bad_scale(sizes: np.ndarray, addresses: np.ndarray) -> tuple[int, int]:
+    """The 8-bit block scales at ``addresses`` (tensor × state; tensor ``k`` has ``sizes[k]`` elements) checked
+    before a step: (tensor, column) of the first that is not a finite number >= 0, or (-1, -1). One pass over
+    1/256 of the states' elements, so an in-place edit of a scale (``state.absmax[0] = nan``) is refused, not
+    stepped."""
+    k, c = _first_bad_scale(sizes, np.ascontiguousarray(addresses))
+    return int(k), int(c)
+
+
 _SCALAR_KINDS = {"float32": np.zeros(1, np.float32), "float64": np.zeros(1, np.float64)}
 """A one-element array of each scalar-state dtype: its type picks the compiled specialisation."""
 
