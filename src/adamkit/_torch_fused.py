@@ -172,9 +172,32 @@ def _compiled_view(p: torch.Tensor) -> tuple[str | None, torch.Tensor | None]:
     return fmt, local
 
 
+def _overlapping(work: list[tuple[dict, list, list, dict]]) -> set[int]:
+    """ids of the contiguous parameters whose memory overlaps another's (views of one storage). They go to the
+    reference path, one after another as torch.optim steps them: the kernels' threads would race on the shared
+    elements."""
+    spans = []
+    for _, params, _, _ in work:
+        for p in params:
+            local = local_view(p)
+            if local is not None and local.numel() and local.is_contiguous():
+                start = local.data_ptr()
+                spans.append((start, start + local.numel() * local.element_size(), id(p)))
+    spans.sort()
+    shared: set[int] = set()
+    end, owner = -1, 0
+    for start, stop, i in spans:
+        if start < end:
+            shared |= {i, owner}
+        if stop > end:
+            end, owner = stop, i
+    return shared
+
+
 def _build(opt: Stepper, work: list[tuple[dict, list, list, dict]], key: tuple, state: TrackedState) -> _Plan:
     track_entries(state)
     groups, reference = [], []
+    shared = _overlapping(work)
     for gi, (group, params, _, _) in enumerate(work):
         for p in params:
             _torch_step.check_grad(opt, gi, p)  # raises a clear error (before anything changes) for what no path can step
@@ -183,7 +206,7 @@ def _build(opt: Stepper, work: list[tuple[dict, list, list, dict]], key: tuple, 
             continue
         by_format: dict[str, list] = {}
         for i, p in enumerate(params):
-            fmt, local = _compiled_view(p)
+            fmt, local = _compiled_view(p) if id(p) not in shared else (None, None)
             if fmt is None:  # what the kernels cannot take (torch's fused checks passed in _check_grad)
                 reference.append((group, p))
                 continue
