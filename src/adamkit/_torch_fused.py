@@ -46,7 +46,6 @@ SCALAR_FORMAT_OF = {torch.float32: "float32", torch.float64: "float64"}
 # unbound methods, mapped over lists of tensors (C-level iteration: the per-step passes over 1,000s of tensors)
 _data_ptr, _numel, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.is_contiguous
 _dtype = operator.attrgetter("dtype")
-_shape = operator.attrgetter("shape")
 _local = operator.attrgetter("_local_tensor")
 _codes, _scales = operator.attrgetter("codes_"), operator.attrgetter("absmax_")
 _NO_KEYS = np.zeros((1, 0), dtype=np.uint32)  # a batch that rounds nothing stochastically
@@ -76,7 +75,7 @@ class _Batch:
         self.scalar_ptrs: list[np.ndarray] = []
         self.state_tensors: list[torch.Tensor] = []  # every state and scalar-state tensor, and its validated address
         self.state_ptrs: list[int] = []
-        self.shapes: list[torch.Size] = []  # of the parameters, then of the state tensors, as validated
+        self.guard = MetadataGuard([])  # the parameters' and state tensors' metadata as validated (shapes...)
         self.scale_columns: list[int] = []  # the address columns of 8-bit block scales, and their state names
         self.scale_names: list[str] = []
         self.scalar_formats: list[str] = []
@@ -103,7 +102,7 @@ class _Batch:
         # under a kernel either way).
         return (list(map(_data_ptr, locals_)) == self.param_ptrs and all(q.unchanged() for q in self.quantized)
                 and list(map(_data_ptr, self.state_tensors)) == self.state_ptrs
-                and list(map(_shape, locals_ + self.state_tensors)) == self.shapes)  # resize_ keeps the address
+                and self.guard.matches(locals_ + self.state_tensors))  # resize_ keeps the address, not the shape
 
 
 class _Quantized:
@@ -268,7 +267,7 @@ def _ready_batch(opt: Stepper, fmt: str, present: tuple, kinds: tuple, items: li
     b.scalar_ptrs = [np.array(list(map(_data_ptr, col)), dtype=np.int64) for col in b.scalar_tensors]
     b.state_tensors = [t for col in b.states + b.scalar_tensors for t in col]
     b.state_ptrs = list(map(_data_ptr, b.state_tensors))
-    b.shapes = list(map(_shape, b.locals + b.state_tensors))
+    b.guard = MetadataGuard(b.locals + b.state_tensors)
     b.scalar_formats = [SCALAR_FORMAT_OF[col[0].dtype] for col in b.scalar_tensors]
     if any(t.dtype != col[0].dtype for col in b.scalar_tensors for t in col):
         raise RuntimeError(f"{rule.name}: scalar states of one group mix float32 and float64 tensors")

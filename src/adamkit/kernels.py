@@ -762,14 +762,18 @@ def count_nonfinite(fmt: str, table: tuple, sizes: np.ndarray, addresses: np.nda
 
 @numba.njit(nogil=True, cache=True)
 def _first_bad_scale(sizes, addresses):
-    """(tensor, column) of the first block scale that is not a finite number >= 0, or (-1, -1)."""
+    """(tensor, column) of the first block scale that is not a finite number >= 0, or (-1, -1). The float32 bits
+    of such a scale (−0 aside) are at least those of inf: an integer max over each tensor's scales, which
+    vectorizes."""
     for k in range(addresses.shape[0]):
         blocks = (sizes[k] + _states.BLOCK - 1) // _states.BLOCK
         for c in range(addresses.shape[1]):
-            scales = numba.carray(address_as_pointer(addresses[k, c]), blocks, dtype=np.float32)
+            bits = numba.carray(address_as_pointer(addresses[k, c]), blocks, dtype=np.uint32)
+            worst = np.uint32(0)
             for i in range(blocks):
-                if not (scales[i] >= 0 and scales[i] < np.inf):  # nan fails both
-                    return k, c
+                worst = max(worst, bits[i] if bits[i] != np.uint32(0x80000000) else np.uint32(0))
+            if worst >= np.uint32(0x7F800000):
+                return k, c
     return -1, -1
 
 
