@@ -307,8 +307,8 @@ def restore_storage(rule: _rules.Rule, state: dict | None, p: torch.Tensor, entr
     canonical_scalars(rule, state)
     fmt = state_format(p, group.get("state_precision"))
     low = {k for k in rule.update_states if k in state} if fmt != "plain" else set()
-    stored = low_precision_states(rule, entry, p, saved_group)
-    state.update(_checkpoints.variance_form(rule, group, state, stored, low))
+    saved_low = low_precision_states(rule, entry, p, saved_group)
+    state.update(_checkpoints.variance_form(rule, group, state, saved_low, low))
     for k in rule.update_states:
         if k not in state:
             continue

@@ -384,7 +384,8 @@ def _unit(label: str, name: str) -> Callable[[Any], None]:
 
 @dataclass(frozen=True)
 class Hyper:
-    """One hyperparameter: its torch.optim name and default, and a validator raising ``ValueError``."""
+    """One hyperparameter: its torch.optim name and default, and a validator raising torch.optim's error type
+    (``ValueError`` for a bad value, ``TypeError`` for a value that is not a number)."""
 
     name: str
     default: Any
