@@ -427,7 +427,8 @@ def test_a_deleted_state_is_torchs_key_error_and_nothing_changes(fused):
         with pytest.raises(KeyError, match="exp_avg_sq"):
             opt.step()
         assert torch.equal(ps[0], before) and float(opt.state[ps[0]]["step"]) == 2.0
-    ours, theirs = (module.SGD([torch.nn.Parameter(torch.ones(8))], lr=0.1, momentum=0.9) for module in (akt, torch.optim))
+    ours, theirs = (module.SGD([torch.nn.Parameter(torch.ones(8))], lr=0.1, momentum=0.9)
+                    for module in (akt, torch.optim))
     for opt in (ours, theirs):  # SGD's buffer restarts from the gradient in torch.optim: the same here
         p = opt.param_groups[0]["params"][0]
         for t in range(3):

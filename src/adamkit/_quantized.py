@@ -208,8 +208,9 @@ def _write(state: QuantizedState, func: Any, rest: tuple, kwargs: dict) -> Quant
     target = state.view_of_root(values) if state.root is not None else values
     func(target, *_plain(rest), **_plain(kwargs))
     if not bool(torch.isfinite(values).all()) or (not root.signed and bool((values < 0).any())):
-        raise RuntimeError(f"{func}: an 8-bit state cannot hold inf or nan{'' if root.signed else ' or negative values'}"
-                           f" (one would set the scale of its whole block of {_states.BLOCK}); it is unchanged")
+        what = "inf or nan" if root.signed else "inf, nan or negative values"
+        raise RuntimeError(f"{func}: an 8-bit state cannot hold {what} (one would set the scale of its whole block "
+                           f"of {_states.BLOCK}); it is unchanged")
     codes, absmax = _states.quantize(values, root.signed)
     root.codes_.copy_(codes)
     root.absmax_.copy_(absmax)
