@@ -495,3 +495,37 @@ def test_parameters_that_are_overlapping_views_step_one_after_another_like_torch
         return base
     theirs, first, second = run(torch.optim), run(akt), run(akt)
     assert torch.equal(first, second) and torch.allclose(first, theirs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["Adagrad", "Adam"])
+def test_a_dcp_checkpoint_with_rounding_states_resumes_bit_for_bit(name, tmp_path):
+    """The rounding stream lives in the first group; DCP loads only the keys a fresh optimizer has, so one whose
+    states exist from construction (Adagrad) has it from construction too."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def make(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+        return model, getattr(akt, name)(model.parameters(), lr=0.01, state_precision="bf16")
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(32, 64, generator=g), torch.randn(32, 64, generator=g)) for _ in range(8)]
+
+    def train(model, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    model, opt = make(0)
+    train(model, opt, data[:4])
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"m": model_sd, "o": optim_sd}, checkpoint_id=str(tmp_path))
+    resumed, resumed_opt = make(5)
+    model_sd, optim_sd = get_state_dict(resumed, resumed_opt)
+    loaded = {"m": model_sd, "o": optim_sd}
+    dcp.load(loaded, checkpoint_id=str(tmp_path))
+    set_state_dict(resumed, resumed_opt, model_state_dict=loaded["m"], optim_state_dict=loaded["o"])
+    assert resumed_opt.param_groups[0]["stochastic_rounding_stream"] == opt.param_groups[0]["stochastic_rounding_stream"]
+    train(model, opt, data[4:])
+    train(resumed, resumed_opt, data[4:])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))

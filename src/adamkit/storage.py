@@ -208,12 +208,20 @@ def next_seed(first_group: dict) -> int:
     Both live in the first param group (``group[ROUNDING] = [key, draws]``), and so in the state dict: a resumed
     run rounds exactly as an uninterrupted one. The entry appears with the first rounding, with the key
     :data:`STREAM_KEY`; setting ``group[ROUNDING] = [key, 0]`` before that picks another stream."""
-    stream = first_group.get(ROUNDING)
-    if stream is None:
-        stream = first_group[ROUNDING] = [STREAM_KEY, 0]
+    stream = open_stream(first_group)
     draw = int(stream[1])
     stream[1] = draw + 1
     return _splitmix64((int(stream[0]) ^ (draw * 0x9E3779B97F4A7C15)) & _M64) % 2 ** 62
+
+
+def open_stream(first_group: dict) -> list:
+    """The optimizer's rounding stream ``[key, draws]``, made (key :data:`STREAM_KEY`, no draws) if absent. An
+    optimizer whose states exist before its first step (torch.optim.Adagrad's) opens it then, so that a fresh one
+    has the entry a checkpoint restores (DCP loads only the keys the loader already has)."""
+    stream = first_group.get(ROUNDING)
+    if stream is None:
+        stream = first_group[ROUNDING] = [STREAM_KEY, 0]
+    return stream
 
 
 SPREAD = (0x9E3779B1, 0x85EBCA77)

@@ -170,6 +170,8 @@ class Optimizer(_Checkpoints):
             group = self.param_groups[-1]
             for p in group["params"]:
                 _torch_step.init_state(self, p, group)
+            if group.get("state_precision") == "bf16" or self.stochastic_rounding:  # states that will round
+                _storage.open_stream(self.param_groups[0])
 
     def hyperparameters(self, group: Mapping[str, Any]) -> dict[str, Any]:
         """The hyperparameters of ``group`` that the rule reads (its engine options left out)."""
