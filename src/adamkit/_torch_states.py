@@ -292,7 +292,7 @@ def low_precision_states(rule: _rules.Rule, entry: Mapping[str, Any], p: torch.T
     """The states of ``entry`` (``p``'s, or saved for it by an optimizer with ``saved_group``) stored in bf16 or 8
     bits: a bfloat16 state of a float32 parameter is in adamkit's form only if saved with ``state_precision``
     "bf16" or "int8" (torch.optim saves the bfloat16 states of bfloat16 parameters, later made float32, in its)."""
-    adamkit_low = saved_group is None or saved_group.get("state_precision") in ("bf16", "int8")
+    adamkit_low = saved_group is None or _checkpoints.saved_low_precision(saved_group)
     return {k for k in rule.update_states if k in entry and torch.is_tensor(entry[k])
             and stored_format(entry, k, p) != "plain" and (adamkit_low or f"{k}.absmax" in entry)}
 

@@ -311,12 +311,18 @@ def full_precision(state_dict: Mapping[str, Any], rule: _rules.Rule, drop_engine
     return out
 
 
+def saved_low_precision(group: Mapping[str, Any]) -> bool:
+    """Whether a saved group comes from an optimizer that keeps bf16 or 8-bit states (its bfloat16 states are then
+    in adamkit's form; torch.optim's are bfloat16 only for bfloat16 parameters, in its own)."""
+    return group.get("state_precision") in ("bf16", "int8")
+
+
 def low_precision_states(entry: Mapping[str, Any], group: Mapping[str, Any] | None = None) -> set[str]:
     """The states of a saved entry stored in bf16 or 8 bits: with ``.absmax`` or ``.bf16`` keys, uint16 bfloat16
     bits (the NumPy engine's), or bfloat16 tensors saved by an optimizer with ``state_precision`` "bf16" or "int8"
     (its ``group``, if given). torch.optim saves bfloat16 states for bfloat16 parameters, in its own form (for a
     bfloat16 parameter, whose states are bfloat16 in torch.optim too, the engine says)."""
-    adamkit_low = group is None or group.get("state_precision") in ("bf16", "int8")
+    adamkit_low = group is None or saved_low_precision(group)
     return {k for k, v in entry.items() if isinstance(k, str) and not k.endswith(_STORAGE_SUFFIXES)
             and (f"{k}.absmax" in entry or entry.get(f"{k}.bf16") is True or _dtype_name(v) == "uint16"
                  or (adamkit_low and _dtype_name(v) == "bfloat16"))}
